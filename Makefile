@@ -1,0 +1,34 @@
+# The single entry point: CI runs `make test`.
+GO      ?= go
+PKGS    ?= ./...
+TIMEOUT ?= 40m
+
+.PHONY: all build test unit vet fmt-check bench demo clean
+
+all: build
+
+build:
+	$(GO) build -o bin/cutover ./cmd/cutover
+
+# Everything CI checks: formatting, vet, and the whole suite (unit and
+# integration tests against throwaway PostgreSQL, MariaDB and Redis
+# instances) under the race detector.
+test: fmt-check vet
+	$(GO) test -race -count=1 -timeout $(TIMEOUT) $(PKGS)
+
+# Pure-logic tests only, no database servers.
+unit:
+	$(GO) test -race -count=1 -short $(PKGS)
+
+vet:
+	$(GO) vet $(PKGS)
+
+fmt-check:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m $(PKGS)
+
+clean:
+	rm -rf bin
