@@ -1,0 +1,191 @@
+package target
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/cutover/cutover/integration"
+	"github.com/cutover/cutover/internal/redact"
+)
+
+func flip(epoch uint64, to string) Flip {
+	return Flip{Plan: "orders", From: "blue", To: to, Epoch: epoch, Positions: map[string]string{"db": "0/16B3748"}, At: time.Unix(0, 0).UTC()}
+}
+
+func TestRedisTargetSetsRouteRefusesLowerEpochAndPublishes(t *testing.T) {
+	ctx := context.Background()
+	srv := integration.NewRedis(t, integration.RedisOptions{})
+	r, err := NewRedis(srv.URL(), "cutover:orders:route", "cutover:orders:events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	sub := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	t.Cleanup(func() { sub.Close() })
+	ps := sub.Subscribe(ctx, "cutover:orders:events")
+	if _, err := ps.Receive(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := r.Flip(ctx, flip(10, "green")); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Flip(ctx, flip(10, "green")); err != nil {
+		t.Fatalf("retry with the same epoch: %v", err)
+	}
+	if err := r.Flip(ctx, flip(9, "blue")); !errors.Is(err, ErrStaleEpoch) {
+		t.Fatalf("lower epoch: err = %v, want ErrStaleEpoch", err)
+	}
+	colour, epoch, err := r.Route(ctx)
+	if err != nil || colour != "green" || epoch != 10 {
+		t.Fatalf("route = %q@%d, %v; want green@10", colour, epoch, err)
+	}
+	msg, err := ps.ReceiveMessage(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got Flip
+	if err := json.Unmarshal([]byte(msg.Payload), &got); err != nil || got.To != "green" || got.Epoch != 10 {
+		t.Errorf("published %q (%v)", msg.Payload, err)
+	}
+	if err := r.Flip(ctx, flip(11, "blue")); err != nil {
+		t.Fatalf("higher epoch: %v", err)
+	}
+	if colour, _, _ := r.Route(ctx); colour != "blue" {
+		t.Errorf("route = %q after flip back", colour)
+	}
+}
+
+func TestWebhookRetriesServerErrorsAndStopsOnClientErrors(t *testing.T) {
+	var calls atomic.Int32
+	var lastBody []byte
+	var lastAuth, lastKey string
+	status := []int{503, 500, 200}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n := calls.Add(1)
+		lastBody, _ = io.ReadAll(r.Body)
+		lastAuth = r.Header.Get("Authorization")
+		lastKey = r.Header.Get("Idempotency-Key")
+		code := 200
+		if int(n) <= len(status) {
+			code = status[n-1]
+		}
+		w.WriteHeader(code)
+	}))
+	defer srv.Close()
+
+	w := NewWebhook(srv.URL+"/hook", map[string]redact.Secret{"Authorization": "Bearer s3cret-hook-token"}, time.Second, 3)
+	w.backoff = time.Millisecond
+	if err := w.Flip(context.Background(), flip(5, "green")); err != nil {
+		t.Fatal(err)
+	}
+	if calls.Load() != 3 {
+		t.Errorf("calls = %d, want 3", calls.Load())
+	}
+	var got Flip
+	if err := json.Unmarshal(lastBody, &got); err != nil || got.Plan != "orders" || got.To != "green" || got.Epoch != 5 || got.Positions["db"] != "0/16B3748" {
+		t.Errorf("body = %s (%v)", lastBody, err)
+	}
+	if lastAuth != "Bearer s3cret-hook-token" || lastKey != "orders-5-green" {
+		t.Errorf("headers: auth=%q key=%q", lastAuth, lastKey)
+	}
+
+	status = []int{400}
+	calls.Store(0)
+	err := w.Flip(context.Background(), flip(5, "green"))
+	if err == nil || calls.Load() != 1 || !strings.Contains(err.Error(), "400") {
+		t.Errorf("400: err = %v after %d calls", err, calls.Load())
+	}
+	if strings.Contains(err.Error(), "s3cret") {
+		t.Errorf("error leaks the header: %v", err)
+	}
+
+	status = []int{500, 500, 500, 500, 500}
+	calls.Store(0)
+	if err := w.Flip(context.Background(), flip(5, "green")); err == nil || calls.Load() != 4 {
+		t.Errorf("persistent 500: err = %v after %d calls, want 4 calls", err, calls.Load())
+	}
+}
+
+func TestCommandTargetGetsTheFlipInItsEnvironment(t *testing.T) {
+	dir := t.TempDir()
+	out := filepath.Join(dir, "env")
+	ok := NewCommand([]string{"/bin/sh", "-c", `echo "$CUTOVER_PLAN $CUTOVER_FROM $CUTOVER_TO $CUTOVER_EPOCH $CUTOVER_POSITIONS" > "$0"`, out}, 5*time.Second)
+	if err := ok.Flip(context.Background(), flip(42, "green")); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(out)
+	if got, want := strings.TrimSpace(string(b)), `orders blue green 42 {"db":"0/16B3748"}`; got != want {
+		t.Errorf("env = %q, want %q", got, want)
+	}
+	fail := NewCommand([]string{"/bin/sh", "-c", "echo haproxy said no >&2; exit 3"}, 5*time.Second)
+	if err := fail.Flip(context.Background(), flip(42, "green")); err == nil || !strings.Contains(err.Error(), "exit status 3") || !strings.Contains(err.Error(), "haproxy said no") {
+		t.Errorf("failing command: err = %v", err)
+	}
+	slow := NewCommand([]string{"/bin/sh", "-c", "sleep 10"}, 100*time.Millisecond)
+	start := time.Now()
+	if err := slow.Flip(context.Background(), flip(42, "green")); err == nil || !strings.Contains(err.Error(), "timed out") || time.Since(start) > 3*time.Second {
+		t.Errorf("slow command: err = %v after %s", err, time.Since(start))
+	}
+}
+
+type fakeTarget struct {
+	name string
+	err  error
+	n    int
+}
+
+func (f *fakeTarget) Name() string                     { return f.name }
+func (f *fakeTarget) Flip(context.Context, Flip) error { f.n++; return f.err }
+
+func TestFlipAllTellsACleanFailureFromAPartialFlip(t *testing.T) {
+	boom := errors.New("boom")
+	tests := []struct {
+		name        string
+		targets     []*fakeTarget
+		wantPartial bool
+		wantErr     bool
+		wantCalls   []int
+	}{
+		{"all succeed", []*fakeTarget{{name: "a"}, {name: "b"}}, false, false, []int{1, 1}},
+		{"first fails: nothing flipped, clean abort", []*fakeTarget{{name: "a", err: boom}, {name: "b"}}, false, true, []int{1, 0}},
+		{"second fails: partial, reported loudly", []*fakeTarget{{name: "a"}, {name: "b", err: boom}, {name: "c"}}, true, true, []int{1, 1, 0}},
+		{"stale epoch stops at once", []*fakeTarget{{name: "a"}, {name: "b", err: ErrStaleEpoch}}, false, true, []int{1, 1}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var ts []Target
+			for _, f := range tt.targets {
+				ts = append(ts, f)
+			}
+			_, err := FlipAll(context.Background(), ts, flip(1, "green"))
+			var partial *PartialFlipError
+			if got := errors.As(err, &partial); got != tt.wantPartial {
+				t.Errorf("partial = %v (err %v)", got, err)
+			}
+			if (err != nil) != tt.wantErr {
+				t.Errorf("err = %v", err)
+			}
+			for i, f := range tt.targets {
+				if f.n != tt.wantCalls[i] {
+					t.Errorf("%s called %d times, want %d", f.name, f.n, tt.wantCalls[i])
+				}
+			}
+			if partial != nil && (len(partial.Failed()) != 2 || !strings.Contains(partial.Error(), "done on a")) {
+				t.Errorf("partial = %v, failed = %v", partial, partial.Failed())
+			}
+		})
+	}
+}
