@@ -41,12 +41,13 @@ Exit status: 0 valid, 1 invalid, 2 unreadable.`,
 			if err != nil {
 				return withCode(exitError, fmt.Errorf("render config: %w", err))
 			}
-			fmt.Fprintf(cmd.ErrOrStderr(), "%s: valid\n", args[0])
-			_, err = cmd.OutOrStdout().Write(out)
-			if !asJSON {
+			if len(out) > 0 && out[len(out)-1] != '\n' {
+				out = append(out, '\n')
+			}
+			if _, err := cmd.OutOrStdout().Write(out); err != nil {
 				return err
 			}
-			fmt.Fprintln(cmd.OutOrStdout())
+			fmt.Fprintf(cmd.ErrOrStderr(), "%s: valid\n", args[0])
 			return nil
 		},
 	}

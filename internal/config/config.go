@@ -102,6 +102,33 @@ type Plan struct {
 	Fence  Fence  `yaml:"fence" json:"fence"`
 	Verify Verify `yaml:"verify" json:"verify"`
 	Switch Switch `yaml:"switch" json:"switch"`
+	// Rollback keeps the way back open after the flip.
+	Rollback Rollback `yaml:"rollback" json:"rollback"`
+}
+
+// Rollback configures the rollback window and the automatic trigger.
+type Rollback struct {
+	// Window is how long after the flip reverse replication keeps blue ready
+	// for a rollback; at its end the plan completes and cleans up.
+	Window Duration `yaml:"window" json:"window"`
+	// Watch is how long the health checks run after the flip; a check that
+	// fails Failures times in a row rolls back automatically.
+	Watch    Duration      `yaml:"watch" json:"watch"`
+	Interval Duration      `yaml:"interval" json:"interval"`
+	Failures int           `yaml:"failures" json:"failures"`
+	Checks   []HealthCheck `yaml:"checks,omitempty" json:"checks,omitempty"`
+}
+
+// HealthCheck is one post-flip health probe: an HTTP URL (status and
+// latency) or a SQL query returning one number (an error rate) with a limit.
+type HealthCheck struct {
+	Type       string   `yaml:"type" json:"type"`
+	URL        string   `yaml:"url,omitempty" json:"url,omitempty"`
+	Status     int      `yaml:"status,omitempty" json:"status,omitempty"`
+	MaxLatency Duration `yaml:"max_latency,omitempty" json:"max_latency,omitempty"`
+	DSN        DSN      `yaml:"dsn,omitempty" json:"dsn,omitempty"`
+	Query      string   `yaml:"query,omitempty" json:"query,omitempty"`
+	Max        float64  `yaml:"max,omitempty" json:"max,omitempty"`
 }
 
 // Engine names a database engine.
@@ -222,4 +249,8 @@ const (
 	DefaultTargetRetries     = 3
 	DefaultSnapshotThreshold = 1024
 	DefaultSnapshotRetain    = 2
+	DefaultRollbackWindow    = time.Hour
+	DefaultRollbackWatch     = 5 * time.Minute
+	DefaultHealthInterval    = 5 * time.Second
+	DefaultHealthFailures    = 3
 )

@@ -107,7 +107,7 @@ func TestParseAcceptsGoodFilesAndFillsDefaults(t *testing.T) {
 	for k, v := range testEnv {
 		env[k] = v
 	}
-	for _, k := range []string{"CUTOVER_OPERATOR_TOKEN", "BLUE_PG_PASSWORD", "GREEN_PG_PASSWORD", "BLUE_REDIS_PASSWORD", "GREEN_REDIS_PASSWORD", "ROUTER_REDIS_PASSWORD", "DEPLOY_HOOK_TOKEN"} {
+	for _, k := range []string{"CUTOVER_OPERATOR_TOKEN", "BLUE_PG_PASSWORD", "GREEN_PG_PASSWORD", "BLUE_REDIS_PASSWORD", "GREEN_REDIS_PASSWORD", "ROUTER_REDIS_PASSWORD", "DEPLOY_HOOK_TOKEN", "MONITOR_PG_PASSWORD"} {
 		env[k] = "example-secret-" + strings.ToLower(k)
 	}
 	for _, tt := range tests {

@@ -73,6 +73,19 @@ func (c *Config) applyDefaults() {
 		if p.Verify.Parallel == 0 {
 			p.Verify.Parallel = DefaultVerifyParallel
 		}
+		rb := &p.Rollback
+		if rb.Window == 0 {
+			rb.Window = Duration(DefaultRollbackWindow)
+		}
+		if rb.Watch == 0 {
+			rb.Watch = Duration(DefaultRollbackWatch)
+		}
+		if rb.Interval == 0 {
+			rb.Interval = Duration(DefaultHealthInterval)
+		}
+		if rb.Failures == 0 {
+			rb.Failures = DefaultHealthFailures
+		}
 		for j := range p.Switch.Targets {
 			t := &p.Switch.Targets[j]
 			if t.Timeout == 0 {
@@ -286,6 +299,46 @@ func (p *Plan) validate(ps *problems, key string) {
 	for i, t := range p.Switch.Targets {
 		t.validate(ps, fmt.Sprintf("%s.switch.targets[%d]", key, i))
 	}
+	rb := p.Rollback
+	if rb.Window < 0 {
+		ps.add(key+".rollback.window", "must not be negative")
+	}
+	if rb.Watch < 0 || (rb.Window > 0 && rb.Watch > rb.Window) {
+		ps.add(key+".rollback.watch", "%s must be between 0 and rollback.window (%s): a rollback needs the reverse stream", rb.Watch.D(), rb.Window.D())
+	}
+	if rb.Interval <= 0 {
+		ps.add(key+".rollback.interval", "must be positive")
+	}
+	if rb.Failures < 1 {
+		ps.add(key+".rollback.failures", "must be at least 1")
+	}
+	for i, c := range rb.Checks {
+		ck := fmt.Sprintf("%s.rollback.checks[%d]", key, i)
+		switch c.Type {
+		case "http":
+			if c.URL == "" {
+				ps.add(ck+".url", "required for an http check")
+			} else {
+				checkURL(ps, ck+".url", c.URL)
+			}
+			if c.Status != 0 && (c.Status < 100 || c.Status > 599) {
+				ps.add(ck+".status", "%d is not an HTTP status", c.Status)
+			}
+		case "query":
+			if c.DSN == "" {
+				ps.add(ck+".dsn", "required for a query check")
+			} else if err := CheckDSN(Postgres, c.DSN.Reveal()); err != nil {
+				ps.add(ck+".dsn", "%v", err)
+			}
+			if strings.TrimSpace(c.Query) == "" {
+				ps.add(ck+".query", "required for a query check: a SELECT returning one number")
+			}
+		case "":
+			ps.add(ck+".type", "required: http or query")
+		default:
+			ps.add(ck+".type", "%q is not a check type (http or query)", c.Type)
+		}
+	}
 }
 
 func (t *Target) validate(ps *problems, key string) {
@@ -462,6 +515,9 @@ func (c *Config) secrets() []string {
 			for _, h := range t.Headers {
 				add(h.Reveal())
 			}
+		}
+		for _, c := range p.Rollback.Checks {
+			add(dsnPassword(Postgres, c.DSN.Reveal()))
 		}
 	}
 	return out
