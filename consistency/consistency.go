@@ -1,0 +1,243 @@
+// Package consistency proves that green holds exactly blue's rows.
+//
+// The core here is engine-neutral: it chunks each table by primary key
+// (boundaries computed once, on blue, and applied to both sides), asks each
+// side for a digest of every chunk (computed inside the database, both sides
+// at once), bisects chunks that differ down to a few rows, fetches those rows
+// and classifies each difference (missing on green, extra on green, changed,
+// key changed). Engines implement Database in a subpackage named after the
+// engine (consistency/postgres).
+//
+// # Passes
+//
+// A Verifier runs three kinds of pass:
+//
+//   - Full: every chunk of every table, compared once. Both sides must be
+//     quiet (standalone `cutover verify`, or inside the fence): the result is
+//     exact.
+//   - Online: the same walk while replication runs. A chunk that differs is
+//     re-checked after green has applied past the position at which blue was
+//     read (see PositionWaiter); only a difference that persists is
+//     reported. Chunks found clean are recorded in a DirtySet, so that
+//     changes seen before the check need not be re-checked later.
+//   - Dirty: inside the fence, only what the change stream touched since the
+//     online pass (exact keys, narrow ranges once the set grew too large, and
+//     chunks the online pass could not settle). Its cost is proportional to
+//     what changed, not to the size of the database.
+//
+// The plan driver wires them: create a DirtySet, hand its MarkChanged to
+// the replication engine as the OnRowChange hook before the stream starts,
+// run Online while replicating, fence, prove catch-up, then run Dirty.
+//
+// The canonical row encoding of each engine is described in ENCODING.md.
+package consistency
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+)
+
+// Sentinel errors. Engines wrap them with the table name.
+var (
+	// ErrNoPrimaryKey: the table has no primary key, so rows cannot be
+	// chunked or matched between the sides. There is no whole-table mode:
+	// add a primary key or leave the table out of scope.
+	ErrNoPrimaryKey = errors.New("table has no primary key")
+	// ErrUnsupported: a server or a key type the engine cannot hash
+	// reliably (too old a version, a non-deterministic key collation).
+	ErrUnsupported = errors.New("unsupported")
+	// ErrIncompatible: the two sides would hash equal rows differently (a
+	// different server encoding, a different hash function build), so no
+	// comparison of digests would mean anything.
+	ErrIncompatible = errors.New("sides hash differently")
+)
+
+// KeyKind says how values of a key column order, so that the DirtySet can
+// compare keys in Go exactly as the engine orders them.
+type KeyKind int
+
+// Key kinds.
+const (
+	// KindOther: no ordering known in Go. Dirty keys of such tables stay
+	// exact until the set overflows, then the whole table is re-checked.
+	KindOther KeyKind = iota
+	// KindInt: decimal integers.
+	KindInt
+	// KindNumeric: decimal numbers; "NaN" sorts after every number.
+	KindNumeric
+	// KindText: byte order (UTF-8 code point order), as COLLATE "C".
+	KindText
+)
+
+// Column is one column of a table.
+type Column struct {
+	Name string `json:"name"`
+	// Type is the engine's name of the column type, compared across sides.
+	Type string `json:"type"`
+	// Kind orders key values in Go; meaningful for key columns.
+	Kind KeyKind `json:"-"`
+	// Hash is the engine's canonical encoding class of the column (opaque
+	// to the core); the sides must agree on it.
+	Hash string `json:"-"`
+}
+
+// Table describes one table, as both sides must have it.
+type Table struct {
+	// Name is schema.table, unquoted, as the OnRowChange hook names it.
+	Name    string
+	Columns []Column
+	// Key lists the indexes into Columns of the primary key, in key order.
+	Key []int
+	// EstimatedRows is the engine's estimate (planner statistics), for
+	// progress and ETA only.
+	EstimatedRows int64
+	// Warnings are things an operator should know (a key ordering that
+	// cannot use the primary key index, say).
+	Warnings []string
+}
+
+// KeyColumns returns the key columns in key order.
+func (t *Table) KeyColumns() []Column {
+	out := make([]Column, len(t.Key))
+	for i, k := range t.Key {
+		out[i] = t.Columns[k]
+	}
+	return out
+}
+
+// KeyKinds returns the kinds of the key columns in key order.
+func (t *Table) KeyKinds() []KeyKind {
+	out := make([]KeyKind, len(t.Key))
+	for i, k := range t.Key {
+		out[i] = t.Columns[k].Kind
+	}
+	return out
+}
+
+// Span is a set of rows of one table: either a key range in the engine's
+// canonical key order, or an explicit set of keys.
+//
+// Keys are given in the engine's text form of each key column, in key
+// order.
+type Span struct {
+	// Lo is the inclusive lower bound; nil means from the first row.
+	Lo []string
+	// Hi is the upper bound; nil means to the last row.
+	Hi []string
+	// HiInclusive makes Hi inclusive (dirty ranges are closed intervals).
+	HiInclusive bool
+	// Keys, when not nil, makes the span exactly these keys; Lo and Hi are
+	// then ignored.
+	Keys [][]string
+}
+
+// IsKeySet reports whether s is an explicit set of keys.
+func (s Span) IsKeySet() bool { return s.Keys != nil }
+
+// String renders s for logs and reports.
+func (s Span) String() string {
+	if s.IsKeySet() {
+		if len(s.Keys) == 1 {
+			return "key " + keyString(s.Keys[0])
+		}
+		return fmt.Sprintf("%d keys", len(s.Keys))
+	}
+	lo, hi := "-inf", "+inf"
+	if s.Lo != nil {
+		lo = keyString(s.Lo)
+	}
+	if s.Hi != nil {
+		hi = keyString(s.Hi)
+	}
+	closer := ")"
+	if s.HiInclusive && s.Hi != nil {
+		closer = "]"
+	}
+	return "[" + lo + ", " + hi + closer
+}
+
+func keyString(k []string) string {
+	if len(k) == 1 {
+		return k[0]
+	}
+	return "(" + strings.Join(k, ", ") + ")"
+}
+
+// Digest summarises the rows of a span: how many, and an order-independent
+// hash of their canonical encodings. Two spans hold the same rows when both
+// fields are equal (up to a 2^-64 chance per differing row).
+type Digest struct {
+	Rows int64
+	Hash string
+}
+
+// Row is one row fetched for the report.
+type Row struct {
+	// Key is the key in text form, key order.
+	Key []string
+	// Values are the columns in text form, in Table.Columns order; nil is
+	// NULL.
+	Values []*string
+	// Hashes are per-column hashes of the canonical encoding, in
+	// Table.Columns order: two values are the same exactly when their
+	// hashes are.
+	Hashes []string
+}
+
+// Database is one side of a comparison. Implementations must be safe for
+// concurrent use: the verifier calls them from several goroutines at once
+// (Options.Parallel chunks, plus the chunk boundary walk). Every method
+// blocks on the server; cancelling ctx abandons the call and returns
+// ctx's error.
+type Database interface {
+	// Describe returns the tables named (schema.table, or table for the
+	// default schema), or every user table when names is empty. A table
+	// without a primary key yields an error matching ErrNoPrimaryKey.
+	Describe(ctx context.Context, names []string) ([]*Table, error)
+	// Fingerprint returns a value that two sides share exactly when they
+	// hash equal rows alike (engine, encoding, hash function build).
+	Fingerprint(ctx context.Context) (string, error)
+	// Position returns the server's current change-stream position (for
+	// PostgreSQL, the WAL LSN), recorded in reports.
+	Position(ctx context.Context) (string, error)
+	// Checksum returns the digest of the rows of s. The verifier may pass a
+	// Table described by the other side: its columns (names, types, hash
+	// classes) have been checked to match.
+	Checksum(ctx context.Context, t *Table, s Span) (Digest, error)
+	// KeyAt returns the key of the row at offset n (0 is the first) of the
+	// range s in key order, or nil when s has n rows or fewer. s is never a
+	// key set.
+	KeyAt(ctx context.Context, t *Table, s Span, n int64) ([]string, error)
+	// Rows returns up to limit rows of s in key order.
+	Rows(ctx context.Context, t *Table, s Span, limit int) ([]Row, error)
+}
+
+// PositionWaiter lets an online pass compare a chunk consistently while
+// blue is still being written and replicated. The replication engine
+// implements it; a nil PositionWaiter means both sides are quiet and every
+// comparison is exact.
+//
+// When a chunk differs during an online pass, the verifier re-checks it so:
+// hash the chunk on blue; call BluePosition (so the position is at or past
+// every commit that hash saw); call WaitGreenApplied with it; hash the
+// chunk on green. If the digests still differ and no change to the chunk's
+// keys was recorded in the DirtySet since before the blue hash, the
+// difference is real. If changes were recorded, the chunk is still moving:
+// it is re-checked a few times and otherwise left dirty for the pass inside
+// the fence.
+//
+// For this to hold, the replication engine must call the DirtySet's
+// MarkChanged for a change before green's applied position can pass that
+// change's position (in the apply transaction, or before it commits).
+//
+// Both methods may block and are called from several goroutines at once;
+// they must honour ctx.
+type PositionWaiter interface {
+	// BluePosition returns blue's current position in the change stream.
+	BluePosition(ctx context.Context) (string, error)
+	// WaitGreenApplied returns once green has applied (and made visible)
+	// every change up to pos, or with an error (ctx's, or the stream's).
+	WaitGreenApplied(ctx context.Context, pos string) error
+}

@@ -1,0 +1,254 @@
+package postgres
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/cutover/cutover/consistency"
+)
+
+// Built-in type OIDs (fixed across PostgreSQL versions).
+const (
+	oidBool        = 16
+	oidBytea       = 17
+	oidChar        = 18
+	oidName        = 19
+	oidInt8        = 20
+	oidInt2        = 21
+	oidInt4        = 23
+	oidText        = 25
+	oidOID         = 26
+	oidFloat4      = 700
+	oidFloat8      = 701
+	oidBpchar      = 1042
+	oidVarchar     = 1043
+	oidDate        = 1082
+	oidTime        = 1083
+	oidTimestamp   = 1114
+	oidTimestamptz = 1184
+	oidTimetz      = 1266
+	oidNumeric     = 1700
+	oidUUID        = 2950
+)
+
+// valueHashed are the types hashed by their own hash function: for these,
+// two values hash alike exactly when they are the same value, whatever the
+// server settings (see ENCODING.md for floats' -0 and NaN). Every other
+// type is hashed through its text form, printed under sessionSettings.
+var valueHashed = map[uint32]bool{
+	oidBool: true, oidBytea: true, oidChar: true, oidName: true, oidInt8: true, oidInt2: true,
+	oidInt4: true, oidText: true, oidOID: true, oidFloat4: true, oidFloat8: true, oidBpchar: true,
+	oidVarchar: true, oidDate: true, oidTime: true, oidTimestamp: true, oidTimestamptz: true,
+	oidTimetz: true, oidUUID: true,
+}
+
+// hashTemplate returns the canonical encoding of a column as SQL, with
+// %s standing for the column reference. It is a comma-separated list of
+// expressions (numeric needs two) placed inside ROW(...).
+func hashTemplate(base uint32, baseName string, domain, collatable bool) string {
+	ref := "%s"
+	if domain {
+		// Hash the base type: a domain adds constraints, not values.
+		ref = "%s::" + baseName
+	}
+	switch {
+	case base == oidNumeric:
+		// hash_numeric ignores display scale (1.10 = 1.1); the scale is
+		// part of the value a replica copies, so hash it too.
+		return ref + ", scale(" + ref + ")"
+	case valueHashed[base]:
+		if collatable {
+			// Hash the bytes, never a non-deterministic collation's
+			// sort key.
+			return ref + ` COLLATE "C"`
+		}
+		return ref
+	}
+	return "(" + ref + `::text) COLLATE "C"`
+}
+
+// hashExprs instantiates c's canonical encoding for the column reference.
+func hashExprs(c consistency.Column, ref string) []string {
+	return []string{strings.ReplaceAll(c.Hash, "%s", ref)}
+}
+
+func keyKind(base uint32) consistency.KeyKind {
+	switch base {
+	case oidInt2, oidInt4, oidInt8:
+		return consistency.KindInt
+	case oidNumeric:
+		return consistency.KindNumeric
+	case oidText, oidVarchar, oidName, oidUUID:
+		// Ordered in "C" (byte) order on both sides; uuid prints as
+		// lowercase hex, whose text order is its byte order.
+		return consistency.KindText
+	}
+	return consistency.KindOther
+}
+
+// Describe lists user tables: every table outside the system schemas and
+// the agent's own schema "cutover" when names is empty (partitions are
+// covered through their partitioned table), or the tables named
+// (schema.table, or a table visible in the search path). Names not found
+// are left out: the verifier reports a table missing on one side.
+func (db *DB) Describe(ctx context.Context, names []string) ([]*consistency.Table, error) {
+	type rel struct {
+		oid         uint32
+		schema      string
+		name        string
+		kind        string
+		reltuples   int64
+		partitioned bool
+	}
+	const cols = `SELECT c.oid, n.nspname, c.relname, c.relkind::text,
+		CASE WHEN c.relkind = 'p' THEN coalesce((SELECT sum(greatest(p.reltuples, 0)) FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhrelid WHERE i.inhparent = c.oid), 0)
+		ELSE greatest(c.reltuples, 0) END::int8
+		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace `
+	var rels []rel
+	scan := func(rows pgx.Rows) error {
+		defer rows.Close()
+		for rows.Next() {
+			var r rel
+			if err := rows.Scan(&r.oid, &r.schema, &r.name, &r.kind, &r.reltuples); err != nil {
+				return err
+			}
+			r.partitioned = r.kind == "p"
+			rels = append(rels, r)
+		}
+		return rows.Err()
+	}
+	if len(names) == 0 {
+		rows, err := db.pool.Query(ctx, cols+`WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+			AND n.nspname NOT IN ('information_schema', 'cutover') AND n.nspname NOT LIKE 'pg\_%'
+			ORDER BY n.nspname, c.relname`)
+		if err != nil {
+			return nil, fmt.Errorf("list tables: %w", err)
+		}
+		if err := scan(rows); err != nil {
+			return nil, fmt.Errorf("list tables: %w", err)
+		}
+	} else {
+		for _, name := range names {
+			schema, table, qualified := strings.Cut(name, ".")
+			if !qualified {
+				schema, table = "", name
+			}
+			rows, err := db.pool.Query(ctx, cols+`WHERE c.relkind IN ('r', 'p') AND c.relname = $2
+				AND CASE WHEN $1 = '' THEN pg_table_is_visible(c.oid) ELSE n.nspname = $1 END`, schema, table)
+			if err != nil {
+				return nil, fmt.Errorf("find table %s: %w", name, err)
+			}
+			if err := scan(rows); err != nil {
+				return nil, fmt.Errorf("find table %s: %w", name, err)
+			}
+		}
+	}
+	var datcollate string
+	if err := db.pool.QueryRow(ctx, `SELECT datcollate FROM pg_database WHERE datname = current_database()`).Scan(&datcollate); err != nil {
+		return nil, fmt.Errorf("database collation: %w", err)
+	}
+	var out []*consistency.Table
+	seen := make(map[string]bool)
+	for _, r := range rels {
+		t, err := db.describe(ctx, r.oid, r.schema+"."+r.name, datcollate)
+		if err != nil {
+			return nil, fmt.Errorf("describe %s.%s: %w", r.schema, r.name, err)
+		}
+		if seen[t.Name] {
+			continue
+		}
+		seen[t.Name] = true
+		t.EstimatedRows = r.reltuples
+		out = append(out, t)
+		db.mu.Lock()
+		db.partitioned[t.Name] = r.partitioned
+		db.mu.Unlock()
+	}
+	return out, nil
+}
+
+func (db *DB) describe(ctx context.Context, oid uint32, name, datcollate string) (*consistency.Table, error) {
+	t := &consistency.Table{Name: name}
+	rows, err := db.pool.Query(ctx, `
+		WITH RECURSIVE base(attnum, oid, depth) AS (
+			SELECT a.attnum, a.atttypid, 0 FROM pg_attribute a
+			WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+			UNION ALL
+			SELECT b.attnum, t.typbasetype, b.depth + 1 FROM base b JOIN pg_type t ON t.oid = b.oid
+			WHERE t.typtype = 'd'
+		)
+		SELECT a.attname, format_type(a.atttypid, a.atttypmod), bt.oid, format_type(bt.oid, NULL),
+			ty.typtype = 'd', a.attcollation <> 0, coalesce(co.collname, ''), coalesce(co.collisdeterministic, true)
+		FROM pg_attribute a
+		JOIN pg_type ty ON ty.oid = a.atttypid
+		JOIN LATERAL (SELECT b.oid FROM base b WHERE b.attnum = a.attnum ORDER BY b.depth DESC LIMIT 1) bt ON true
+		LEFT JOIN pg_collation co ON co.oid = a.attcollation
+		WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+		ORDER BY a.attnum`, oid)
+	if err != nil {
+		return nil, fmt.Errorf("columns: %w", err)
+	}
+	type colInfo struct {
+		collation     string
+		deterministic bool
+	}
+	var infos []colInfo
+	for rows.Next() {
+		var c consistency.Column
+		var base uint32
+		var baseName string
+		var domain, collatable bool
+		var ci colInfo
+		if err := rows.Scan(&c.Name, &c.Type, &base, &baseName, &domain, &collatable, &ci.collation, &ci.deterministic); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("columns: %w", err)
+		}
+		c.Hash = hashTemplate(base, baseName, domain, collatable)
+		c.Kind = keyKind(base)
+		t.Columns = append(t.Columns, c)
+		infos = append(infos, ci)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("columns: %w", err)
+	}
+	var key []string
+	err = db.pool.QueryRow(ctx, `
+		SELECT coalesce(array_agg(a.attname ORDER BY k.ord), '{}')
+		FROM pg_index i
+		CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+		JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+		WHERE i.indrelid = $1 AND i.indisprimary`, oid).Scan(&key)
+	if err != nil {
+		return nil, fmt.Errorf("primary key: %w", err)
+	}
+	for _, k := range key {
+		for i, c := range t.Columns {
+			if c.Name != k {
+				continue
+			}
+			t.Key = append(t.Key, i)
+			if infos[i].collation == "" {
+				break
+			}
+			if !infos[i].deterministic {
+				return nil, fmt.Errorf("%w: key column %s uses the non-deterministic collation %s: keys equal under it need not be the same bytes",
+					consistency.ErrUnsupported, c.Name, infos[i].collation)
+			}
+			coll := infos[i].collation
+			if coll == "default" {
+				coll = datcollate
+			}
+			if c.Kind == consistency.KindText && coll != "C" && coll != "POSIX" && coll != "ucs_basic" {
+				t.Warnings = append(t.Warnings, fmt.Sprintf(
+					"key column %s has collation %s: chunks are ranges in \"C\" order (the same on both sides), which its primary key index cannot serve, so each chunk scans the table; an index on (%s COLLATE \"C\") avoids that",
+					c.Name, coll, c.Name))
+			}
+			break
+		}
+	}
+	return t, nil
+}

@@ -1,0 +1,307 @@
+// Package postgres is the PostgreSQL engine of consistency: it describes
+// tables, walks chunk boundaries, hashes chunks and fetches rows inside the
+// server. ENCODING.md in the parent folder gives the canonical row encoding.
+//
+// It needs PostgreSQL 14 or later on both sides (hash_record_extended).
+package postgres
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/cutover/cutover/consistency"
+)
+
+var _ consistency.Database = (*DB)(nil)
+
+// sessionSettings pin every setting that changes how a value prints, so
+// that text forms (of keys, of the types hashed through their text form,
+// of values in reports) are the same on both sides whatever each server's
+// configuration says. The rest keep chunk queries cheap and the session
+// harmless.
+var sessionSettings = map[string]string{
+	"TimeZone":                        "UTC",
+	"DateStyle":                       "ISO, YMD",
+	"IntervalStyle":                   "postgres",
+	"extra_float_digits":              "3", // shortest exact (PostgreSQL >= 12)
+	"bytea_output":                    "hex",
+	"lc_monetary":                     "C",
+	"client_encoding":                 "UTF8",
+	"jit":                             "off", // compile time dwarfs a chunk query
+	"max_parallel_workers_per_gather": "0",   // chunks are small; parallelism is ours
+	"default_transaction_read_only":   "on",  // verification never writes
+	"application_name":                "cutover-verify",
+}
+
+// DB is one side, over a pool of connections with sessionSettings.
+type DB struct {
+	pool *pgxpool.Pool
+
+	mu sync.Mutex
+	// partitioned holds the partitioned tables Describe saw on this
+	// server: they are read with their partitions, plain tables without
+	// inheritance children (which are tables of their own).
+	partitioned map[string]bool
+}
+
+// Open connects to dsn with a pool of at most maxConns connections (give
+// it the verifier's Parallel plus 2: the boundary walk and positions).
+// The DSN is never included in errors.
+func Open(ctx context.Context, dsn string, maxConns int) (*DB, error) {
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		// pgx's parse errors can quote the DSN; keep only the kind.
+		return nil, errors.New("parse dsn: malformed PostgreSQL connection string")
+	}
+	if maxConns > 0 {
+		cfg.MaxConns = int32(maxConns)
+	}
+	for k, v := range sessionSettings {
+		cfg.ConnConfig.RuntimeParams[k] = v
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect: %w", err)
+	}
+	if err := pool.Ping(ctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("connect: %w", err)
+	}
+	return &DB{pool: pool, partitioned: make(map[string]bool)}, nil
+}
+
+// Close closes the pool.
+func (db *DB) Close() { db.pool.Close() }
+
+// Fingerprint checks the server version and returns the server encoding
+// and a probe hash: sides with different encodings, or whose hash
+// functions differ (a big-endian build), must not be compared.
+func (db *DB) Fingerprint(ctx context.Context) (string, error) {
+	var version int
+	if err := db.pool.QueryRow(ctx, `SELECT current_setting('server_version_num')::int`).Scan(&version); err != nil {
+		return "", fmt.Errorf("server version: %w", err)
+	}
+	if version < 140000 {
+		return "", fmt.Errorf("%w: PostgreSQL %d.%d: row hashing needs 14 or later (hash_record_extended)",
+			consistency.ErrUnsupported, version/10000, version%10000)
+	}
+	var enc, probe string
+	err := db.pool.QueryRow(ctx, `SELECT current_setting('server_encoding'),
+		hashint8extended(h, h)::text FROM (SELECT hash_record_extended(ROW(
+			-42::int8, 'cutover probe'::text COLLATE "C", 1.5::float8, '\xdeadbeef'::bytea,
+			'2000-01-02 03:04:05.678901+00'::timestamptz, 1.10::numeric, scale(1.10::numeric),
+			'6f1c2a4e-9d3b-4c8a-b5e7-0f1e2d3c4b5a'::uuid, true, '2001-02-03'::date), 7) AS h) s`).Scan(&enc, &probe)
+	if err != nil {
+		return "", fmt.Errorf("hash probe: %w", err)
+	}
+	return "postgres encoding=" + enc + " probe=" + probe, nil
+}
+
+// Position returns the current WAL position (the replay position on a
+// standby).
+func (db *DB) Position(ctx context.Context) (string, error) {
+	var pos string
+	err := db.pool.QueryRow(ctx, `SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text`).Scan(&pos)
+	if err != nil {
+		return "", fmt.Errorf("position: %w", err)
+	}
+	return pos, nil
+}
+
+// Checksum hashes the rows of s: count, and the sum (mod 2^64, as
+// numeric) of a 64-bit hash of each row's canonical encoding.
+func (db *DB) Checksum(ctx context.Context, t *consistency.Table, s consistency.Span) (consistency.Digest, error) {
+	q := db.newQuery(t)
+	where := q.where(s)
+	sql := `SELECT count(*), coalesce(sum(hashint8extended(h, h)), 0)::text FROM (SELECT ` +
+		q.rowHash() + ` AS h FROM ` + q.from() + ` WHERE ` + where + ` OFFSET 0) s`
+	var d consistency.Digest
+	if err := db.pool.QueryRow(ctx, sql, q.args...).Scan(&d.Rows, &d.Hash); err != nil {
+		return d, err
+	}
+	return d, nil
+}
+
+// KeyAt returns the key at offset n of the range s in canonical key order.
+func (db *DB) KeyAt(ctx context.Context, t *consistency.Table, s consistency.Span, n int64) ([]string, error) {
+	if s.IsKeySet() {
+		return nil, errors.New("key at: a key set has no offsets")
+	}
+	q := db.newQuery(t)
+	where := q.where(s)
+	sql := `SELECT ` + q.keyText() + ` FROM ` + q.from() + ` WHERE ` + where + ` ORDER BY ` + q.orderBy() +
+		` OFFSET ` + strconv.FormatInt(n, 10) + ` LIMIT 1`
+	var key []string
+	err := db.pool.QueryRow(ctx, sql, q.args...).Scan(&key)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return key, nil
+}
+
+// Rows fetches up to limit rows of s in canonical key order, with the text
+// form and the canonical hash of every column.
+func (db *DB) Rows(ctx context.Context, t *consistency.Table, s consistency.Span, limit int) ([]consistency.Row, error) {
+	q := db.newQuery(t)
+	where := q.where(s)
+	values := make([]string, len(t.Columns))
+	hashes := make([]string, len(t.Columns))
+	for i, c := range t.Columns {
+		ref := q.col(c.Name)
+		values[i] = ref + "::text"
+		hashes[i] = "hash_record_extended(ROW(" + strings.Join(hashExprs(c, ref), ", ") + "), 0)::text"
+	}
+	sql := `SELECT ` + q.keyText() + `, ARRAY[` + strings.Join(values, ", ") + `]::text[], ARRAY[` +
+		strings.Join(hashes, ", ") + `]::text[] FROM ` + q.from() + ` WHERE ` + where +
+		` ORDER BY ` + q.orderBy() + ` LIMIT ` + strconv.Itoa(limit)
+	rows, err := db.pool.Query(ctx, sql, q.args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []consistency.Row
+	for rows.Next() {
+		var r consistency.Row
+		var hs []*string
+		if err := rows.Scan(&r.Key, &r.Values, &hs); err != nil {
+			return nil, err
+		}
+		r.Hashes = make([]string, len(hs))
+		for i, h := range hs {
+			if h != nil {
+				r.Hashes[i] = *h
+			}
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// query builds the SQL of one statement on one table.
+type query struct {
+	t           *consistency.Table
+	partitioned bool
+	args        []any
+}
+
+func (db *DB) newQuery(t *consistency.Table) *query {
+	db.mu.Lock()
+	defer db.mu.Unlock()
+	return &query{t: t, partitioned: db.partitioned[t.Name]}
+}
+
+func (q *query) from() string {
+	schema, name, _ := strings.Cut(q.t.Name, ".")
+	only := "ONLY "
+	if q.partitioned {
+		only = ""
+	}
+	return only + pgx.Identifier{schema, name}.Sanitize() + " t"
+}
+
+func (q *query) col(name string) string { return "t." + pgx.Identifier{name}.Sanitize() }
+
+func (q *query) arg(v any) string {
+	q.args = append(q.args, v)
+	return "$" + strconv.Itoa(len(q.args))
+}
+
+// keyRefs are the key columns as ordered: text-like keys in "C" order,
+// so that both sides order them alike whatever their collations.
+func (q *query) keyRefs() []string {
+	out := make([]string, len(q.t.Key))
+	for i, k := range q.t.Key {
+		c := q.t.Columns[k]
+		out[i] = q.col(c.Name)
+		if collatable(c) {
+			out[i] += ` COLLATE "C"`
+		}
+	}
+	return out
+}
+
+// collatable reports whether c is a collatable type hashed by value (its
+// template, from hashTemplate, ends in COLLATE "C" without a text cast).
+func collatable(c consistency.Column) bool {
+	return strings.HasSuffix(c.Hash, ` COLLATE "C"`) && !strings.HasPrefix(c.Hash, "(")
+}
+
+func (q *query) orderBy() string { return strings.Join(q.keyRefs(), ", ") }
+
+func (q *query) keyText() string {
+	parts := make([]string, len(q.t.Key))
+	for i, k := range q.t.Key {
+		parts[i] = q.col(q.t.Columns[k].Name) + "::text"
+	}
+	return "ARRAY[" + strings.Join(parts, ", ") + "]::text[]"
+}
+
+// bound renders a key as parameters cast to the key types.
+func (q *query) bound(key []string) string {
+	parts := make([]string, len(q.t.Key))
+	for i, k := range q.t.Key {
+		parts[i] = q.arg(key[i]) + "::" + q.t.Columns[k].Type
+	}
+	return "(" + strings.Join(parts, ", ") + ")"
+}
+
+func (q *query) where(s consistency.Span) string {
+	keys := "(" + strings.Join(q.keyRefs(), ", ") + ")"
+	if s.IsKeySet() {
+		if len(s.Keys) == 0 {
+			return "false"
+		}
+		// Key equality needs no "C": key collations are deterministic
+		// (Describe refuses others), so equal means byte-equal, and the
+		// primary key index serves the lookup.
+		plain := make([]string, len(q.t.Key))
+		cols := make([]string, len(q.t.Key))
+		for i, k := range q.t.Key {
+			c := q.t.Columns[k]
+			plain[i] = q.col(c.Name)
+			vals := make([]string, len(s.Keys))
+			for j, key := range s.Keys {
+				vals[j] = key[i]
+			}
+			cols[i] = q.arg(vals) + "::text[]::" + c.Type + "[]"
+		}
+		return "(" + strings.Join(plain, ", ") + ") IN (SELECT * FROM unnest(" + strings.Join(cols, ", ") + "))"
+	}
+	var conds []string
+	if s.Lo != nil {
+		conds = append(conds, keys+" >= "+q.bound(s.Lo))
+	}
+	if s.Hi != nil {
+		op := " < "
+		if s.HiInclusive {
+			op = " <= "
+		}
+		conds = append(conds, keys+op+q.bound(s.Hi))
+	}
+	if len(conds) == 0 {
+		return "true"
+	}
+	return strings.Join(conds, " AND ")
+}
+
+// rowHash is the 64-bit hash of a row's canonical encoding. The outer
+// hashint8extended(h, h) in Checksum mixes it: hash_record_extended
+// combines column hashes linearly, and a plain sum of linear combinations
+// would not see two rows swapping a column's values.
+func (q *query) rowHash() string {
+	var exprs []string
+	for _, c := range q.t.Columns {
+		exprs = append(exprs, hashExprs(c, q.col(c.Name))...)
+	}
+	return "hash_record_extended(ROW(" + strings.Join(exprs, ", ") + "), 0)"
+}
