@@ -1,0 +1,273 @@
+package postgres
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"go.uber.org/zap"
+
+	"github.com/cutover/cutover/replication"
+)
+
+// copyAll makes green a copy of blue as of a new slot's consistent point:
+//
+//  1. green's row in cutover.applied is reset to "copy in progress", so a
+//     crash from here on restarts the copy (and may truncate the tables);
+//  2. any old slot is dropped and a new one created, exporting its
+//     snapshot; the replication connection then stays idle, because the
+//     snapshot lives only until it runs another command;
+//  3. green's tables are emptied (a no-op on a first copy, which the
+//     pre-checks made sure of), and every table is copied with COPY
+//     inside that snapshot, several tables at a time;
+//  4. the consistent point becomes green's applied position, and streaming
+//     starts there: the slot sends exactly the transactions that committed
+//     after the snapshot.
+func (r *Replicator) copyAll(ctx context.Context, tables []*tableInfo) error {
+	start := time.Now()
+	if _, err := r.green.Exec(ctx, beginCopySQL, r.name); err != nil {
+		return fmt.Errorf("green: record copy start: %w", err)
+	}
+	// A restarted copy starts from empty tables. One statement for all of
+	// them: TRUNCATE refuses a table referenced by a foreign key unless
+	// the referencing table goes in the same statement.
+	if _, err := r.green.Exec(ctx, "TRUNCATE ONLY "+strings.Join(quotedNames(tables), ", ")); err != nil {
+		return fmt.Errorf("green: empty the tables before the copy: %w", err)
+	}
+	if err := r.dropSlot(ctx); err != nil {
+		return err
+	}
+	rconn, err := connectReplication(ctx, r.opts.Pair.Blue.DSN.Reveal())
+	if err != nil {
+		return err
+	}
+	defer rconn.Close(context.WithoutCancel(ctx))
+	slot, err := pglogrepl.CreateReplicationSlot(ctx, rconn, r.name, "pgoutput", pglogrepl.CreateReplicationSlotOptions{
+		Mode:           pglogrepl.LogicalReplication,
+		SnapshotAction: "EXPORT_SNAPSHOT",
+	})
+	if err != nil {
+		return fmt.Errorf("blue: create slot %s: %w", r.name, err)
+	}
+	consistent, err := pglogrepl.ParseLSN(slot.ConsistentPoint)
+	if err != nil {
+		return fmt.Errorf("blue: slot consistent point %q: %w", slot.ConsistentPoint, err)
+	}
+	r.log.Info("slot created; copying", zap.String("consistent_point", slot.ConsistentPoint), zap.String("snapshot", slot.SnapshotName), zap.Int("tables", len(tables)))
+
+	var (
+		rowsTotal, bytesTotal int64
+		rows, byteCount       atomic.Int64
+		tablesDone            atomic.Int32
+	)
+	for _, t := range tables {
+		rowsTotal += t.RowsEst
+		bytesTotal += t.BytesEst
+	}
+	report := func(final bool) {
+		p := replication.Progress{
+			TablesTotal: len(tables), TablesDone: int(tablesDone.Load()),
+			Rows: rows.Load(), RowsTotal: rowsTotal, Bytes: byteCount.Load(), BytesTotal: bytesTotal,
+			Elapsed: time.Since(start),
+		}
+		if p.Rows > 0 && p.RowsTotal > p.Rows && !final {
+			p.ETA = time.Duration(float64(p.Elapsed) * float64(p.RowsTotal-p.Rows) / float64(p.Rows))
+		}
+		r.mu.Lock()
+		r.progress = p
+		r.mu.Unlock()
+		r.metrics.copyRows.Set(float64(p.Rows))
+		r.log.Info("copy progress", zap.Int("tables_done", p.TablesDone), zap.Int("tables", p.TablesTotal),
+			zap.Int64("rows", p.Rows), zap.Int64("rows_estimated", p.RowsTotal), zap.Int64("bytes", p.Bytes),
+			zap.Duration("elapsed", p.Elapsed.Round(time.Millisecond)), zap.Duration("eta", p.ETA.Round(time.Second)))
+		if r.opts.OnCopyProgress != nil {
+			r.opts.OnCopyProgress(p)
+		}
+	}
+
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	work := make(chan *tableInfo)
+	errs := make(chan error, r.opts.CopyParallel)
+	var wg sync.WaitGroup
+	for i := 0; i < r.opts.CopyParallel && i < len(tables); i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := r.copyWorker(cctx, slot.SnapshotName, i == 0, work, &rows, &byteCount, &tablesDone); err != nil {
+				errs <- err
+				cancel()
+			}
+		}()
+	}
+	ticker := time.NewTicker(2 * time.Second)
+	defer ticker.Stop()
+	go func() {
+		defer close(work)
+		for _, t := range tables {
+			select {
+			case work <- t:
+			case <-cctx.Done():
+				return
+			}
+		}
+	}()
+	finished := make(chan struct{})
+	go func() { wg.Wait(); close(finished) }()
+loop:
+	for {
+		select {
+		case <-finished:
+			break loop
+		case <-ticker.C:
+			report(false)
+		}
+	}
+	close(errs)
+	if err := <-errs; err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	report(true)
+	tag, err := r.green.Exec(ctx, finishCopySQL, r.name, consistent.String())
+	if err != nil {
+		return fmt.Errorf("green: record copy end: %w", err)
+	}
+	if tag.RowsAffected() != 1 {
+		return fmt.Errorf("green: copy of %s was restarted by someone else", r.name)
+	}
+	r.appliedEnd.Store(uint64(consistent))
+	r.log.Info("copy done", zap.Duration("took", time.Since(start).Round(time.Millisecond)), zap.Int64("rows", rows.Load()), zap.Int64("bytes", byteCount.Load()))
+	return nil
+}
+
+// copyWorker copies tables from work on its own pair of connections. Its
+// blue transaction imports the slot's snapshot once and reads every table
+// it is given inside it.
+func (r *Replicator) copyWorker(ctx context.Context, snapshot string, markers bool, work <-chan *tableInfo, rows, nbytes *atomic.Int64, done *atomic.Int32) error {
+	bconn, err := r.blue.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("blue: connect for copy: %w", err)
+	}
+	defer bconn.Release()
+	gconn, err := r.green.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("green: connect for copy: %w", err)
+	}
+	defer gconn.Release()
+	bpg, gpg := bconn.Conn().PgConn(), gconn.Conn().PgConn()
+	if _, err := bpg.Exec(ctx, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT "+quoteLiteral(snapshot)).ReadAll(); err != nil {
+		return fmt.Errorf("blue: import snapshot %s: %w", snapshot, err)
+	}
+	defer func() {
+		_, _ = bpg.Exec(context.WithoutCancel(ctx), "ROLLBACK").ReadAll()
+	}()
+	if _, err := gpg.Exec(ctx, "SET session_replication_role = replica").ReadAll(); err != nil {
+		return fmt.Errorf("green: set up copy session: %w", err)
+	}
+	defer func() {
+		_, _ = gpg.Exec(context.WithoutCancel(ctx), "RESET session_replication_role").ReadAll()
+	}()
+	if markers {
+		// Markers written before the slot existed are in the snapshot, not
+		// in the stream: bring this plan's over so WaitMarker finds them.
+		if err := copyMarkers(ctx, bconn.Conn(), gconn.Conn(), r.opts.Plan); err != nil {
+			return err
+		}
+	}
+	for t := range work {
+		if err := copyTable(ctx, bpg, gpg, t, rows, nbytes); err != nil {
+			return err
+		}
+		done.Add(1)
+	}
+	return nil
+}
+
+// copyTable streams one table from blue's COPY TO into green's COPY FROM,
+// in text format (portable between servers whose type OIDs differ).
+func copyTable(ctx context.Context, blue, green *pgconn.PgConn, t *tableInfo, rows, nbytes *atomic.Int64) error {
+	cols := strings.Join(t.copyColumns(), ", ")
+	pr, pw := io.Pipe()
+	readErr := make(chan error, 1)
+	go func() {
+		w := &countingWriter{w: pw, rows: rows, bytes: nbytes}
+		_, err := blue.CopyTo(ctx, w, "COPY "+t.Name.Quoted()+" ("+cols+") TO STDOUT")
+		pw.CloseWithError(err)
+		if err != nil {
+			err = fmt.Errorf("blue: copy %s out: %w", t.Name, err)
+		}
+		readErr <- err
+	}()
+	_, werr := green.CopyFrom(ctx, pr, "COPY "+t.Name.Quoted()+" ("+cols+") FROM STDIN")
+	pr.CloseWithError(errors.New("copy into green ended"))
+	if rerr := <-readErr; rerr != nil {
+		return rerr
+	}
+	if werr != nil {
+		return fmt.Errorf("green: copy %s in: %w", t.Name, werr)
+	}
+	return nil
+}
+
+func copyMarkers(ctx context.Context, blue, green *pgx.Conn, plan string) error {
+	rows, err := blue.Query(ctx, `SELECT nonce, epoch, written_at FROM cutover.markers WHERE plan = $1`, plan)
+	if err != nil {
+		return fmt.Errorf("blue: read markers: %w", err)
+	}
+	var nonces []string
+	var epochs []int64
+	var at []time.Time
+	for rows.Next() {
+		var n string
+		var e int64
+		var w time.Time
+		if err := rows.Scan(&n, &e, &w); err != nil {
+			rows.Close()
+			return fmt.Errorf("blue: read markers: %w", err)
+		}
+		nonces, epochs, at = append(nonces, n), append(epochs, e), append(at, w)
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("blue: read markers: %w", err)
+	}
+	if len(nonces) == 0 {
+		return nil
+	}
+	_, err = green.Exec(ctx, `INSERT INTO cutover.markers (nonce, plan, epoch, written_at)
+		SELECT n, $4, e, w FROM unnest($1::text[], $2::int8[], $3::timestamptz[]) AS v(n, e, w) ON CONFLICT (nonce) DO NOTHING`, nonces, epochs, at, plan)
+	if err != nil {
+		return fmt.Errorf("green: copy markers: %w", err)
+	}
+	return nil
+}
+
+// countingWriter counts the bytes and rows (newlines: COPY's text format
+// escapes newlines inside values) going through it.
+type countingWriter struct {
+	w     io.Writer
+	rows  *atomic.Int64
+	bytes *atomic.Int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	c.rows.Add(int64(bytes.Count(p, []byte{'\n'})))
+	c.bytes.Add(int64(len(p)))
+	return c.w.Write(p)
+}
+
+// dropSlot drops the slot if it exists, ending its walsender if active.
+func (r *Replicator) dropSlot(ctx context.Context) error {
+	return dropSlot(ctx, r.blue, r.name, r.log)
+}

@@ -1,0 +1,93 @@
+package postgres
+
+// The engine's bookkeeping lives in a schema named cutover on both sides.
+// Every statement here is idempotent: a restarted or new leader runs them
+// again.
+//
+// cutover.heartbeat and cutover.markers are written on blue and are part of
+// the publication, so their rows flow through the stream like application
+// rows; they are created on green too so that they apply. The fencer
+// (fencing/postgres) creates cutover.markers with the same definition.
+//
+// cutover.applied exists on green only. One row per slot holds the end
+// position of the last source transaction applied, written in the same
+// transaction as the changes, so that a restart resumes exactly once.
+// copied_at is NULL while the initial copy runs: a replicator that finds
+// the row without it knows the copy was interrupted and starts it over.
+
+// sourceSchemaSQL is run on blue.
+const sourceSchemaSQL = `
+CREATE SCHEMA IF NOT EXISTS cutover;
+CREATE TABLE IF NOT EXISTS cutover.heartbeat (
+	plan       text        NOT NULL,
+	pair       text        NOT NULL,
+	seq        bigint      NOT NULL,
+	written_at timestamptz NOT NULL,
+	PRIMARY KEY (plan, pair)
+);
+CREATE TABLE IF NOT EXISTS cutover.markers (
+	nonce      text        PRIMARY KEY,
+	plan       text        NOT NULL,
+	epoch      bigint      NOT NULL,
+	written_at timestamptz NOT NULL DEFAULT now()
+);`
+
+// targetSchemaSQL is run on green.
+const targetSchemaSQL = sourceSchemaSQL + `
+CREATE TABLE IF NOT EXISTS cutover.applied (
+	slot        text        PRIMARY KEY,
+	lsn         pg_lsn      NOT NULL,
+	commit_time timestamptz,
+	updated_at  timestamptz,
+	copied_at   timestamptz
+);
+-- claim_apply locks the slot's row for the rest of the transaction and
+-- fails when the stored position (the end of the last applied transaction)
+-- is past the commit record of the batch's first transaction, i.e. when
+-- that transaction is already applied: a second (deposed) applier then
+-- applies nothing.
+CREATE OR REPLACE FUNCTION cutover.claim_apply(p_slot text, p_first_commit pg_lsn) RETURNS pg_lsn
+LANGUAGE plpgsql AS $$
+DECLARE
+	stored pg_lsn;
+BEGIN
+	SELECT lsn INTO stored FROM cutover.applied WHERE slot = p_slot FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'cutover: no applied position for slot %', p_slot USING ERRCODE = 'P0002';
+	END IF;
+	IF stored > p_first_commit THEN
+		RAISE EXCEPTION 'cutover: slot % already applied up to %, past the batch''s first commit at %', p_slot, stored, p_first_commit
+			USING ERRCODE = 'CUT01';
+	END IF;
+	RETURN stored;
+END
+$$;`
+
+// supersededCode is the SQLSTATE claim_apply raises when another applier
+// is ahead.
+const supersededCode = "CUT01"
+
+// Statements on cutover.applied.
+const (
+	// readAppliedSQL reads the stored position; no row means no copy ever
+	// started for the slot.
+	readAppliedSQL = `SELECT lsn::text, commit_time, copied_at IS NOT NULL FROM cutover.applied WHERE slot = $1`
+	// beginCopySQL records that a copy is under way (copied_at NULL); a
+	// restarted copy resets the row.
+	beginCopySQL = `INSERT INTO cutover.applied (slot, lsn, updated_at) VALUES ($1, '0/0', now())
+		ON CONFLICT (slot) DO UPDATE SET lsn = '0/0', commit_time = NULL, copied_at = NULL, updated_at = now()`
+	// finishCopySQL makes the consistent point the applied position.
+	finishCopySQL = `UPDATE cutover.applied SET lsn = $2::pg_lsn, copied_at = now(), updated_at = now() WHERE slot = $1 AND copied_at IS NULL`
+	// claimSQL opens every apply batch.
+	claimSQL = `SELECT cutover.claim_apply($1, $2::pg_lsn)`
+	// advanceSQL closes every apply batch, in the same transaction. The
+	// guard keeps the position from going backwards whatever happens.
+	advanceSQL = `UPDATE cutover.applied SET lsn = $2::pg_lsn, commit_time = $3::timestamptz, updated_at = now() WHERE slot = $1 AND lsn < $2::pg_lsn`
+	// forgetSQL removes the slot's row (cleanup).
+	forgetSQL = `DELETE FROM cutover.applied WHERE slot = $1`
+)
+
+// heartbeatSQL bumps this pair's heartbeat on blue.
+const heartbeatSQL = `INSERT INTO cutover.heartbeat AS h (plan, pair, seq, written_at) VALUES ($1, $2, 1, clock_timestamp())
+	ON CONFLICT (plan, pair) DO UPDATE SET seq = h.seq + 1, written_at = clock_timestamp()
+	RETURNING seq, written_at`

@@ -1,0 +1,265 @@
+package postgres
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+	"go.uber.org/zap"
+)
+
+// Chunking of large source transactions between receiver and applier.
+const (
+	chunkMaxMessages = 1024
+	chunkMaxBytes    = 4 << 20
+)
+
+// streamParams make the walsender render values the way green parses
+// them, whatever the role's or server's defaults (native logical
+// replication sets the same).
+var streamParams = map[string]string{
+	"DateStyle":          "ISO",
+	"IntervalStyle":      "postgres",
+	"extra_float_digits": "3",
+	"TimeZone":           "UTC",
+	"bytea_output":       "hex",
+	"application_name":   "cutover",
+}
+
+// connectReplication opens a logical replication connection to blue.
+func connectReplication(ctx context.Context, dsn string) (*pgconn.PgConn, error) {
+	cfg, err := pgconn.ParseConfig(dsn)
+	if err != nil {
+		return nil, fmt.Errorf("blue: parse dsn: %w", err)
+	}
+	for k, v := range streamParams {
+		cfg.RuntimeParams[k] = v
+	}
+	cfg.RuntimeParams["replication"] = "database"
+	conn, err := pgconn.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("blue: replication connection: %w", err)
+	}
+	return conn, nil
+}
+
+// receiver reads the replication stream on one goroutine and hands whole
+// (or chunked) transactions to the applier. It alone uses its connection:
+// it also sends the status updates that let blue recycle WAL.
+type receiver struct {
+	r    *Replicator
+	conn *pgconn.PgConn
+	log  *zap.Logger
+
+	received  pglogrepl.LSN // highest position seen in the stream
+	walEnd    pglogrepl.LSN // blue's position from the last keepalive
+	inTxn     bool
+	handedEnd pglogrepl.LSN // end of the last whole transaction handed over
+	cur       *chunk
+	nextStat  time.Time
+}
+
+// run streams until ctx ends or the connection fails. It closes out when it
+// returns.
+func (rc *receiver) run(ctx context.Context, out chan<- *chunk) error {
+	defer close(out)
+	interval := rc.r.opts.StatusInterval
+	rc.nextStat = time.Now().Add(interval)
+	for {
+		if rc.r.paused.Load() {
+			if err := rc.whilePaused(ctx); err != nil {
+				return err
+			}
+		}
+		if !time.Now().Before(rc.nextStat) {
+			if err := rc.sendStatus(ctx, false); err != nil {
+				return err
+			}
+		}
+		rctx, cancel := context.WithDeadline(ctx, rc.nextStat)
+		raw, err := rc.conn.ReceiveMessage(rctx)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if pgconn.Timeout(err) {
+				continue
+			}
+			return fmt.Errorf("blue: receive: %w", err)
+		}
+		switch msg := raw.(type) {
+		case *pgproto3.ErrorResponse:
+			return fmt.Errorf("blue: replication stream: %w", pgconn.ErrorResponseToPgError(msg))
+		case *pgproto3.CopyDone:
+			return errors.New("blue: replication stream ended by the server")
+		case *pgproto3.CopyData:
+			if err := rc.copyData(ctx, msg.Data, out); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func (rc *receiver) copyData(ctx context.Context, data []byte, out chan<- *chunk) error {
+	if len(data) == 0 {
+		return nil
+	}
+	switch data[0] {
+	case pglogrepl.PrimaryKeepaliveMessageByteID:
+		k, err := pglogrepl.ParsePrimaryKeepaliveMessage(data[1:])
+		if err != nil {
+			return permanent(fmt.Errorf("blue: keepalive: %w", err))
+		}
+		if k.ServerWALEnd > rc.walEnd {
+			rc.walEnd = k.ServerWALEnd
+		}
+		if k.ReplyRequested {
+			return rc.sendStatus(ctx, false)
+		}
+	case pglogrepl.XLogDataByteID:
+		x, err := pglogrepl.ParseXLogData(data[1:])
+		if err != nil {
+			return permanent(fmt.Errorf("blue: xlogdata: %w", err))
+		}
+		if x.WALStart > rc.received {
+			rc.received = x.WALStart
+		}
+		// pgconn reuses its buffer on the next receive; the decoded
+		// message aliases this copy for as long as the applier needs it.
+		buf := make([]byte, len(x.WALData))
+		copy(buf, x.WALData)
+		m, err := decode(buf)
+		if err != nil {
+			return permanent(err)
+		}
+		if ce := rc.log.Check(zap.DebugLevel, "stream message"); ce != nil {
+			ce.Write(zap.String("kind", string(rune(m.Kind))), zap.Stringer("wal_start", x.WALStart))
+		}
+		return rc.message(ctx, m, len(buf), out)
+	}
+	return nil
+}
+
+func (rc *receiver) message(ctx context.Context, m message, size int, out chan<- *chunk) error {
+	switch m.Kind {
+	case msgBegin:
+		rc.inTxn = true
+		rc.cur = &chunk{begin: true, finalLSN: m.FinalLSN, beginTime: m.CommitTime}
+		return nil
+	case msgCommit:
+		if rc.cur == nil {
+			return permanent(errors.New("pgoutput: commit without begin"))
+		}
+		rc.cur.commit = true
+		rc.cur.endLSN = m.EndLSN
+		rc.cur.commitTime = m.CommitTime
+		if err := rc.hand(ctx, out); err != nil {
+			return err
+		}
+		rc.inTxn = false
+		rc.handedEnd = m.EndLSN
+		return nil
+	case msgType, msgOrigin:
+		return nil
+	case msgMessage:
+		return nil
+	}
+	if rc.cur == nil {
+		return permanent(fmt.Errorf("pgoutput: %c message outside a transaction", m.Kind))
+	}
+	rc.cur.msgs = append(rc.cur.msgs, m)
+	rc.cur.size += size
+	if len(rc.cur.msgs) >= chunkMaxMessages || rc.cur.size >= chunkMaxBytes {
+		if err := rc.hand(ctx, out); err != nil {
+			return err
+		}
+		rc.cur = &chunk{}
+	}
+	return nil
+}
+
+// hand gives the current chunk to the applier, sending status updates
+// while the applier is busy so that the walsender does not time out.
+func (rc *receiver) hand(ctx context.Context, out chan<- *chunk) error {
+	c := rc.cur
+	rc.cur = nil
+	for {
+		t := time.NewTimer(time.Until(rc.nextStat))
+		select {
+		case out <- c:
+			t.Stop()
+			return nil
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+			if err := rc.sendStatus(ctx, false); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// whilePaused stops reading the stream (the backlog stays in blue's WAL,
+// as with a disabled subscription) but keeps the connection alive.
+func (rc *receiver) whilePaused(ctx context.Context) error {
+	for rc.r.paused.Load() {
+		t := time.NewTimer(time.Until(rc.nextStat))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-rc.r.resumed():
+			t.Stop()
+		case <-t.C:
+			if err := rc.sendStatus(ctx, false); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// sendStatus reports positions to blue. Flushed is what green has
+// committed; when everything handed over is applied and no transaction is
+// open, it is also safe to confirm blue's keepalive position (what lies
+// between is outside the publication), which lets blue recycle WAL on an
+// idle stream, as native apply does.
+func (rc *receiver) sendStatus(ctx context.Context, reply bool) error {
+	applied := pglogrepl.LSN(rc.r.appliedEnd.Load())
+	flush := applied
+	if !rc.inTxn && rc.handedEnd <= applied && rc.walEnd > flush {
+		flush = rc.walEnd
+	}
+	write := rc.received
+	if flush > write {
+		write = flush
+	}
+	if flush > pglogrepl.LSN(rc.r.confirmedEnd.Load()) {
+		rc.r.confirmedEnd.Store(uint64(flush))
+	}
+	err := pglogrepl.SendStandbyStatusUpdate(ctx, rc.conn, pglogrepl.StandbyStatusUpdate{
+		WALWritePosition: write,
+		WALFlushPosition: flush,
+		WALApplyPosition: flush,
+		ReplyRequested:   reply,
+	})
+	rc.nextStat = time.Now().Add(rc.r.opts.StatusInterval)
+	if err != nil {
+		return fmt.Errorf("blue: send status: %w", err)
+	}
+	return nil
+}
+
+// permanentError marks errors that a retry cannot fix.
+type permanentError struct{ err error }
+
+func (e *permanentError) Error() string { return e.err.Error() }
+func (e *permanentError) Unwrap() error { return e.err }
+
+func permanent(err error) error { return &permanentError{err} }
