@@ -123,8 +123,10 @@ func (r *Replicator) SyncSequencesReport(ctx context.Context) ([]SequenceSync, e
 		}
 		res := SequenceSync{Sequence: s.name, Blue: bnext}
 		err = pgx.BeginFunc(ctx, r.green, func(tx pgx.Tx) error {
-			// Lock the sequence against a concurrent setval racing us.
-			if _, err := tx.Exec(ctx, `LOCK TABLE `+s.name.Quoted()+` IN ACCESS EXCLUSIVE MODE`); err != nil {
+			// LOCK TABLE refuses sequences (42809), so a transaction-scoped
+			// advisory lock keeps two syncs from racing each other. Nothing
+			// else calls setval on green before the flip.
+			if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtext('cutover.sequence_sync'), hashtext($1))`, s.name.String()); err != nil {
 				return err
 			}
 			gnext, _, _, err := readSequence(ctx, tx, s)
