@@ -109,7 +109,7 @@ func (r *Replicator) copyAll(ctx context.Context, tables []*tableInfo) error {
 			}
 		}()
 	}
-	ticker := time.NewTicker(2 * time.Second)
+	ticker := time.NewTicker(r.opts.progressEvery)
 	defer ticker.Stop()
 	go func() {
 		defer close(work)

@@ -118,10 +118,10 @@ func rows(t testing.TB, s *integration.Postgres, table string) []string {
 		t.Fatal(err)
 	}
 	defer conn.Close(ctx)
-	if _, err := conn.Exec(ctx, "SET extra_float_digits = 3; SET TimeZone = 'UTC'; SET DateStyle = ISO"); err != nil {
+	if _, err := conn.Exec(ctx, "SET extra_float_digits = 3; SET TimeZone = 'UTC'; SET DateStyle = ISO; SET IntervalStyle = postgres"); err != nil {
 		t.Fatal(err)
 	}
-	rs, err := conn.Query(ctx, `SELECT t::text FROM `+table+` t`)
+	rs, err := conn.Query(ctx, `SELECT cutover_row::text FROM `+table+` AS cutover_row`)
 	if err != nil {
 		t.Fatalf("read %s: %v", table, err)
 	}

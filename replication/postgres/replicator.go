@@ -74,6 +74,9 @@ type Options struct {
 	// MaxBreachRecords bounds the changes kept for ChangesAfter. Default
 	// 10000.
 	MaxBreachRecords int
+
+	// progressEvery is how often copy progress is reported (tests).
+	progressEvery time.Duration
 }
 
 func (o *Options) defaults() {
@@ -100,6 +103,9 @@ func (o *Options) defaults() {
 	}
 	if o.MaxBreachRecords <= 0 {
 		o.MaxBreachRecords = 10000
+	}
+	if o.progressEvery <= 0 {
+		o.progressEvery = 2 * time.Second
 	}
 }
 
