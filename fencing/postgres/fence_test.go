@@ -66,7 +66,7 @@ func (e *env) newFencer(t *testing.T) *Fencer {
 	return f
 }
 
-func newPool(t *testing.T, dsn string) *pgxpool.Pool {
+func newPool(t testing.TB, dsn string) *pgxpool.Pool {
 	t.Helper()
 	pool, err := pgxpool.New(context.Background(), dsn)
 	if err != nil {
@@ -76,7 +76,7 @@ func newPool(t *testing.T, dsn string) *pgxpool.Pool {
 	return pool
 }
 
-func connect(t *testing.T, dsn string) *pgx.Conn {
+func connect(t testing.TB, dsn string) *pgx.Conn {
 	t.Helper()
 	conn, err := pgx.Connect(context.Background(), dsn)
 	if err != nil {
@@ -95,11 +95,11 @@ func privileges(t *testing.T, pool *pgxpool.Pool) string {
 		SELECT string_agg(x, E'\n' ORDER BY x) FROM (
 			SELECT c.relname || ' ' || pg_get_userbyid(a.grantor) || '->' || CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END || ' ' || a.privilege_type || ' ' || a.is_grantable AS x
 			FROM pg_class c, aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
-			WHERE c.relname IN ('accounts', 'history', 'notes')
+			WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r'
 			UNION ALL
 			SELECT c.relname || '.' || att.attname || ' ' || pg_get_userbyid(a.grantor) || '->' || pg_get_userbyid(a.grantee) || ' ' || a.privilege_type || ' ' || a.is_grantable
 			FROM pg_class c JOIN pg_attribute att ON att.attrelid = c.oid AND att.attacl IS NOT NULL, aclexplode(att.attacl) a
-			WHERE c.relname IN ('accounts', 'history', 'notes')) s`).Scan(&out)
+			WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r') s`).Scan(&out)
 	if err != nil {
 		t.Fatal(err)
 	}
