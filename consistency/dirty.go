@@ -280,12 +280,13 @@ func (t *dirtyTable) insertRange(r dirtyRange) {
 
 // markSpan records that span s of table must be re-checked inside the
 // fence (an online chunk that kept moving or differed).
+//
+// It is not a change: the generation does not move, so a check in
+// progress elsewhere does not take it for one.
 func (d *DirtySet) markSpan(table string, s Span) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.gen++
 	t := d.table(table)
-	t.last = d.gen
 	if t.whole != 0 {
 		return
 	}

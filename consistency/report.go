@@ -75,6 +75,11 @@ type Report struct {
 	Tables   []*TableInfo `json:"tables"`
 	// Errors are failures outside any one table.
 	Errors []string `json:"errors,omitempty"`
+
+	// handedOff: chunks still changing in an online pass were recorded
+	// in a DirtySet for the fence pass, so they do not make the pass
+	// incomplete.
+	handedOff bool
 }
 
 // Side describes where one side was read.
@@ -257,7 +262,7 @@ func (r *Report) finish() {
 		if t.DifferenceCount > 0 || len(t.Schema) > 0 {
 			different = true
 		}
-		if t.Error != "" || t.Unsettled > 0 {
+		if t.Error != "" || (t.Unsettled > 0 && !r.handedOff) {
 			verdict = Incomplete
 		}
 	}

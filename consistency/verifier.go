@@ -217,6 +217,7 @@ func (v *Verifier) walk(ctx context.Context, pass Pass, names []string, w Positi
 	}
 	defer r.stop()
 	r.w = w
+	r.rep.handedOff = d != nil
 	for _, t := range tables {
 		if err := ctx.Err(); err != nil {
 			return r.finish(ctx), err
@@ -688,10 +689,11 @@ func (tr *tableRun) resolve(ctx context.Context, s Span, b, g Digest) error {
 			// Green applied everything blue had when it was read, and
 			// nothing in the chunk changed since: the difference is real.
 			// The fence pass re-checks the chunk too.
+			err := tr.bisect(ctx, s, b, g, gen, 0)
 			if tr.d != nil {
 				tr.d.markSpan(tr.t.Name, s)
 			}
-			return tr.bisect(ctx, s, b, g, gen, 0)
+			return err
 		}
 	}
 	tr.unsettled(s)
