@@ -15,6 +15,9 @@ import (
 	"github.com/cutover/cutover/replication"
 )
 
+// errBehind: another applier applied past this batch's start.
+var errBehind = errors.New("green is ahead of this applier")
+
 // chunk is a piece of one source transaction handed from the receiver to
 // the applier. Small transactions arrive whole (Begin and Commit set);
 // large ones in several chunks so that neither side holds them in memory.
@@ -71,6 +74,9 @@ func (a *applier) applyLoop(ctx context.Context, in <-chan *chunk) error {
 			return ctx.Err()
 		case c = <-in:
 		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
 		if c == nil {
 			return nil
 		}
@@ -125,6 +131,11 @@ func (a *applier) applyBatch(ctx context.Context, first *chunk, in <-chan *chunk
 	}
 	if b.txns == 0 {
 		return a.abort(ctx, nil)
+	}
+	if err := ctx.Err(); err != nil {
+		// The session ended (its stream died: the slot may be another
+		// applier's now). Apply nothing more.
+		return a.abort(ctx, err)
 	}
 	if err := a.flush(ctx, b, true); err != nil {
 		return a.abort(ctx, err)
@@ -330,7 +341,7 @@ func (a *applier) flush(ctx context.Context, b *batch, final bool) error {
 	st := &statements{conn: a.conn.PgConn(), seq: &a.stmtSeq}
 	if !a.inTxn {
 		st.exec("BEGIN")
-		st.execParams(claimSQL, [][]byte{[]byte(a.r.name), []byte(b.firstCommit.String())})
+		st.execParams(claimSQL, [][]byte{[]byte(a.r.name), []byte(b.firstCommit.String()), []byte(strconv.FormatUint(a.r.opts.Epoch, 10))})
 		a.inTxn = true
 	}
 	for _, group := range b.truncates {
@@ -366,6 +377,12 @@ func (a *applier) flush(ctx context.Context, b *batch, final bool) error {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && pgErr.Code == supersededCode {
 			return fmt.Errorf("%w: %s", replication.ErrSuperseded, pgErr.Message)
+		}
+		if errors.As(err, &pgErr) && pgErr.Code == aheadCode {
+			// Nothing of the batch is applied; the next session starts
+			// from green's position (and decides there whether this
+			// replicator was superseded).
+			return fmt.Errorf("%w: %s", errBehind, pgErr.Message)
 		}
 		return fmt.Errorf("green: apply: %w", err)
 	}

@@ -34,7 +34,7 @@ import (
 //     after the snapshot.
 func (r *Replicator) copyAll(ctx context.Context, tables []*tableInfo) error {
 	start := time.Now()
-	if _, err := r.green.Exec(ctx, beginCopySQL, r.name); err != nil {
+	if _, err := r.green.Exec(ctx, beginCopySQL, r.name, int64(r.opts.Epoch)); err != nil {
 		return fmt.Errorf("green: record copy start: %w", err)
 	}
 	// A restarted copy starts from empty tables. One statement for all of
@@ -148,6 +148,7 @@ loop:
 		return fmt.Errorf("green: copy of %s was restarted by someone else", r.name)
 	}
 	r.appliedEnd.Store(uint64(consistent))
+	r.appliedByMe.Store(uint64(consistent))
 	r.log.Info("copy done", zap.Duration("took", time.Since(start).Round(time.Millisecond)), zap.Int64("rows", rows.Load()), zap.Int64("bytes", byteCount.Load()))
 	return nil
 }

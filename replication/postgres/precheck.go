@@ -104,6 +104,13 @@ func (r *Replicator) precheck(ctx context.Context) (*checked, error) {
 		if err != nil {
 			return nil, fmt.Errorf("blue: check table ownership: %w", err)
 		}
+		display := map[string]string{}
+		for _, t := range tables {
+			display[t.Name.Quoted()] = t.Name.String()
+		}
+		for i, q := range notOwned {
+			notOwned[i] = display[q]
+		}
 		if len(notOwned) > 0 {
 			blueProblems = append(blueProblems, fmt.Sprintf("role %q does not own %s: a publication needs the tables' owner or a superuser", role, strings.Join(notOwned, ", ")))
 		}

@@ -28,6 +28,11 @@ var _ replication.Replicator = (*Replicator)(nil)
 type Options struct {
 	Plan string
 	Pair config.Pair
+	// Epoch is the fencing token of the leader running this replicator
+	// (the plan's epoch). It is stored on green with every batch; an
+	// applier with a lower epoch stops with ErrSuperseded. Replicators of
+	// the same epoch (a restart) take turns safely, the newest winning.
+	Epoch uint64
 	// Logger receives progress and problems; nil logs nothing.
 	Logger *zap.Logger
 	// Registerer receives the replicator's metrics (labelled by plan and
@@ -155,6 +160,7 @@ type Replicator struct {
 	resumeCh chan struct{}
 
 	appliedEnd    atomic.Uint64 // pglogrepl.LSN of the last applied transaction end
+	appliedByMe   atomic.Uint64 // the same, counting only what this Replicator applied or copied
 	appliedCommit atomic.Int64  // its source commit time, unix ns
 	confirmedEnd  atomic.Uint64 // highest position confirmed to blue
 	restarts      atomic.Int32
@@ -336,11 +342,20 @@ func (r *Replicator) run(ctx context.Context, tables []*tableInfo, needCopy bool
 			backoff = 100 * time.Millisecond
 		}
 		r.restarts.Add(1)
-		r.log.Warn("replication interrupted; resuming from green's applied position", zap.Error(err), zap.Duration("backoff", backoff))
+		wait := backoff
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "57P01" {
+			// Our walsender was terminated: most likely a new leader took
+			// the slot. Give it time to apply, so that the next session
+			// sees it and stops as superseded instead of taking the slot
+			// back.
+			wait = max(wait, 2*time.Second)
+		}
+		r.log.Warn("replication interrupted; resuming from green's applied position", zap.Error(err), zap.Duration("backoff", wait))
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-time.After(backoff):
+		case <-time.After(wait):
 		}
 		backoff = min(backoff*2, 10*time.Second)
 	}
@@ -349,6 +364,9 @@ func (r *Replicator) run(ctx context.Context, tables []*tableInfo, needCopy bool
 // retryable says whether a new streaming session may fix err.
 func retryable(err error) bool {
 	if err == nil {
+		return true
+	}
+	if errors.Is(err, errBehind) {
 		return true
 	}
 	var perm *permanentError
@@ -389,7 +407,8 @@ func (r *Replicator) session(ctx context.Context) error {
 	var lsnText string
 	var commit *time.Time
 	var copied bool
-	err = gconn.QueryRow(ctx, readAppliedSQL, r.name).Scan(&lsnText, &commit, &copied)
+	var epoch int64
+	err = gconn.QueryRow(ctx, readAppliedSQL, r.name).Scan(&lsnText, &commit, &copied, &epoch)
 	if errors.Is(err, pgx.ErrNoRows) || (err == nil && !copied) {
 		return permanent(fmt.Errorf("green: no completed copy recorded for slot %s", r.name))
 	}
@@ -399,6 +418,14 @@ func (r *Replicator) session(ctx context.Context) error {
 	stored, err := pglogrepl.ParseLSN(lsnText)
 	if err != nil {
 		return permanent(fmt.Errorf("green: applied position %q: %w", lsnText, err))
+	}
+	if uint64(epoch) > r.opts.Epoch {
+		return fmt.Errorf("%w: green is applied by epoch %d, this replicator has epoch %d", replication.ErrSuperseded, epoch, r.opts.Epoch)
+	}
+	if mine := pglogrepl.LSN(r.appliedByMe.Load()); uint64(epoch) == r.opts.Epoch && mine != 0 && stored > mine {
+		// Someone else of our epoch has applied past what we did (a
+		// replicator started after this one): the newest one wins.
+		return fmt.Errorf("%w: green's applied position %s is past this replicator's %s", replication.ErrSuperseded, stored, mine)
 	}
 	if pglogrepl.LSN(r.appliedEnd.Load()) < stored {
 		r.appliedEnd.Store(uint64(stored))
@@ -422,7 +449,14 @@ func (r *Replicator) session(ctx context.Context) error {
 	ch := make(chan *chunk, 64)
 	rc := &receiver{r: r, conn: rconn, log: r.log}
 	recvErr := make(chan error, 1)
-	go func() { recvErr <- rc.run(sctx, ch) }()
+	go func() {
+		err := rc.run(sctx, ch)
+		// A dead stream ends the session at once: the applier must not
+		// go on with what is buffered when the slot may be someone
+		// else's now.
+		cancel()
+		recvErr <- err
+	}()
 	applyErr := a.applyLoop(sctx, ch)
 	cancel()
 	rerr := <-recvErr
@@ -430,6 +464,9 @@ func (r *Replicator) session(ctx context.Context) error {
 		return applyErr
 	}
 	if rerr != nil && !errors.Is(rerr, context.Canceled) {
+		return rerr
+	}
+	if applyErr != nil && errors.Is(applyErr, context.Canceled) && ctx.Err() == nil {
 		return rerr
 	}
 	return applyErr
@@ -637,6 +674,7 @@ func (r *Replicator) Status() Status {
 // applier goroutine.
 func (r *Replicator) afterCommit(b *batch) {
 	r.appliedEnd.Store(uint64(b.lastEnd))
+	r.appliedByMe.Store(uint64(b.lastEnd))
 	r.appliedCommit.Store(b.lastCommitTime.UnixNano())
 	r.metrics.txns.Add(float64(b.txns))
 	r.metrics.changes.Add(float64(b.changes))
@@ -653,11 +691,11 @@ func (r *Replicator) afterCommit(b *batch) {
 	if b.heartbeatSeq > 0 {
 		r.hb.applied(b.heartbeatSeq)
 	}
-	// Markers first: the breach log keeps what follows the newest one,
-	// and the batch's changes are filtered by position against it.
+	// Markers first: breach recording starts at the first one, and the
+	// batch's changes are compared by position against it.
 	for _, m := range b.markers {
 		r.markers[m.nonce] = m.end
-		r.breach.trim(m.end)
+		r.breach.marker(m.end)
 	}
 	var after []replication.Change
 	for _, c := range b.appChanges {
@@ -732,10 +770,10 @@ func (r *Replicator) WaitMarker(ctx context.Context, nonce string) (pglogrepl.LS
 
 // ChangesAfter returns the application row changes (tables outside schema
 // cutover) applied from source transactions that ended after pos, in
-// apply order. Recording starts when the stream first carries a marker
-// and keeps only what follows the newest applied marker, up to
-// MaxBreachRecords; complete is false when changes after pos may have
-// been dropped for either reason. Fencing calls it with the position
+// apply order. Recording starts when the stream first carries a marker;
+// the newest MaxBreachRecords changes are kept. complete is false when
+// changes after pos may be missing (pos is before the first marker, or
+// older changes were dropped). Fencing calls it with the position
 // WaitMarker returned: any change is a write that got past the fence.
 func (r *Replicator) ChangesAfter(pos pglogrepl.LSN) (changes []replication.Change, complete bool) {
 	r.mu.Lock()
@@ -743,13 +781,13 @@ func (r *Replicator) ChangesAfter(pos pglogrepl.LSN) (changes []replication.Chan
 	return r.breach.after(pos)
 }
 
-// breachLog keeps application changes applied after the newest marker.
+// breachLog keeps the application changes applied after the first marker.
 type breachLog struct {
-	records      []breachRecord
-	trimmedTo    pglogrepl.LSN // changes at or below were not kept
-	started      bool
-	lastDropped  pglogrepl.LSN
-	droppedSince bool
+	started bool
+	// since: changes of transactions ending at or before it may be
+	// missing (before the first marker, or dropped for room).
+	since   pglogrepl.LSN
+	records []breachRecord
 }
 
 type breachRecord struct {
@@ -757,48 +795,34 @@ type breachRecord struct {
 	change replication.Change
 }
 
-// add records a change; it reports whether the change follows a marker.
+// marker notes an applied marker; recording starts at the first.
+func (l *breachLog) marker(end pglogrepl.LSN) {
+	if !l.started {
+		l.started = true
+		l.since = end
+	}
+}
+
+// add records a change; it reports whether it follows a marker.
 func (l *breachLog) add(end pglogrepl.LSN, c replication.Change, max int) bool {
-	if !l.started || end <= l.trimmedTo {
+	if !l.started || end <= l.since {
 		return false
 	}
-	if len(l.records) >= max {
-		l.droppedSince = true
-		l.lastDropped = end
-		return true
-	}
 	l.records = append(l.records, breachRecord{end, c})
+	if len(l.records) > max {
+		drop := len(l.records) - max
+		l.since = l.records[drop-1].end
+		l.records = append(l.records[:0], l.records[drop:]...)
+	}
 	return true
 }
 
-func (l *breachLog) trim(marker pglogrepl.LSN) {
-	if !l.started {
-		l.started = true
-	}
-	if marker <= l.trimmedTo {
-		return
-	}
-	kept := l.records[:0]
-	for _, rec := range l.records {
-		if rec.end > marker {
-			kept = append(kept, rec)
-		}
-	}
-	clear(l.records[len(kept):])
-	l.records = kept
-	l.trimmedTo = marker
-	if l.droppedSince && l.lastDropped <= marker {
-		l.droppedSince = false
-	}
-}
-
 func (l *breachLog) after(pos pglogrepl.LSN) ([]replication.Change, bool) {
-	complete := l.started && pos >= l.trimmedTo && !l.droppedSince
 	var out []replication.Change
 	for _, rec := range l.records {
 		if rec.end > pos {
 			out = append(out, rec.change)
 		}
 	}
-	return out, complete
+	return out, l.started && pos >= l.since
 }

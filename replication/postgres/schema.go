@@ -39,47 +39,63 @@ CREATE TABLE IF NOT EXISTS cutover.applied (
 	lsn         pg_lsn      NOT NULL,
 	commit_time timestamptz,
 	updated_at  timestamptz,
-	copied_at   timestamptz
+	copied_at   timestamptz,
+	epoch       bigint      NOT NULL DEFAULT 0
 );
--- claim_apply locks the slot's row for the rest of the transaction and
--- fails when the stored position (the end of the last applied transaction)
--- is past the commit record of the batch's first transaction, i.e. when
--- that transaction is already applied: a second (deposed) applier then
--- applies nothing.
-CREATE OR REPLACE FUNCTION cutover.claim_apply(p_slot text, p_first_commit pg_lsn) RETURNS pg_lsn
+ALTER TABLE cutover.applied ADD COLUMN IF NOT EXISTS epoch bigint NOT NULL DEFAULT 0;
+-- claim_apply opens every apply batch. It locks the slot's row for the
+-- rest of the transaction, so appliers take turns, and fails
+--   CUT02 when a higher epoch (a newer leader) has applied: the caller is
+--         deposed and must stop;
+--   CUT01 when the stored position (the end of the last applied
+--         transaction) is past the commit of the batch's first
+--         transaction, i.e. someone applied it already: the caller must
+--         not apply the batch, and resumes from the stored position.
+-- Otherwise it records the caller's epoch and returns the position.
+CREATE OR REPLACE FUNCTION cutover.claim_apply(p_slot text, p_first_commit pg_lsn, p_epoch bigint) RETURNS pg_lsn
 LANGUAGE plpgsql AS $$
 DECLARE
 	stored pg_lsn;
+	stored_epoch bigint;
 BEGIN
-	SELECT lsn INTO stored FROM cutover.applied WHERE slot = p_slot FOR UPDATE;
+	SELECT lsn, epoch INTO stored, stored_epoch FROM cutover.applied WHERE slot = p_slot FOR UPDATE;
 	IF NOT FOUND THEN
 		RAISE EXCEPTION 'cutover: no applied position for slot %', p_slot USING ERRCODE = 'P0002';
+	END IF;
+	IF stored_epoch > p_epoch THEN
+		RAISE EXCEPTION 'cutover: slot % is applied by epoch %, this applier has epoch %', p_slot, stored_epoch, p_epoch
+			USING ERRCODE = 'CUT02';
 	END IF;
 	IF stored > p_first_commit THEN
 		RAISE EXCEPTION 'cutover: slot % already applied up to %, past the batch''s first commit at %', p_slot, stored, p_first_commit
 			USING ERRCODE = 'CUT01';
 	END IF;
+	IF stored_epoch < p_epoch THEN
+		UPDATE cutover.applied SET epoch = p_epoch WHERE slot = p_slot;
+	END IF;
 	RETURN stored;
 END
 $$;`
 
-// supersededCode is the SQLSTATE claim_apply raises when another applier
-// is ahead.
-const supersededCode = "CUT01"
+// SQLSTATEs raised by claim_apply.
+const (
+	aheadCode      = "CUT01" // another applier applied the batch: resume from green
+	supersededCode = "CUT02" // a newer leader's applier: stop
+)
 
 // Statements on cutover.applied.
 const (
 	// readAppliedSQL reads the stored position; no row means no copy ever
 	// started for the slot.
-	readAppliedSQL = `SELECT lsn::text, commit_time, copied_at IS NOT NULL FROM cutover.applied WHERE slot = $1`
+	readAppliedSQL = `SELECT lsn::text, commit_time, copied_at IS NOT NULL, epoch FROM cutover.applied WHERE slot = $1`
 	// beginCopySQL records that a copy is under way (copied_at NULL); a
 	// restarted copy resets the row.
-	beginCopySQL = `INSERT INTO cutover.applied (slot, lsn, updated_at) VALUES ($1, '0/0', now())
-		ON CONFLICT (slot) DO UPDATE SET lsn = '0/0', commit_time = NULL, copied_at = NULL, updated_at = now()`
+	beginCopySQL = `INSERT INTO cutover.applied (slot, lsn, updated_at, epoch) VALUES ($1, '0/0', now(), $2)
+		ON CONFLICT (slot) DO UPDATE SET lsn = '0/0', commit_time = NULL, copied_at = NULL, updated_at = now(), epoch = greatest(cutover.applied.epoch, $2)`
 	// finishCopySQL makes the consistent point the applied position.
 	finishCopySQL = `UPDATE cutover.applied SET lsn = $2::pg_lsn, copied_at = now(), updated_at = now() WHERE slot = $1 AND copied_at IS NULL`
 	// claimSQL opens every apply batch.
-	claimSQL = `SELECT cutover.claim_apply($1, $2::pg_lsn)`
+	claimSQL = `SELECT cutover.claim_apply($1, $2::pg_lsn, $3::bigint)`
 	// advanceSQL closes every apply batch, in the same transaction. The
 	// guard keeps the position from going backwards whatever happens.
 	advanceSQL = `UPDATE cutover.applied SET lsn = $2::pg_lsn, commit_time = $3::timestamptz, updated_at = now() WHERE slot = $1 AND lsn < $2::pg_lsn`
