@@ -62,6 +62,7 @@ opens the gate that authorizes the traffic flip.`,
 	root.AddCommand(
 		newVersionCmd(),
 		newConfigCmd(g),
+		newVerifyCmd(g), newReportCmd(g),
 	)
 	return root
 }
