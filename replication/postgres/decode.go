@@ -168,9 +168,10 @@ func (r *reader) cstring() string {
 // pgEpoch is PostgreSQL's timestamp epoch.
 var pgEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
 
+// time reads microseconds since pgEpoch, without overflowing for any value.
 func (r *reader) time() time.Time {
 	us := int64(r.u64())
-	return pgEpoch.Add(time.Duration(us) * time.Microsecond)
+	return time.Unix(pgEpoch.Unix()+us/1e6, (us%1e6)*1e3).UTC()
 }
 
 func (r *reader) tuple() tuple {

@@ -1,0 +1,170 @@
+package postgres
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+
+	"github.com/cutover/cutover/replication"
+)
+
+func testRel(compact, upsert bool) *relState {
+	return &relState{
+		rel: &relation{ID: 1, Namespace: "public", Name: "t", Identity: 'd', Columns: []relColumn{
+			{Key: true, Name: "id"}, {Name: "a"}, {Name: "big"}}},
+		name: TableName{"public", "t"}, keyCols: []int{0}, compact: compact, upsert: upsert, app: !upsert,
+	}
+}
+
+func row(id, a, big string) tuple {
+	t := tuple{txt(id), txt(a), txt(big)}
+	if big == "<u>" {
+		t[2] = unchanged
+	}
+	return t
+}
+
+func ins(id, a, big string) op { return op{kind: msgInsert, key: tuple{txt(id)}, row: row(id, a, big)} }
+func upd(id, a, big string) op { return op{kind: msgUpdate, key: tuple{txt(id)}, row: row(id, a, big)} }
+func del(id string) op         { return op{kind: msgDelete, key: tuple{txt(id)}} }
+
+func describe(tb *tableBatch) string {
+	var out []string
+	for _, o := range tb.ops {
+		if o.kind == opDead {
+			continue
+		}
+		s := string(rune(o.kind)) + ":" + string(o.key[0].Data)
+		if o.row != nil {
+			s += "=" + string(o.row[1].Data) + "/"
+			if o.row[2].Kind == valUnchanged {
+				s += "<u>"
+			} else {
+				s += string(o.row[2].Data)
+			}
+		}
+		if o.alone {
+			s += "!"
+		}
+		out = append(out, s)
+	}
+	return strings.Join(out, " ")
+}
+
+func TestBatchMergesEachRowToItsNetChange(t *testing.T) {
+	cases := []struct {
+		name    string
+		compact bool
+		upsert  bool
+		ops     []op
+		want    string
+	}{
+		{"insert then updates is one insert of the last version", true, false,
+			[]op{ins("1", "a", "B"), upd("1", "b", "<u>"), upd("1", "c", "<u>")}, "I:1=c/B"},
+		{"updates keep the last value of each column, TOAST included", true, false,
+			[]op{upd("1", "a", "<u>"), upd("1", "b", "X"), upd("1", "c", "<u>")}, "U:1=c/X"},
+		{"insert then delete leaves nothing", true, false,
+			[]op{ins("1", "a", "B"), del("1")}, ""},
+		{"update then delete is a delete", true, false,
+			[]op{upd("1", "a", "B"), del("1")}, "D:1"},
+		{"delete then insert is a new version of the row", true, false,
+			[]op{del("1"), ins("1", "a", "B")}, "U:1=a/B"},
+		{"bookkeeping tables upsert", true, true,
+			[]op{del("1"), ins("1", "a", "B"), upd("2", "x", "y")}, "I:1=a/B I:2=x/y"},
+		{"different rows stay apart", true, false,
+			[]op{upd("1", "a", "B"), upd("2", "b", "C"), upd("1", "c", "<u>")}, "U:1=c/B U:2=b/C"},
+		{"a key change stands alone and is a barrier for both keys", true, false,
+			[]op{upd("1", "a", "B"), {kind: opKeyUpdate, key: tuple{txt("1")}, row: row("2", "a", "<u>")}, upd("2", "z", "<u>"), upd("1", "n", "N")},
+			"U:1=a/B K:1=a/<u>! U:2=z/<u> U:1=n/N"},
+		{"without compaction everything stays in order", false, false,
+			[]op{ins("1", "a", "B"), upd("1", "b", "<u>"), del("1")}, "I:1=a/B U:1=b/<u> D:1"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			b := newBatch()
+			tb := b.table(testRel(tc.compact, tc.upsert))
+			for _, o := range tc.ops {
+				tb.add(o)
+			}
+			if got := describe(tb); got != tc.want {
+				t.Errorf("got  %q\nwant %q", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestArrayLiteralEscapes(t *testing.T) {
+	got := string(appendArray(nil, []value{txt(`a"b`), txt(`c\d`), null, txt(""), txt("NULL"), txt("{x,y}")}))
+	want := `{"a\"b","c\\d",NULL,"","NULL","{x,y}"}`
+	if got != want {
+		t.Errorf("got %s, want %s", got, want)
+	}
+}
+
+func TestNameIsSafeShortAndDistinct(t *testing.T) {
+	if got := Name("Orders", "orders-db"); got != "cutover_orders_orders_db" {
+		t.Errorf("Name = %q", got)
+	}
+	long1 := Name(strings.Repeat("p", 60), "pair-one")
+	long2 := Name(strings.Repeat("p", 60), "pair-two")
+	if len(long1) > 63 || long1 == long2 || !strings.HasPrefix(long1, NamePrefix) {
+		t.Errorf("long names %q %q", long1, long2)
+	}
+}
+
+func TestBreachLogKeepsChangesAfterTheFirstMarker(t *testing.T) {
+	var l breachLog
+	c := replication.Change{Table: "public.t"}
+	if l.add(10, c, 3) {
+		t.Error("recorded before any marker")
+	}
+	l.marker(20)
+	l.add(20, c, 3) // same transaction as the marker: before it
+	for _, end := range []pglogrepl.LSN{30, 40} {
+		if !l.add(end, c, 3) {
+			t.Error("not recorded after the marker")
+		}
+	}
+	if got, complete := l.after(20); len(got) != 2 || !complete {
+		t.Errorf("after(20) = %d, %v", len(got), complete)
+	}
+	if _, complete := l.after(10); complete {
+		t.Error("after(10) claims to be complete before the first marker")
+	}
+	l.add(50, c, 3)
+	l.add(60, c, 3) // drops the change at 30
+	if got, complete := l.after(20); len(got) != 3 || complete {
+		t.Errorf("after overflow: %d, complete %v", len(got), complete)
+	}
+	if got, complete := l.after(30); len(got) != 3 || !complete {
+		t.Errorf("after(30): %d, complete %v", len(got), complete)
+	}
+}
+
+func TestHeartbeatDelayIsTimeSinceGreenWasCurrent(t *testing.T) {
+	var h heartbeats
+	t0 := time.Unix(1000, 0)
+	if d := h.delay(t0); d != 0 {
+		t.Errorf("nothing written: %s", d)
+	}
+	h.wrote(1, t0)
+	h.wrote(2, t0.Add(250*time.Millisecond))
+	h.wrote(3, t0.Add(500*time.Millisecond))
+	if d := h.delay(t0.Add(time.Second)); d != time.Second {
+		t.Errorf("nothing applied: %s", d)
+	}
+	h.applied(2)
+	if d := h.delay(t0.Add(time.Second)); d != 500*time.Millisecond {
+		t.Errorf("2 applied: %s", d)
+	}
+	h.applied(3)
+	if d := h.delay(t0.Add(time.Second)); d != 0 {
+		t.Errorf("caught up: %s", d)
+	}
+	h.wrote(3, t0) // the write's reply arrived after it was applied
+	if d := h.delay(t0.Add(time.Second)); d != 0 {
+		t.Errorf("late reply counted: %s", d)
+	}
+}
