@@ -63,6 +63,7 @@ opens the gate that authorizes the traffic flip.`,
 		newVersionCmd(),
 		newConfigCmd(g),
 		newVerifyCmd(g), newReportCmd(g),
+		newReplicateCmd(g), newCleanupCmd(g),
 	)
 	return root
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/cutover/cutover/integration"
 	"github.com/cutover/cutover/replication"
 )
 
@@ -274,4 +275,17 @@ func TestCleanupDropsSlotAndPublication(t *testing.T) {
 	if err := r.Cleanup(context.Background()); err != nil {
 		t.Fatalf("second cleanup: %v", err)
 	}
+}
+
+func TestSkipCopyStreamsFromNowOnEqualSides(t *testing.T) {
+	e := newPairEnv(t, loadSchema)
+	for _, s := range []*integration.Postgres{e.blue, e.green} {
+		e.exec(t, s, `INSERT INTO acct (id, balance) SELECT g, 7 FROM generate_series(1, 100) g`)
+	}
+	opts := e.options(t)
+	opts.SkipCopy = true
+	r := e.start(t, opts)
+	e.exec(t, e.blue, `UPDATE acct SET balance = 8 WHERE id <= 10; INSERT INTO hist (acct, delta) VALUES (1, 1)`)
+	e.sync(t, r)
+	e.requireSame(t, "acct", "hist")
 }

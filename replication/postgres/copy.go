@@ -153,6 +153,40 @@ loop:
 	return nil
 }
 
+// startWithoutCopy makes the slot's consistent point green's applied
+// position without copying (Options.SkipCopy): green already equals blue.
+func (r *Replicator) startWithoutCopy(ctx context.Context) error {
+	if _, err := r.green.Exec(ctx, beginCopySQL, r.name, int64(r.opts.Epoch)); err != nil {
+		return fmt.Errorf("green: record start: %w", err)
+	}
+	if err := r.dropSlot(ctx); err != nil {
+		return err
+	}
+	rconn, err := connectReplication(ctx, r.opts.Pair.Blue.DSN.Reveal())
+	if err != nil {
+		return err
+	}
+	defer rconn.Close(context.WithoutCancel(ctx))
+	slot, err := pglogrepl.CreateReplicationSlot(ctx, rconn, r.name, "pgoutput", pglogrepl.CreateReplicationSlotOptions{
+		Mode:           pglogrepl.LogicalReplication,
+		SnapshotAction: "NOEXPORT_SNAPSHOT",
+	})
+	if err != nil {
+		return fmt.Errorf("blue: create slot %s: %w", r.name, err)
+	}
+	consistent, err := pglogrepl.ParseLSN(slot.ConsistentPoint)
+	if err != nil {
+		return fmt.Errorf("blue: slot consistent point %q: %w", slot.ConsistentPoint, err)
+	}
+	if _, err := r.green.Exec(ctx, finishCopySQL, r.name, consistent.String()); err != nil {
+		return fmt.Errorf("green: record start: %w", err)
+	}
+	r.appliedEnd.Store(uint64(consistent))
+	r.appliedByMe.Store(uint64(consistent))
+	r.log.Info("slot created; streaming without a copy", zap.String("consistent_point", slot.ConsistentPoint))
+	return nil
+}
+
 // copyWorker copies tables from work on its own pair of connections. Its
 // blue transaction imports the slot's snapshot once and reads every table
 // it is given inside it.

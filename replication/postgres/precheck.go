@@ -150,7 +150,7 @@ func (r *Replicator) precheck(ctx context.Context) (*checked, error) {
 		default:
 			return nil, fmt.Errorf("green: read applied position: %w", err)
 		}
-		if out.applied == nil && !slotExists {
+		if out.applied == nil && !slotExists && !r.opts.SkipCopy {
 			// A first copy truncates nothing it did not fill: green's
 			// tables must start empty.
 			nonEmpty, err := nonEmptyTables(ctx, r.green, tables)

@@ -33,6 +33,13 @@ type Options struct {
 	// applier with a lower epoch stops with ErrSuperseded. Replicators of
 	// the same epoch (a restart) take turns safely, the newest winning.
 	Epoch uint64
+	// SkipCopy starts streaming without the initial copy: Start creates the
+	// slot and records its consistent point as green's applied position
+	// before it returns. The caller guarantees that green already equals
+	// blue and that neither is written until Start has returned (both
+	// fenced): reverse replication after the switch. Green's tables need
+	// not be empty.
+	SkipCopy bool
 	// Logger receives progress and problems; nil logs nothing.
 	Logger *zap.Logger
 	// Registerer receives the replicator's metrics (labelled by plan and
@@ -244,6 +251,12 @@ func (r *Replicator) Start(ctx context.Context) (err error) {
 		return err
 	}
 	needCopy := chk.applied == nil || !chk.applied.Copied || !chk.slotExists
+	if needCopy && r.opts.SkipCopy {
+		if err := r.startWithoutCopy(ctx); err != nil {
+			return err
+		}
+		needCopy = false
+	}
 
 	runCtx, cancel := context.WithCancel(ctx)
 	r.cancel = cancel
