@@ -264,6 +264,16 @@ func (q *query) where(s consistency.Span) string {
 		// Key equality needs no "C": key collations are deterministic
 		// (Describe refuses others), so equal means byte-equal, and the
 		// primary key index serves the lookup.
+		if len(q.t.Key) == 1 {
+			// = ANY(array) plans as an index scan over the keys; a join
+			// with unnest may be planned as a hash join over the table.
+			c := q.t.Columns[q.t.Key[0]]
+			vals := make([]string, len(s.Keys))
+			for j, key := range s.Keys {
+				vals[j] = key[0]
+			}
+			return q.col(c.Name) + " = ANY(" + q.arg(vals) + "::text[]::" + c.Type + "[])"
+		}
 		plain := make([]string, len(q.t.Key))
 		cols := make([]string, len(q.t.Key))
 		for i, k := range q.t.Key {
