@@ -1,0 +1,94 @@
+package agent
+
+import (
+	"encoding/json"
+	"time"
+)
+
+// CommandVersion is the format version of the commands this build writes
+// and understands. The state machine refuses any other version, the same
+// way on every node that runs this build, and records the refusal in the
+// audit log. A future version must only be proposed once every voter runs a
+// build that understands it, or the nodes' states would diverge.
+const CommandVersion = 1
+
+// Op names what a command does.
+type Op string
+
+// The operations of the replicated state machine.
+const (
+	// OpCreatePlan adds a plan in phase pending.
+	OpCreatePlan Op = "create_plan"
+	// OpTransition moves a plan to another phase in one step (the API's
+	// start, abort and transition calls). Its index becomes the epoch.
+	OpTransition Op = "transition"
+	// OpIntent records that the leader is about to run a step, before the
+	// side effect. Its index becomes the epoch the side effect carries.
+	OpIntent Op = "intent"
+	// OpOutcome records how the step begun at Epoch ended, after the side
+	// effect, and optionally moves the plan to To in the same entry.
+	OpOutcome Op = "outcome"
+	// OpSetMember records a member's Raft and API addresses.
+	OpSetMember Op = "set_member"
+	// OpRemoveMember forgets a member.
+	OpRemoveMember Op = "remove_member"
+)
+
+// Command is one entry of the replicated log. Everything Apply needs is in
+// the command, including the time (At): Apply never reads the clock, so
+// every node computes the same state from the same log.
+type Command struct {
+	// Version is CommandVersion when proposed by this build.
+	Version int `json:"v"`
+	Op      Op  `json:"op"`
+	// At is when the proposing leader accepted the command.
+	At time.Time `json:"at"`
+	// Node is the node that proposed the command (the leader at the time).
+	Node string `json:"node"`
+	// Via is the node that received the API call, when it was forwarded.
+	Via string `json:"via,omitempty"`
+	// Actor says who asked: "driver", or the API caller.
+	Actor string `json:"actor,omitempty"`
+	// Reason is the free-text why, kept in the audit log.
+	Reason string `json:"reason,omitempty"`
+	// Plan names the plan the command acts on.
+	Plan string `json:"plan,omitempty"`
+	// IfEpoch, when not zero, makes the command apply only if the plan's
+	// epoch is still IfEpoch (compare-and-set); otherwise ErrStaleEpoch.
+	IfEpoch uint64 `json:"if_epoch,omitempty"`
+
+	// Spec is the plan's specification (create_plan), sealed with SealPlan:
+	// it holds DSN passwords and must never reach a log, an audit entry or
+	// an API response.
+	Spec json.RawMessage `json:"spec,omitempty"`
+	// Source says where the spec came from: "config" or "api".
+	Source string `json:"source,omitempty"`
+
+	// To is the target phase (transition; optional for outcome).
+	To Phase `json:"to,omitempty"`
+	// Step names the step (intent).
+	Step string `json:"step,omitempty"`
+	// Epoch is the epoch of the intent an outcome closes.
+	Epoch uint64 `json:"epoch,omitempty"`
+	// OK says whether the step succeeded (outcome).
+	OK bool `json:"ok,omitempty"`
+	// Detail is the outcome's detail or error text. It must hold no secret.
+	Detail string `json:"detail,omitempty"`
+	// Facts are merged into the plan's facts (outcome): positions, slot
+	// names, marker ids. They must hold no secret.
+	Facts map[string]string `json:"facts,omitempty"`
+
+	// Member is the member to record or forget.
+	Member *Member `json:"member,omitempty"`
+}
+
+// Result is what applying a command produced, as returned to the proposer.
+type Result struct {
+	// Index is the command's Raft log index.
+	Index uint64
+	// Plan is the plan after the command, when the command names an
+	// existing plan.
+	Plan *Plan
+	// Err is why the state machine refused the command; nil if applied.
+	Err error
+}

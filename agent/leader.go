@@ -1,0 +1,301 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Driver runs a plan's steps on the leader. Later issues plug the database
+// steps (copy, replication, fence, catch-up proof, verification, flip) in
+// here; in this issue the default driver does nothing and steps are driven
+// through the API.
+//
+// The contract:
+//
+//   - Drive runs only on the leader, only after the leader's Barrier: the
+//     plan it gets includes everything earlier leaders committed. It is
+//     called for every plan that is not in a terminal phase, in one
+//     goroutine per plan: calls for one plan never overlap; calls for
+//     different plans run concurrently.
+//   - ctx is cancelled the moment this node loses leadership, when the plan
+//     reaches a terminal phase (an operator aborted it), and when the agent
+//     stops. Drive must then return promptly. A deposed leader may still
+//     act for a moment before it notices; that is why every side effect
+//     carries the epoch and every target refuses an epoch lower than one it
+//     has seen.
+//   - A step with a side effect goes: Proposer.Intent (committed first; it
+//     returns the epoch), then the side effect carrying that epoch, then
+//     Proposer.Outcome with that epoch, moving the plan to its next phase
+//     in the same entry. If the leader dies in between, the next leader's
+//     Drive finds plan.Step set (an intent without outcome) and must resume
+//     the step under a new intent (side effects are idempotent per epoch
+//     and accept a higher one) or abort the plan.
+//   - Return nil when there is nothing to do until the plan changes: Drive
+//     is called again after the next committed change to the plan (its own
+//     proposals, an operator's call, a restore). Return an error to be
+//     called again after a backoff (1s, doubling to 30s); the error is
+//     logged, so it must not hold secrets.
+//   - Drive may block as long as a step takes (waiting for lag to settle,
+//     draining writes), honouring ctx.
+//   - Proposals fail with ErrNotLeader or ErrLeadershipLost when leadership
+//     moved (ctx is being cancelled too), ErrStaleEpoch when the plan moved
+//     on under the driver (re-read it and decide), ErrIllegalTransition
+//     when the phase change is not allowed.
+type Driver interface {
+	Drive(ctx context.Context, plan Plan, p Proposer) error
+}
+
+// Proposer commits a driver's decisions through Raft. Every call blocks
+// until the command is committed and applied (or refused), and returns the
+// state machine's verdict.
+type Proposer interface {
+	// Intent commits that step is about to run on plan, before its side
+	// effect, and returns the new epoch: the fencing token the side effect
+	// must carry. ifEpoch, when not zero, makes the intent conditional on the
+	// plan still being at that epoch (else ErrStaleEpoch).
+	Intent(ctx context.Context, plan, step string, ifEpoch uint64) (epoch uint64, err error)
+	// Outcome records how the step begun at epoch ended, after its side
+	// effect. If o.To is set the plan moves there in the same entry; the
+	// epoch stays (the phase change completes the step). An outcome for any
+	// other epoch than the open step's is refused with ErrStaleEpoch.
+	Outcome(ctx context.Context, plan string, epoch uint64, o Outcome) error
+	// Transition moves plan to phase to in one step and returns the new
+	// epoch (the transition's own index).
+	Transition(ctx context.Context, plan string, to Phase, ifEpoch uint64, reason string) (epoch uint64, err error)
+}
+
+// Outcome is how a step ended.
+type Outcome struct {
+	OK bool
+	// To is the phase the plan moves to with this outcome; empty stays.
+	To Phase
+	// Detail says what happened (or the error); no secrets.
+	Detail string
+	// Reason is recorded as the plan's reason when To is set.
+	Reason string
+	// Facts are merged into the plan's facts: positions, slot names, marker
+	// ids. No secrets.
+	Facts map[string]string
+}
+
+// NopDriver does nothing: steps are driven through the API.
+type NopDriver struct{}
+
+// Drive returns at once.
+func (NopDriver) Drive(context.Context, Plan, Proposer) error { return nil }
+
+// proposer is the Proposer given to drivers: it commits as actor "driver".
+type proposer struct{ n *Node }
+
+func (p proposer) Intent(ctx context.Context, plan, step string, ifEpoch uint64) (uint64, error) {
+	res, err := p.n.Propose(ctx, Command{Op: OpIntent, Plan: plan, Step: step, IfEpoch: ifEpoch, Actor: "driver"})
+	if err != nil {
+		return 0, err
+	}
+	return res.Index, nil
+}
+
+func (p proposer) Outcome(ctx context.Context, plan string, epoch uint64, o Outcome) error {
+	_, err := p.n.Propose(ctx, Command{Op: OpOutcome, Plan: plan, Epoch: epoch, OK: o.OK, To: o.To, Detail: o.Detail, Reason: o.Reason, Facts: o.Facts, Actor: "driver"})
+	return err
+}
+
+func (p proposer) Transition(ctx context.Context, plan string, to Phase, ifEpoch uint64, reason string) (uint64, error) {
+	res, err := p.n.Propose(ctx, Command{Op: OpTransition, Plan: plan, To: to, IfEpoch: ifEpoch, Reason: reason, Actor: "driver"})
+	if err != nil {
+		return 0, err
+	}
+	return res.Index, nil
+}
+
+// monitorLeadership runs one leader loop per term, as Consul does:
+// leadership comes from raft.Config.NotifyCh (which, unlike LeaderCh, never
+// drops a transition), and the loop's context is cancelled as soon as Raft
+// reports the loss.
+func (n *Node) monitorLeadership(ctx context.Context) {
+	defer close(n.done)
+	var (
+		stopLeader context.CancelFunc
+		leaderDone chan struct{}
+	)
+	stop := func() {
+		if stopLeader != nil {
+			stopLeader()
+			<-leaderDone
+			stopLeader, leaderDone = nil, nil
+		}
+	}
+	defer stop()
+	for {
+		select {
+		case isLeader := <-n.notifyCh:
+			switch {
+			case isLeader && stopLeader == nil:
+				lctx, cancel := context.WithCancel(ctx)
+				stopLeader, leaderDone = cancel, make(chan struct{})
+				go func(done chan struct{}) {
+					defer close(done)
+					n.leaderLoop(lctx)
+				}(leaderDone)
+				n.log.Info("gained leadership")
+			case !isLeader && stopLeader != nil:
+				stop()
+				n.log.Info("lost leadership")
+			}
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// barrierAttempts is how often a new leader tries to catch up before it
+// hands leadership to another node.
+const barrierAttempts = 3
+
+// leaderLoop establishes leadership, then runs the drivers until ctx ends.
+func (n *Node) leaderLoop(ctx context.Context) {
+	// Barrier: apply everything earlier leaders committed before acting on
+	// the state (and before answering the gate from it).
+	for attempt := 1; ; attempt++ {
+		err := n.raft.Barrier(n.cfg.HeartbeatTimeout * 5).Error()
+		if err == nil {
+			break
+		}
+		n.log.Warn("leader barrier failed", zap.Int("attempt", attempt), zap.Error(err))
+		if attempt >= barrierAttempts {
+			// Consul's rule: a leader that cannot establish itself steps
+			// aside rather than hold the cluster.
+			if err := n.raft.LeadershipTransfer().Error(); err != nil {
+				n.log.Warn("leadership transfer failed", zap.Error(err))
+			}
+			<-ctx.Done()
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	n.established.Store(true)
+	defer n.established.Store(false)
+	n.log.Info("leadership established", zap.Uint64("fsm_index", n.fsm.Index()))
+
+	n.registerSelf(ctx)
+	n.runDrivers(ctx)
+}
+
+// registerSelf records this node's Raft and API addresses, so that
+// followers can forward to it.
+func (n *Node) registerSelf(ctx context.Context) {
+	me := Member{ID: n.cfg.NodeID, Address: n.RaftAddress(), API: n.apiURL}
+	if m, ok := n.fsm.Member(me.ID); ok && m == me {
+		return
+	}
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if _, err := n.Propose(pctx, Command{Op: OpSetMember, Member: &me, Actor: "leader", Reason: "register leader API address"}); err != nil {
+		n.log.Warn("register member", zap.Error(err))
+	}
+}
+
+type driverRun struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// runDrivers keeps one driver goroutine per non-terminal plan until ctx
+// ends, then stops them all and waits for them.
+func (n *Node) runDrivers(ctx context.Context) {
+	runs := map[string]*driverRun{}
+	defer func() {
+		for _, r := range runs {
+			r.cancel()
+		}
+		for _, r := range runs {
+			<-r.done
+		}
+	}()
+	for {
+		changed := n.fsm.Changed()
+		live := map[string]bool{}
+		for _, p := range n.fsm.Plans() {
+			if p.Phase.Terminal() {
+				continue
+			}
+			live[p.Name] = true
+			if _, ok := runs[p.Name]; ok {
+				continue
+			}
+			rctx, cancel := context.WithCancel(ctx)
+			r := &driverRun{cancel: cancel, done: make(chan struct{})}
+			runs[p.Name] = r
+			go func(name string) {
+				defer close(r.done)
+				n.drivePlan(rctx, name)
+			}(p.Name)
+		}
+		for name, r := range runs {
+			if !live[name] {
+				r.cancel()
+				<-r.done
+				delete(runs, name)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		}
+	}
+}
+
+const (
+	driverBackoffMin = time.Second
+	driverBackoffMax = 30 * time.Second
+)
+
+// drivePlan calls the driver for one plan: at once, then after each
+// committed change to the plan, or after a backoff when it failed.
+func (n *Node) drivePlan(ctx context.Context, name string) {
+	log := n.log.With(zap.String("plan", name))
+	var seen uint64
+	backoff := driverBackoffMin
+	retry := false
+	for ctx.Err() == nil {
+		changed := n.fsm.Changed()
+		p, ok := n.fsm.Plan(name)
+		if !ok || p.Phase.Terminal() {
+			return
+		}
+		if p.Index == seen && !retry {
+			select {
+			case <-ctx.Done():
+				return
+			case <-changed:
+			}
+			continue
+		}
+		seen = p.Index
+		err := n.cfg.Driver.Drive(ctx, p, proposer{n})
+		retry = err != nil && ctx.Err() == nil
+		if !retry {
+			backoff = driverBackoffMin
+			continue
+		}
+		level := log.Warn
+		if errors.Is(err, ErrStaleEpoch) {
+			level = log.Info
+		}
+		level("driver failed; retrying", zap.String("phase", string(p.Phase)), zap.Uint64("epoch", p.Epoch), zap.Duration("backoff", backoff), zap.Error(err))
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, driverBackoffMax)
+	}
+}

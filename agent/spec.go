@@ -1,0 +1,166 @@
+package agent
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"reflect"
+	"regexp"
+	"strings"
+
+	"github.com/goccy/go-yaml"
+
+	"github.com/cutover/cutover/internal/config"
+)
+
+// SealPlan encodes a plan specification for the replicated state, secrets
+// included.
+//
+// json.Marshal cannot do it: config.DSN and redact.Secret mask themselves in
+// MarshalText (so that no rendering leaks them), and config.Duration and
+// config.ByteSize render as "5s"/"1MiB", which encoding/json cannot read
+// back. SealPlan walks the value and writes every field as its underlying
+// kind instead, which json.Unmarshal reads back exactly (a test checks the
+// round trip on a full plan).
+//
+// The sealed bytes hold DSN passwords: they live in the Raft log and in
+// snapshots under the data directory (created 0700), and nowhere else.
+func SealPlan(p config.Plan) (json.RawMessage, error) {
+	out, err := json.Marshal(reveal(reflect.ValueOf(p)))
+	if err != nil {
+		return nil, fmt.Errorf("seal plan %s: %w", p.Name, err)
+	}
+	return out, nil
+}
+
+func openSpec(sealed json.RawMessage) (config.Plan, error) {
+	var p config.Plan
+	if len(sealed) == 0 {
+		return p, errors.New("plan has no specification")
+	}
+	if err := json.Unmarshal(sealed, &p); err != nil {
+		return p, fmt.Errorf("open plan spec: %w", err)
+	}
+	return p, nil
+}
+
+// reveal turns v into maps, slices and scalars of its underlying kinds,
+// ignoring MarshalText/MarshalJSON methods, keyed by the json tags.
+func reveal(v reflect.Value) any {
+	switch v.Kind() {
+	case reflect.Pointer, reflect.Interface:
+		if v.IsNil() {
+			return nil
+		}
+		return reveal(v.Elem())
+	case reflect.Struct:
+		m := map[string]any{}
+		t := v.Type()
+		for i := 0; i < t.NumField(); i++ {
+			f := t.Field(i)
+			if !f.IsExported() {
+				continue
+			}
+			name, opts, _ := strings.Cut(f.Tag.Get("json"), ",")
+			if name == "-" {
+				continue
+			}
+			if name == "" {
+				name = f.Name
+			}
+			fv := v.Field(i)
+			if (strings.Contains(opts, "omitempty") || strings.Contains(opts, "omitzero")) && fv.IsZero() {
+				continue
+			}
+			m[name] = reveal(fv)
+		}
+		return m
+	case reflect.Slice, reflect.Array:
+		if v.Kind() == reflect.Slice && v.IsNil() {
+			return nil
+		}
+		out := make([]any, v.Len())
+		for i := range out {
+			out[i] = reveal(v.Index(i))
+		}
+		return out
+	case reflect.Map:
+		if v.IsNil() {
+			return nil
+		}
+		out := make(map[string]any, v.Len())
+		it := v.MapRange()
+		for it.Next() {
+			out[it.Key().String()] = reveal(it.Value())
+		}
+		return out
+	case reflect.String:
+		return v.String()
+	case reflect.Bool:
+		return v.Bool()
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		return v.Int()
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return v.Uint()
+	case reflect.Float32, reflect.Float64:
+		return v.Float()
+	}
+	return nil
+}
+
+// planNameRE is config's rule for plan names (they end up in replication
+// slot names).
+var planNameRE = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,31}$`)
+
+// ParsePlanSpec validates a plan posted as JSON, written as in the
+// configuration file's plans section (durations as "5s", sizes as "1MiB"),
+// and returns it with defaults filled in. It runs the configuration's own
+// validation, so a posted plan is held to the same rules as a configured
+// one. ${ENV} references are refused: the agent's environment is not the
+// caller's to read.
+func ParsePlanSpec(raw []byte) (config.Plan, error) {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || raw[0] != '{' || !json.Valid(raw) {
+		return config.Plan{}, fmt.Errorf("%w: the plan spec must be a JSON object", ErrInvalidCommand)
+	}
+	// Wrap the plan in the smallest configuration that validates on its
+	// own, so that config.Parse checks the plan and applies its defaults.
+	// The config walker wants block YAML (it reads flow-style keys with
+	// their quotes), so the JSON is converted first.
+	body, err := yaml.JSONToYAML(raw)
+	if err != nil {
+		return config.Plan{}, fmt.Errorf("%w: plan spec: %v", ErrInvalidCommand, err)
+	}
+	var doc strings.Builder
+	doc.WriteString("agent:\n  node_id: spec-check\n  data_dir: /nonexistent\n  api:\n    tokens:\n      operator: spec-check-placeholder-token\nplans:\n")
+	for i, line := range strings.Split(strings.TrimRight(string(body), "\n"), "\n") {
+		if i == 0 {
+			doc.WriteString("  - " + line + "\n")
+		} else {
+			doc.WriteString("    " + line + "\n")
+		}
+	}
+	noEnv := func(string) (string, bool) { return "", false }
+	loaded, err := config.Parse("posted plan", []byte(doc.String()), noEnv)
+	var invalid *config.InvalidError
+	if errors.As(err, &invalid) {
+		msgs := make([]string, 0, len(invalid.Problems))
+		for _, p := range invalid.Problems {
+			key := strings.TrimPrefix(strings.TrimPrefix(p.Key, "plans[0]"), ".")
+			if key == "" {
+				msgs = append(msgs, p.Message)
+			} else {
+				msgs = append(msgs, key+": "+p.Message)
+			}
+		}
+		return config.Plan{}, fmt.Errorf("%w: invalid plan: %s", ErrInvalidCommand, strings.Join(msgs, "; "))
+	}
+	if err != nil {
+		return config.Plan{}, fmt.Errorf("%w: %v", ErrInvalidCommand, err)
+	}
+	if len(loaded.Config.Plans) != 1 {
+		return config.Plan{}, fmt.Errorf("%w: the plan spec must hold one plan", ErrInvalidCommand)
+	}
+	return loaded.Config.Plans[0], nil
+}

@@ -1,0 +1,173 @@
+package agent
+
+import (
+	"encoding/json"
+	"maps"
+	"slices"
+	"time"
+
+	"github.com/cutover/cutover/internal/config"
+)
+
+// state is the whole replicated state. It is what snapshots hold, and it is
+// only changed by FSM.Apply and FSM.Restore.
+type state struct {
+	Plans   map[string]*planRecord `json:"plans"`
+	Members map[string]Member      `json:"members"`
+	// Audit is append-only: every command applied or refused adds one entry.
+	Audit []AuditEntry `json:"audit"`
+	// Index is the Raft index of the last command applied.
+	Index uint64 `json:"index"`
+}
+
+func newState() *state {
+	return &state{Plans: map[string]*planRecord{}, Members: map[string]Member{}}
+}
+
+// planRecord is a plan as the state machine keeps it. Spec holds secrets;
+// the exported view (Plan) keeps it out of JSON.
+type planRecord struct {
+	Name   string          `json:"name"`
+	Spec   json.RawMessage `json:"spec"`
+	Source string          `json:"source,omitempty"`
+	Phase  Phase           `json:"phase"`
+	// Epoch is the Raft index of the command that began the current step
+	// (an intent or a transition); it only grows.
+	Epoch uint64 `json:"epoch"`
+	// Index is the Raft index of the last command that changed the plan.
+	Index   uint64            `json:"index"`
+	Created time.Time         `json:"created"`
+	Updated time.Time         `json:"updated"`
+	Reason  string            `json:"reason,omitempty"`
+	Steps   []Step            `json:"steps,omitempty"`
+	Facts   map[string]string `json:"facts,omitempty"`
+}
+
+// openStep returns the step begun by the last intent if it has no outcome.
+func (p *planRecord) openStep() *Step {
+	if n := len(p.Steps); n > 0 && p.Steps[n-1].Outcome == "" {
+		return &p.Steps[n-1]
+	}
+	return nil
+}
+
+// view copies the record into a Plan that shares no memory with the state.
+func (p *planRecord) view() Plan {
+	v := Plan{
+		Name: p.Name, Source: p.Source, Phase: p.Phase, Epoch: p.Epoch, Index: p.Index,
+		Created: p.Created, Updated: p.Updated, Reason: p.Reason,
+		Steps: slices.Clone(p.Steps), Facts: maps.Clone(p.Facts),
+		sealed: slices.Clone(p.Spec),
+	}
+	if s := p.openStep(); s != nil {
+		c := *s
+		v.Step = &c
+	}
+	return v
+}
+
+// Plan is a read-only copy of one plan's replicated state. It holds the
+// plan's sealed specification but never renders it: JSON encoding leaves it
+// out; Spec decodes it (with secrets, for drivers) and RedactedSpec renders
+// it with every DSN password and secret masked (for people).
+type Plan struct {
+	Name   string `json:"name"`
+	Source string `json:"source,omitempty"`
+	Phase  Phase  `json:"phase"`
+	// Epoch is the fencing token: the Raft index of the command that began
+	// the current step. Side effects carry it; it only grows.
+	Epoch uint64 `json:"epoch"`
+	// Index is the Raft index of the last change to the plan.
+	Index   uint64    `json:"index"`
+	Created time.Time `json:"created"`
+	Updated time.Time `json:"updated"`
+	// Reason is why the plan last changed phase.
+	Reason string `json:"reason,omitempty"`
+	// Step is the step in progress: an intent without an outcome yet. A new
+	// leader that finds one must resume the step or abort it.
+	Step *Step `json:"step,omitempty"`
+	// Steps is every step begun, oldest first.
+	Steps []Step `json:"steps,omitempty"`
+	// Facts are what outcomes recorded (positions, slot names, ...).
+	Facts map[string]string `json:"facts,omitempty"`
+
+	sealed json.RawMessage
+}
+
+// GateOpen reports whether the committed phase opens the gate.
+func (p Plan) GateOpen() bool { return p.Phase.GateOpen() }
+
+// Spec decodes the plan's specification, secrets included. Only pass its
+// DSNs to the drivers that need them.
+func (p Plan) Spec() (config.Plan, error) { return openSpec(p.sealed) }
+
+// RedactedSpec renders the specification as JSON with DSN passwords and
+// secrets masked.
+func (p Plan) RedactedSpec() (json.RawMessage, error) {
+	spec, err := p.Spec()
+	if err != nil {
+		return nil, err
+	}
+	return json.Marshal(spec)
+}
+
+// Step is one step of a plan: the intent committed before the side effect
+// and, once known, its outcome.
+type Step struct {
+	Name string `json:"name"`
+	// Epoch is the Raft index of the intent; the side effect carries it.
+	Epoch uint64 `json:"epoch"`
+	// Phase is the plan's phase when the intent was committed.
+	Phase Phase     `json:"phase"`
+	Node  string    `json:"node"`
+	Began time.Time `json:"began"`
+	// Outcome is "" while the step runs, then ok, failed or superseded (a
+	// later intent or transition took over: a new leader, an operator).
+	Outcome  StepOutcome `json:"outcome,omitempty"`
+	Detail   string      `json:"detail,omitempty"`
+	Ended    time.Time   `json:"ended,omitzero"`
+	EndIndex uint64      `json:"end_index,omitempty"`
+}
+
+// StepOutcome is how a step ended.
+type StepOutcome string
+
+// Step outcomes.
+const (
+	StepOK         StepOutcome = "ok"
+	StepFailed     StepOutcome = "failed"
+	StepSuperseded StepOutcome = "superseded"
+)
+
+// Member is one agent of the cluster as the replicated state knows it.
+type Member struct {
+	ID string `json:"id"`
+	// Address is the member's Raft address.
+	Address string `json:"address"`
+	// API is the base URL of the member's HTTP API; followers forward writes
+	// and gate reads to the leader's.
+	API string `json:"api,omitempty"`
+}
+
+// AuditEntry is one line of the append-only audit log: when, which node,
+// who asked, what, why, and whether the state machine refused it.
+type AuditEntry struct {
+	Index uint64    `json:"index"`
+	At    time.Time `json:"at"`
+	// Node proposed the command; Via received the API call if forwarded.
+	Node  string `json:"node"`
+	Via   string `json:"via,omitempty"`
+	Actor string `json:"actor,omitempty"`
+	Op    Op     `json:"op"`
+	Plan  string `json:"plan,omitempty"`
+	From  Phase  `json:"from,omitempty"`
+	To    Phase  `json:"to,omitempty"`
+	Step  string `json:"step,omitempty"`
+	// Epoch is the plan's epoch after the command.
+	Epoch  uint64 `json:"epoch,omitempty"`
+	Member string `json:"member,omitempty"`
+	Reason string `json:"reason,omitempty"`
+	Detail string `json:"detail,omitempty"`
+	// Refused is the state machine's reason for refusing; empty if applied.
+	Refused string `json:"refused,omitempty"`
+}
