@@ -64,6 +64,7 @@ opens the gate that authorizes the traffic flip.`,
 		newConfigCmd(g),
 		newVerifyCmd(g), newReportCmd(g),
 		newReplicateCmd(g), newCleanupCmd(g),
+		newAgentCmd(g), newStatusCmd(g), newGateCmd(g), newPlanCmd(g), newMembersCmd(g),
 	)
 	return root
 }

@@ -1,0 +1,120 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+	"go.uber.org/zap"
+
+	"github.com/cutover/cutover/agent"
+	"github.com/cutover/cutover/internal/config"
+	"github.com/cutover/cutover/internal/logging"
+)
+
+func newAgentCmd(g *globals) *cobra.Command {
+	var cfgPath string
+	cmd := &cobra.Command{
+		Use:   "agent --config FILE",
+		Short: "Run a cutover agent: Raft node, HTTP API and gate",
+		Long: `Run one agent of the cluster until SIGINT or SIGTERM.
+
+The agent joins the Raft cluster described by agent.raft (bootstrapping it
+from agent.raft.peers when bootstrap is set and the data directory is empty),
+keeps the replicated cutover state (plans, phases, epochs, audit log) under
+agent.data_dir, and serves the HTTP API on agent.api.listen:
+
+  GET  /v1/status, /v1/plans, /v1/plans/{name}, /v1/audit, /v1/members
+  GET  /v1/gate, /v1/gate/{plan}     200 open, 503 closed (?format=always200)
+  POST /v1/plans, /v1/plans/{name}/start|abort|transition
+  POST /v1/members, DELETE /v1/members/{id}
+  GET  /healthz, /readyz, /metrics
+
+Mutating calls need the operator token; read calls need the read (or
+operator) token when one is configured and are open otherwise.
+
+Log settings come from the file's log section unless --log-format or
+--log-level is given.
+
+Exit status: 0 stopped on a signal, 1 invalid config, 2 failed to start or
+to stop cleanly.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			loaded, err := loadConfig(g, cfgPath)
+			if err != nil {
+				return err
+			}
+			format, level := loaded.Config.Log.Format, loaded.Config.Log.Level
+			if f := cmd.Flags().Lookup("log-format"); f != nil && f.Changed {
+				format = g.logFormat
+			}
+			if f := cmd.Flags().Lookup("log-level"); f != nil && f.Changed {
+				level = g.logLevel
+			}
+			log, err := logging.New(format, level, g.redactor, cmd.ErrOrStderr())
+			if err != nil {
+				return withCode(exitFailed, err)
+			}
+			defer log.Sync()
+			ac, err := agentConfig(loaded.Config, log)
+			if err != nil {
+				return withCode(exitFailed, err)
+			}
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			node, err := agent.Start(ac)
+			if err != nil {
+				return withCode(exitError, err)
+			}
+			<-ctx.Done()
+			log.Info("signal received: stopping")
+			if err := node.Stop(); err != nil {
+				return withCode(exitError, fmt.Errorf("stop agent: %w", err))
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&cfgPath, "config", "", "configuration file")
+	_ = cmd.MarkFlagRequired("config")
+	return cmd
+}
+
+// agentConfig maps the configuration file to the agent's settings. Plug a
+// plan driver in here (ac.Driver); without one, steps are driven through
+// the API.
+func agentConfig(c *config.Config, log *zap.Logger) (agent.Config, error) {
+	a := c.Agent
+	ac := agent.Config{
+		NodeID:            a.NodeID,
+		DataDir:           a.DataDir,
+		RaftBind:          a.Raft.Bind,
+		RaftAdvertise:     a.Raft.Advertise,
+		Bootstrap:         a.Raft.Bootstrap,
+		SnapshotThreshold: a.Raft.SnapshotThreshold,
+		SnapshotRetain:    a.Raft.SnapshotRetain,
+		APIListen:         a.API.Listen,
+		APIAdvertise:      a.API.Advertise,
+		OperatorToken:     a.API.Tokens.Operator,
+		ReadToken:         a.API.Tokens.Read,
+		Plans:             c.Plans,
+		Logger:            log,
+	}
+	for _, p := range a.Raft.Peers {
+		ac.Peers = append(ac.Peers, agent.Peer{ID: p.ID, Address: p.Address, API: p.API})
+	}
+	if a.TLS.Enabled() {
+		t, err := agent.LoadTLS(a.TLS.CertFile, a.TLS.KeyFile, a.TLS.CAFile)
+		if err != nil {
+			return agent.Config{}, err
+		}
+		ac.TLS = t
+	}
+	if ac.OperatorToken == "" {
+		return agent.Config{}, errors.New("agent.api.tokens.operator is required")
+	}
+	return ac, nil
+}

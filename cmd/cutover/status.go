@@ -1,0 +1,88 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/cutover/cutover/agent"
+)
+
+func newStatusCmd(g *globals) *cobra.Command {
+	var (
+		r      remote
+		asJSON bool
+	)
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show an agent's view of the cluster: leader, members, plans",
+		Long: `Show the cluster as the agent at --addr sees it: its Raft state, the leader,
+the members, and every plan's phase and epoch. Plans and members are the
+replicated state; the indexes are the agent's own.
+
+Exit status: 0 shown, 2 the agent could not be asked.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, _, err := r.client(g)
+			if err != nil {
+				return err
+			}
+			st, err := c.Status(context.Background())
+			if err != nil {
+				return withCode(exitError, err)
+			}
+			if asJSON {
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				return enc.Encode(st)
+			}
+			printStatus(cmd.OutOrStdout(), st)
+			return nil
+		},
+	}
+	r.register(cmd)
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the status as JSON")
+	return cmd
+}
+
+func printStatus(w io.Writer, st agent.Status) {
+	leader := st.Leader
+	if leader == "" {
+		leader = "(none known)"
+	}
+	fmt.Fprintf(w, "node %s: %s, term %d, leader %s\n", st.Node, st.State, st.Term, leader)
+	fmt.Fprintf(w, "commit index %d, applied %d, last snapshot %d\n\n", st.CommitIndex, st.AppliedIndex, st.LastSnapshotIndex)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "MEMBER\tRAFT\tAPI\tSUFFRAGE\tROLE")
+	for _, m := range st.Members {
+		role := "follower"
+		if m.Leader {
+			role = "leader"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.ID, m.Address, m.API, m.Suffrage, role)
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	if len(st.Plans) == 0 {
+		fmt.Fprintln(w, "no plans")
+		return
+	}
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PLAN\tPHASE\tEPOCH\tSTEP\tGATE")
+	for _, p := range st.Plans {
+		gateState := "closed"
+		if p.GateOpen {
+			gateState = "open"
+		}
+		step := p.Step
+		if step == "" {
+			step = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", p.Name, p.Phase, p.Epoch, step, gateState)
+	}
+	tw.Flush()
+}
