@@ -31,7 +31,7 @@ func specFor(name string) json.RawMessage {
 	return json.RawMessage(strings.Replace(planSpec, `"orders"`, `"`+name+`"`, 1))
 }
 
-func mustCreate(t *testing.T, c *client.Client, name string) agent.PlanInfo {
+func mustCreate(t testing.TB, c *client.Client, name string) agent.PlanInfo {
 	t.Helper()
 	p, err := c.CreatePlan(agenttest.Ctx(t, 10*time.Second), agent.CreatePlanRequest{Spec: specFor(name), Reason: "test"})
 	if err != nil {
@@ -41,7 +41,7 @@ func mustCreate(t *testing.T, c *client.Client, name string) agent.PlanInfo {
 }
 
 // walkTo moves plan along the forward path through the API until phase.
-func walkTo(t *testing.T, c *client.Client, plan string, phase agent.Phase) agent.PlanInfo {
+func walkTo(t testing.TB, c *client.Client, plan string, phase agent.Phase) agent.PlanInfo {
 	t.Helper()
 	ctx := agenttest.Ctx(t, 20*time.Second)
 	p, err := c.Plan(ctx, plan)
@@ -652,4 +652,65 @@ func contains(events []string, prefix string) bool {
 		}
 	}
 	return false
+}
+
+// finalizeDriver drives nothing and records Finalize calls; the first one
+// fails, to exercise the retry.
+type finalizeDriver struct {
+	node  string
+	mu    *sync.Mutex
+	calls *[]string
+}
+
+func (finalizeDriver) Drive(context.Context, agent.Plan, agent.Proposer) error { return nil }
+
+func (d finalizeDriver) Finalize(ctx context.Context, p agent.Plan) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	*d.calls = append(*d.calls, d.node+" "+p.Name+" "+string(p.Phase))
+	if len(*d.calls) == 1 {
+		return errors.New("blue is not reachable yet")
+	}
+	return nil
+}
+
+func TestFinalizeRunsOnTheLeaderUntilCommitted(t *testing.T) {
+	var (
+		mu    sync.Mutex
+		calls []string
+	)
+	c := agenttest.New(t, agenttest.Options{Driver: func(i int) agent.Driver {
+		return finalizeDriver{node: fmt.Sprintf("n%d", i+1), mu: &mu, calls: &calls}
+	}})
+	leader := c.Leader(10 * time.Second)
+	lc := c.Client(leader.Index)
+	mustCreate(t, lc, "orders")
+	walkTo(t, lc, "orders", agent.PhaseFenced)
+	if _, err := lc.Abort(agenttest.Ctx(t, 5*time.Second), "orders", "operator abort while fenced"); err != nil {
+		t.Fatal(err)
+	}
+	agenttest.Eventually(t, 10*time.Second, func() error {
+		for _, m := range c.Members() {
+			if p, _ := c.Node(m.Index).FSM().Plan("orders"); p.Finalized.IsZero() {
+				return fmt.Errorf("%s: not finalized", m.ID)
+			}
+		}
+		return nil
+	})
+	mu.Lock()
+	got := append([]string(nil), calls...)
+	mu.Unlock()
+	want := leader.ID + " orders aborted"
+	if len(got) != 2 || got[0] != want || got[1] != want {
+		t.Fatalf("Finalize calls %q, want two (one failed, one retried) on the leader", got)
+	}
+	// A new leader does not finalize again.
+	c.Stop(leader.Index)
+	c.Leader(5*time.Second, leader.Index)
+	time.Sleep(300 * time.Millisecond)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(calls) != 2 {
+		t.Fatalf("Finalize called again after the leader changed: %q", calls)
+	}
 }

@@ -28,6 +28,9 @@ const (
 	// OpOutcome records how the step begun at Epoch ended, after the side
 	// effect, and optionally moves the plan to To in the same entry.
 	OpOutcome Op = "outcome"
+	// OpFinalize records that the driver released what a terminal plan held
+	// (slots, publications, fences), so that no later leader does it again.
+	OpFinalize Op = "finalize"
 	// OpSetMember records a member's Raft and API addresses.
 	OpSetMember Op = "set_member"
 	// OpRemoveMember forgets a member.

@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -103,6 +102,8 @@ func (s *state) dispatch(index uint64, c *Command) error {
 		return s.intent(index, c)
 	case OpOutcome:
 		return s.outcome(index, c)
+	case OpFinalize:
+		return s.finalize(c)
 	case OpSetMember:
 		if c.Member == nil || c.Member.ID == "" {
 			return fmt.Errorf("%w: set_member needs a member id", ErrInvalidCommand)
@@ -237,6 +238,22 @@ func (s *state) outcome(index uint64, c *Command) error {
 	}
 	p.Index = index
 	p.Updated = c.At
+	return nil
+}
+
+// finalize marks a terminal plan finalized. A second finalize (two leaders
+// racing, a retry after a lost answer) changes nothing and is not an error.
+func (s *state) finalize(c *Command) error {
+	p := s.Plans[c.Plan]
+	if p == nil {
+		return fmt.Errorf("%w: %q", ErrPlanNotFound, c.Plan)
+	}
+	if !p.Phase.Terminal() {
+		return &TransitionError{Plan: p.Name, From: p.Phase, To: p.Phase, Reason: fmt.Sprintf("only a terminal plan is finalized; %s is not terminal", p.Phase)}
+	}
+	if p.Finalized.IsZero() {
+		p.Finalized = c.At
+	}
 	return nil
 }
 
@@ -404,15 +421,5 @@ func (f *FSM) Audit(plan string, limit int) []AuditEntry {
 	if limit > 0 && len(out) > limit {
 		out = out[len(out)-limit:]
 	}
-	return slices.Clone(out)
-}
-
-// errIs reports whether a refused command's error is one of targets.
-func errIs(err error, targets ...error) bool {
-	for _, t := range targets {
-		if errors.Is(err, t) {
-			return true
-		}
-	}
-	return false
+	return out
 }

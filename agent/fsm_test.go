@@ -328,6 +328,19 @@ func TestFSMApply(t *testing.T) {
 				t.Fatalf("err = %v", res.Err)
 			}
 		}},
+		{"only a terminal plan is finalized, once", func(t *testing.T, h *harness) {
+			h.create("orders")
+			if res := h.apply(Command{Op: OpFinalize, Plan: "orders"}); !errors.Is(res.Err, ErrIllegalTransition) {
+				t.Fatalf("finalizing a pending plan: %v", res.Err)
+			}
+			h.mustApply(Command{Op: OpTransition, Plan: "orders", To: PhaseAborted})
+			at := h.at()
+			h.mustApply(Command{Op: OpFinalize, Plan: "orders"})
+			h.mustApply(Command{Op: OpFinalize, Plan: "orders"}) // a second leader's retry
+			if p, _ := h.fsm.Plan("orders"); !p.Finalized.Equal(at) {
+				t.Fatalf("finalized at %v, want the first finalize's %v", p.Finalized, at)
+			}
+		}},
 		{"members are recorded and forgotten", func(t *testing.T, h *harness) {
 			h.mustApply(Command{Op: OpSetMember, Member: &Member{ID: "n2", Address: "10.0.0.2:8421", API: "http://10.0.0.2:8420"}})
 			if m, ok := h.fsm.Member("n2"); !ok || m.API != "http://10.0.0.2:8420" {
@@ -387,6 +400,7 @@ func richHistory(h *harness) {
 	h.apply(Command{Op: OpTransition, Plan: "orders", To: PhaseAuthorized}) // refused, audited
 	h.mustApply(Command{Op: OpIntent, Plan: "sessions", Step: "copy"})
 	h.mustApply(Command{Op: OpTransition, Plan: "sessions", To: PhaseAborted, Reason: "operator"})
+	h.mustApply(Command{Op: OpFinalize, Plan: "sessions"})
 	h.apply(Command{Version: 9, Op: OpIntent})
 }
 

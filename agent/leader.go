@@ -44,8 +44,27 @@ import (
 //     moved (ctx is being cancelled too), ErrStaleEpoch when the plan moved
 //     on under the driver (re-read it and decide), ErrIllegalTransition
 //     when the phase change is not allowed.
+//   - Once a plan is terminal, Drive is no longer called; a driver that
+//     must clean up (drop slots, unfence after an operator's abort)
+//     implements Finalizer too.
 type Driver interface {
 	Drive(ctx context.Context, plan Plan, p Proposer) error
+}
+
+// Finalizer is an optional interface of a Driver. The leader calls
+// Finalize for each plan that has reached a terminal phase (done, aborted,
+// rolled_back) and is not finalized yet, in the plan's goroutine (never
+// concurrently with Drive for that plan), until it returns nil; it then
+// commits that the plan is finalized, and no later leader calls it again.
+//
+// Finalize releases what the plan still holds: slots and publications, and,
+// for an aborted plan, fences (an operator may abort a fenced plan through
+// the API; only the driver knows how to unfence). It must be idempotent: a
+// leader that dies after Finalize but before the commit leaves the next
+// leader to call it again. ctx is cancelled on loss of leadership; errors
+// are retried after a backoff, like Drive's.
+type Finalizer interface {
+	Finalize(ctx context.Context, plan Plan) error
 }
 
 // Proposer commits a driver's decisions through Raft. Every call blocks
@@ -203,47 +222,68 @@ func (n *Node) registerSelf(ctx context.Context) {
 }
 
 type driverRun struct {
+	final  bool // finalizing a terminal plan rather than driving it
 	cancel context.CancelFunc
 	done   chan struct{}
 }
 
-// runDrivers keeps one driver goroutine per non-terminal plan until ctx
-// ends, then stops them all and waits for them.
+// wantsFinalize reports whether a terminal plan still needs Finalize.
+func (n *Node) wantsFinalize(p Plan) bool {
+	_, ok := n.cfg.Driver.(Finalizer)
+	return ok && p.Finalized.IsZero()
+}
+
+// runDrivers keeps one goroutine per plan that needs the driver (driving a
+// live plan, or finalizing a terminal one) until ctx ends, then stops them
+// all and waits for them. A plan that turns terminal has its Drive cancelled
+// before its Finalize starts.
 func (n *Node) runDrivers(ctx context.Context) {
 	runs := map[string]*driverRun{}
+	stop := func(name string) {
+		r := runs[name]
+		r.cancel()
+		<-r.done
+		delete(runs, name)
+	}
 	defer func() {
 		for _, r := range runs {
 			r.cancel()
 		}
-		for _, r := range runs {
-			<-r.done
+		for name := range runs {
+			stop(name)
 		}
 	}()
 	for {
 		changed := n.fsm.Changed()
-		live := map[string]bool{}
+		want := map[string]bool{} // plan name -> final
 		for _, p := range n.fsm.Plans() {
-			if p.Phase.Terminal() {
-				continue
+			switch {
+			case !p.Phase.Terminal():
+				want[p.Name] = false
+			case n.wantsFinalize(p):
+				want[p.Name] = true
 			}
-			live[p.Name] = true
-			if _, ok := runs[p.Name]; ok {
+		}
+		for name, r := range runs {
+			if final, ok := want[name]; !ok || final != r.final {
+				stop(name)
+			}
+		}
+		for name, final := range want {
+			if _, ok := runs[name]; ok {
 				continue
 			}
 			rctx, cancel := context.WithCancel(ctx)
-			r := &driverRun{cancel: cancel, done: make(chan struct{})}
-			runs[p.Name] = r
+			r := &driverRun{final: final, cancel: cancel, done: make(chan struct{})}
+			runs[name] = r
 			go func(name string) {
 				defer close(r.done)
-				n.drivePlan(rctx, name)
-			}(p.Name)
-		}
-		for name, r := range runs {
-			if !live[name] {
-				r.cancel()
-				<-r.done
-				delete(runs, name)
-			}
+				if r.final {
+					n.finalizePlan(rctx, name)
+				} else {
+					n.drivePlan(rctx, name)
+				}
+			}(name)
 		}
 		select {
 		case <-ctx.Done():
@@ -291,6 +331,41 @@ func (n *Node) drivePlan(ctx context.Context, name string) {
 			level = log.Info
 		}
 		level("driver failed; retrying", zap.String("phase", string(p.Phase)), zap.Uint64("epoch", p.Epoch), zap.Duration("backoff", backoff), zap.Error(err))
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, driverBackoffMax)
+	}
+}
+
+// finalizePlan calls the driver's Finalize for a terminal plan until it
+// succeeds, then commits that the plan is finalized.
+func (n *Node) finalizePlan(ctx context.Context, name string) {
+	fin, ok := n.cfg.Driver.(Finalizer)
+	if !ok {
+		return
+	}
+	log := n.log.With(zap.String("plan", name))
+	backoff := driverBackoffMin
+	for ctx.Err() == nil {
+		p, ok := n.fsm.Plan(name)
+		if !ok || !n.wantsFinalize(p) {
+			return
+		}
+		err := fin.Finalize(ctx, p)
+		if err == nil {
+			_, err = n.Propose(ctx, Command{Op: OpFinalize, Plan: name, Actor: "driver", Reason: "finalized after " + string(p.Phase)})
+		}
+		if err == nil {
+			log.Info("plan finalized", zap.String("phase", string(p.Phase)))
+			return
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		log.Warn("finalize failed; retrying", zap.Duration("backoff", backoff), zap.Error(err))
 		select {
 		case <-ctx.Done():
 			return

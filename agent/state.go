@@ -41,6 +41,8 @@ type planRecord struct {
 	Reason  string            `json:"reason,omitempty"`
 	Steps   []Step            `json:"steps,omitempty"`
 	Facts   map[string]string `json:"facts,omitempty"`
+	// Finalized is when the driver's Finalize succeeded (terminal plans).
+	Finalized time.Time `json:"finalized,omitzero"`
 }
 
 // openStep returns the step begun by the last intent if it has no outcome.
@@ -56,7 +58,7 @@ func (p *planRecord) view() Plan {
 	v := Plan{
 		Name: p.Name, Source: p.Source, Phase: p.Phase, Epoch: p.Epoch, Index: p.Index,
 		Created: p.Created, Updated: p.Updated, Reason: p.Reason,
-		Steps: slices.Clone(p.Steps), Facts: maps.Clone(p.Facts),
+		Steps: slices.Clone(p.Steps), Facts: maps.Clone(p.Facts), Finalized: p.Finalized,
 		sealed: slices.Clone(p.Spec),
 	}
 	if s := p.openStep(); s != nil {
@@ -90,6 +92,8 @@ type Plan struct {
 	Steps []Step `json:"steps,omitempty"`
 	// Facts are what outcomes recorded (positions, slot names, ...).
 	Facts map[string]string `json:"facts,omitempty"`
+	// Finalized is when the driver's Finalize succeeded; zero until then.
+	Finalized time.Time `json:"finalized,omitzero"`
 
 	sealed json.RawMessage
 }
