@@ -1,0 +1,232 @@
+// Package driver is the leader's plan driver: it carries a plan through the
+// phases of DESIGN.md for every pair, committing each intent through Raft
+// before acting and each outcome after.
+//
+// # Resume rules (a new leader finds the plan in this phase)
+//
+//   - pending: nothing to do until an operator starts the plan.
+//   - copying, replicating: safe to resume. The replicator resumes from
+//     green's stored position (or restarts an interrupted copy); green's
+//     fence is idempotent and accepts the higher epoch.
+//   - ready: safe to resume: nothing application-visible has changed. The
+//     new leader runs its own online verification (its dirty set only knows
+//     the changes its own stream applied) before it fences.
+//   - fenced, caught_up, verified: not resumed. The outage clock started on
+//     the old leader and the proof of catch-up lives in its memory; the new
+//     leader unfences blue with its higher epoch and aborts. Invariant 5
+//     bounds the outage; retrying is a new plan.
+//   - authorized: resume the flip under a new intent: every target is
+//     idempotent for an epoch and accepts a higher one.
+//   - switched: resume reverse replication, the health watch and the
+//     rollback window from the committed flip time.
+//   - rolling_back: resume the rollback under a new intent: fencing green,
+//     the marker through the reverse stream and the flip back are all
+//     idempotent.
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/cutover/cutover/agent"
+	"github.com/cutover/cutover/fencing"
+	"github.com/cutover/cutover/internal/config"
+)
+
+// Options configure a Driver.
+type Options struct {
+	Logger     *zap.Logger
+	Registerer prometheus.Registerer
+	// ReportDir receives the consistency reports (JSON and HTML) of every
+	// verification pass; empty writes none.
+	ReportDir string
+	// LagPoll is how often lag is measured while waiting for the gate.
+	LagPoll time.Duration
+	// Fault, when set, is called at named points of the driver ("before
+	// fence", "after flip" ...); a test returns an error or kills the process
+	// there to prove that a crash at that point completes or aborts cleanly.
+	Fault func(point string) error
+}
+
+// Driver implements agent.Driver for PostgreSQL pairs.
+type Driver struct {
+	opts Options
+	log  *zap.Logger
+
+	mu    sync.Mutex
+	plans map[string]*planRT
+}
+
+var _ agent.Driver = (*Driver)(nil)
+
+// New returns a Driver.
+func New(opts Options) *Driver {
+	if opts.Logger == nil {
+		opts.Logger = zap.NewNop()
+	}
+	if opts.LagPoll <= 0 {
+		opts.LagPoll = 200 * time.Millisecond
+	}
+	return &Driver{opts: opts, log: opts.Logger, plans: map[string]*planRT{}}
+}
+
+// fault runs the named fault point.
+func (d *Driver) fault(point string) error {
+	if d.opts.Fault == nil {
+		return nil
+	}
+	if err := d.opts.Fault(point); err != nil {
+		return fmt.Errorf("fault at %q: %w", point, err)
+	}
+	return nil
+}
+
+// runtime returns the plan's runtime for this leadership term, creating it
+// on the first call of the term. It lives until ctx (the term's context for
+// the plan) ends, then stops everything it started.
+func (d *Driver) runtime(ctx context.Context, plan agent.Plan) (*planRT, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if rt, ok := d.plans[plan.Name]; ok && rt.ctx == ctx {
+		return rt, nil
+	}
+	spec, err := plan.Spec()
+	if err != nil {
+		return nil, fmt.Errorf("plan spec: %w", err)
+	}
+	rt, err := newPlanRT(ctx, d, spec)
+	if err != nil {
+		return nil, err
+	}
+	d.plans[plan.Name] = rt
+	go func() {
+		<-ctx.Done()
+		rt.close()
+		d.mu.Lock()
+		if d.plans[plan.Name] == rt {
+			delete(d.plans, plan.Name)
+		}
+		d.mu.Unlock()
+	}()
+	return rt, nil
+}
+
+// Drive implements agent.Driver.
+func (d *Driver) Drive(ctx context.Context, plan agent.Plan, p agent.Proposer) error {
+	if plan.Phase == agent.PhasePending {
+		return nil
+	}
+	rt, err := d.runtime(ctx, plan)
+	if err != nil {
+		return err
+	}
+	log := d.log.With(zap.String("plan", plan.Name), zap.String("phase", string(plan.Phase)), zap.Uint64("epoch", plan.Epoch))
+	switch plan.Phase {
+	case agent.PhaseCopying:
+		return rt.copying(ctx, plan, p, log)
+	case agent.PhaseReplicating:
+		return rt.replicating(ctx, plan, p, log)
+	case agent.PhaseReady:
+		return rt.cutover(ctx, plan, p, log)
+	case agent.PhaseFenced, agent.PhaseCaughtUp, agent.PhaseVerified:
+		return rt.abortInterruptedWindow(ctx, plan, p, log)
+	case agent.PhaseAuthorized:
+		return rt.flip(ctx, plan, p, log)
+	case agent.PhaseSwitched:
+		return rt.switched(ctx, plan, p, log)
+	case agent.PhaseRollingBack:
+		return rt.rollback(ctx, plan, p, log)
+	}
+	return nil
+}
+
+// Finalize releases what a finished plan holds on the databases: slots and
+// publications in both directions. Blue stays fenced after done, green after
+// rolled_back; an aborted plan leaves both sides unfenced.
+func (d *Driver) Finalize(ctx context.Context, plan agent.Plan) error {
+	spec, err := plan.Spec()
+	if err != nil {
+		return fmt.Errorf("plan spec: %w", err)
+	}
+	d.mu.Lock()
+	if rt, ok := d.plans[plan.Name]; ok {
+		rt.close()
+		delete(d.plans, plan.Name)
+	}
+	d.mu.Unlock()
+	var errs []error
+	for _, pair := range spec.Pairs {
+		if err := finalizePair(ctx, d, spec, pair, plan); err != nil {
+			errs = append(errs, fmt.Errorf("pair %s: %w", pair.Name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// outage measures the write outage of the last cutover window.
+var outageSeconds = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+	Name: "cutover_outage_seconds",
+	Help: "Write outage of the last cutover window, from the fence to the gate opening.",
+}, []string{"plan"})
+
+// writeReport saves a consistency report as JSON and HTML.
+func (d *Driver) writeReport(name string, write func(jsonPath, htmlPath string) error) (string, error) {
+	if d.opts.ReportDir == "" {
+		return "", nil
+	}
+	if err := os.MkdirAll(d.opts.ReportDir, 0o755); err != nil {
+		return "", err
+	}
+	base := filepath.Join(d.opts.ReportDir, name)
+	if err := write(base+".json", base+".html"); err != nil {
+		return "", err
+	}
+	return base + ".json", nil
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }
+
+func maxWindow(spec config.Plan) time.Duration {
+	if w := spec.Fence.MaxFenceWindow.D(); w > 0 {
+		return w
+	}
+	return config.DefaultMaxFenceWindow
+}
+
+// errBreach means an application write reached blue after the fence.
+var errBreach = errors.New("fence breach")
+
+var _ = fencing.ErrStaleEpoch
+
+func writeReportFiles(rep interface {
+	WriteJSON(io.Writer) error
+	WriteHTML(io.Writer) error
+}, jsonPath, htmlPath string) error {
+	for _, f := range []struct {
+		path  string
+		write func(io.Writer) error
+	}{{jsonPath, rep.WriteJSON}, {htmlPath, rep.WriteHTML}} {
+		out, err := os.Create(f.path)
+		if err != nil {
+			return err
+		}
+		if err := f.write(out); err != nil {
+			out.Close()
+			return err
+		}
+		if err := out.Close(); err != nil {
+			return err
+		}
+	}
+	return nil
+}

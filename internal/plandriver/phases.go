@@ -1,0 +1,615 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"go.uber.org/zap"
+
+	"github.com/cutover/cutover/agent"
+	"github.com/cutover/cutover/consistency"
+	cpg "github.com/cutover/cutover/consistency/postgres"
+	"github.com/cutover/cutover/fencing"
+	"github.com/cutover/cutover/internal/config"
+	rpg "github.com/cutover/cutover/replication/postgres"
+	"github.com/cutover/cutover/switch/health"
+	"github.com/cutover/cutover/switch/target"
+)
+
+// copying: fence green against application writes (it must never take one
+// before the flip), then copy and start streaming.
+func (rt *planRT) copying(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
+	epoch, err := p.Intent(ctx, plan.Name, "replicate", plan.Epoch)
+	if err != nil {
+		return err
+	}
+	if err := rt.forEach(func(pr *pairRT) error { return pr.greenFence.Fence(ctx, epoch) }); err != nil {
+		return rt.abort(ctx, plan.Name, p, epoch, "fence green: "+err.Error())
+	}
+	for _, pr := range rt.pairs {
+		if err := rt.ensureForward(ctx, pr, epoch); err != nil {
+			if isPrecheck(err) {
+				return rt.abort(ctx, plan.Name, p, epoch, err.Error())
+			}
+			return err
+		}
+	}
+	log.Info("copying")
+	if err := rt.waitStreaming(ctx); err != nil {
+		return err
+	}
+	facts := map[string]string{}
+	for _, pr := range rt.pairs {
+		facts["slot."+pr.cfg.Name] = pr.fwd.SlotName()
+		facts["copied_rows."+pr.cfg.Name] = fmt.Sprint(pr.fwd.Status().Copy.Rows)
+	}
+	return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseReplicating, Detail: "initial copy done; streaming", Reason: "initial copy done", Facts: facts})
+}
+
+func isPrecheck(err error) bool {
+	return err != nil && strings.Contains(err.Error(), "pre-check failed")
+}
+
+// replicating: stream, verify online, and wait until lag has stayed under
+// the plan's thresholds for its hold time.
+func (rt *planRT) replicating(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
+	for _, pr := range rt.pairs {
+		if err := rt.ensureForward(ctx, pr, plan.Epoch); err != nil {
+			return err
+		}
+	}
+	if err := rt.waitStreaming(ctx); err != nil {
+		return err
+	}
+	if err := rt.online(ctx, plan, p); err != nil {
+		return err
+	}
+	if err := rt.lagGate(ctx, rt.spec.Lag.Hold.D(), log); err != nil {
+		return err
+	}
+	if err := rt.checkDrift(ctx); err != nil {
+		return rt.abort(ctx, plan.Name, p, plan.Epoch, err.Error())
+	}
+	_, err := p.Transition(ctx, plan.Name, agent.PhaseReady, plan.Epoch, "lag under threshold for the hold time; online verification clean; schemas match")
+	return err
+}
+
+// online runs the online verification pass once per term.
+func (rt *planRT) online(ctx context.Context, plan agent.Plan, p agent.Proposer) error {
+	if rt.onlineClean || !verifyEnabled(rt.spec) {
+		return nil
+	}
+	for _, pr := range rt.pairs {
+		rep, err := rt.verify(ctx, pr, consistency.PassOnline)
+		if err != nil {
+			return err
+		}
+		if rep.Verdict == consistency.Different {
+			return rt.abort(ctx, plan.Name, p, plan.Epoch, fmt.Sprintf("online verification of %s found %s", pr.cfg.Name, describe(rep)))
+		}
+	}
+	rt.onlineClean = true
+	return nil
+}
+
+func verifyEnabled(spec config.Plan) bool { return spec.Verify.Enabled == nil || *spec.Verify.Enabled }
+
+// lagGate waits until every pair's lag has stayed under the thresholds for
+// hold.
+func (rt *planRT) lagGate(ctx context.Context, hold time.Duration, log *zap.Logger) error {
+	gates := make([]fencing.LagGate, len(rt.pairs))
+	for i := range gates {
+		gates[i] = fencing.LagGate{MaxBytes: int64(rt.spec.Lag.MaxBytes), MaxDelay: rt.spec.Lag.MaxDelay.D(), Hold: hold, MaxAge: 5 * rt.d.opts.LagPoll}
+	}
+	lastLog := time.Now()
+	for {
+		ready, why := true, ""
+		for i, pr := range rt.pairs {
+			lag, err := pr.fwd.Lag(ctx)
+			if err != nil {
+				return fmt.Errorf("measure lag of %s: %w", pr.cfg.Name, err)
+			}
+			gates[i].Observe(fencing.LagSample{Bytes: lag.Bytes, Delay: lag.Delay, At: time.Now()})
+			if ok, w := gates[i].Ready(time.Now()); !ok {
+				ready, why = false, pr.cfg.Name+": "+w
+			}
+		}
+		if ready {
+			return nil
+		}
+		if time.Since(lastLog) > 5*time.Second {
+			log.Info("waiting for lag", zap.String("why", why))
+			lastLog = time.Now()
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(rt.d.opts.LagPoll):
+		}
+	}
+}
+
+func (rt *planRT) checkDrift(ctx context.Context) error {
+	var problems []string
+	for _, pr := range rt.pairs {
+		diffs, err := pr.fwd.CompareSchemas(ctx)
+		if err != nil {
+			return fmt.Errorf("compare schemas of %s: %w", pr.cfg.Name, err)
+		}
+		for _, d := range diffs {
+			problems = append(problems, pr.cfg.Name+": "+d.String())
+		}
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("schema drift: %s", strings.Join(problems, "; "))
+	}
+	return nil
+}
+
+// cutover runs the write outage: fence blue, drain, prove catch-up through
+// the stream, sync sequences, verify what changed, and open the gate, all
+// within max_fence_window; otherwise blue is unfenced and the plan aborts.
+func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
+	// Everything that can happen before the fence happens before it.
+	for _, pr := range rt.pairs {
+		if err := rt.ensureForward(ctx, pr, plan.Epoch); err != nil {
+			return err
+		}
+	}
+	if err := rt.waitStreaming(ctx); err != nil {
+		return err
+	}
+	if err := rt.online(ctx, plan, p); err != nil {
+		return err
+	}
+	if err := rt.checkDrift(ctx); err != nil {
+		return rt.abort(ctx, plan.Name, p, plan.Epoch, err.Error())
+	}
+	// The outage never starts on a lagging replica: the latest lag must be
+	// under the thresholds right now.
+	if err := rt.lagGate(ctx, 0, log); err != nil {
+		return err
+	}
+	if err := rt.d.fault("before fence"); err != nil {
+		return err
+	}
+	epoch, err := p.Intent(ctx, plan.Name, "fence", plan.Epoch)
+	if err != nil {
+		return err
+	}
+	var latest atomic.Uint64 // the newest epoch: what the lift must carry
+	latest.Store(epoch)
+	grace := rt.spec.Fence.DrainGrace.D()
+	w := fencing.Window{
+		Max: maxWindow(rt.spec),
+		// Invariant 4 starts here: from now on no application write lands
+		// on blue.
+		Fence: func(ctx context.Context) error {
+			return rt.forEach(func(pr *pairRT) error { return pr.blueFence.Fence(ctx, epoch) })
+		},
+		Lift: func(ctx context.Context) error {
+			return rt.forEach(func(pr *pairRT) error { return pr.blueFence.Unfence(ctx, latest.Load()) })
+		},
+		Steps: []fencing.Step{
+			{Name: "drain", Run: func(ctx context.Context) error {
+				terminated := 0
+				err := rt.forEach(func(pr *pairRT) error {
+					d, err := pr.blueFence.Drain(ctx, epoch, grace)
+					pr.marker = d.Marker
+					for _, s := range d.Terminated {
+						log.Warn("terminated a session still writing after the grace period", zap.String("pair", pr.cfg.Name), zap.Int32("pid", s.PID), zap.String("user", s.User), zap.String("application", s.Application), zap.Duration("xact_age", s.XactAge))
+					}
+					terminated += len(d.Terminated)
+					return err
+				})
+				if err != nil {
+					return err
+				}
+				facts := map[string]string{"terminated_sessions": itoa(terminated)}
+				for _, pr := range rt.pairs {
+					facts["marker."+pr.cfg.Name] = pr.marker.Nonce + "@" + pr.marker.Position
+				}
+				// Invariant: every write transaction begun before the fence
+				// has ended; the marker was written after all of them.
+				return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseFenced, Detail: fmt.Sprintf("fenced and drained; %d sessions terminated", terminated), Reason: "blue fenced and drained", Facts: facts})
+			}},
+			{Name: "catch_up", Run: func(ctx context.Context) error {
+				if err := rt.d.fault("before catch-up"); err != nil {
+					return err
+				}
+				err := rt.forEach(func(pr *pairRT) error {
+					lsn, err := pr.fwd.WaitMarker(ctx, pr.marker.Nonce)
+					if err != nil {
+						return err
+					}
+					pr.markerLSN = lsn
+					if err := breachCheck(pr); err != nil {
+						return err
+					}
+					return pr.fwd.SyncSequences(ctx)
+				})
+				if err != nil {
+					return err
+				}
+				// Invariant 4: every write acknowledged on blue before the
+				// fence is applied on green.
+				e, err := p.Transition(ctx, plan.Name, agent.PhaseCaughtUp, epoch, "fence marker applied on green; sequences synced")
+				latest.Store(e)
+				return err
+			}},
+			{Name: "verify", Run: func(ctx context.Context) error {
+				if verifyEnabled(rt.spec) {
+					err := rt.forEach(func(pr *pairRT) error {
+						rep, err := rt.verify(ctx, pr, consistency.PassDirty)
+						if err != nil {
+							return err
+						}
+						if rep.Verdict != consistency.Equal {
+							return fmt.Errorf("verification in the fence found %s", describe(rep))
+						}
+						return breachCheck(pr)
+					})
+					if err != nil {
+						return err
+					}
+				}
+				e, err := p.Transition(ctx, plan.Name, agent.PhaseVerified, latest.Load(), "rows changed since the online pass are equal on both sides")
+				latest.Store(e)
+				return err
+			}},
+			{Name: "authorize", Run: func(ctx context.Context) error {
+				e, err := p.Transition(ctx, plan.Name, agent.PhaseAuthorized, latest.Load(), "caught up and verified: the gate opens")
+				latest.Store(e)
+				return err
+			}},
+		},
+		OnStep: func(name string, took time.Duration, err error) {
+			log.Info("window step", zap.String("step", name), zap.Duration("took", took), zap.Error(err))
+		},
+	}
+	out, err := w.Run(ctx)
+	outageSeconds.WithLabelValues(plan.Name).Set(out.Outage.Seconds())
+	if err == nil {
+		log.Info("gate open", zap.Duration("outage", out.Outage))
+		return nil
+	}
+	if ctx.Err() != nil {
+		return ctx.Err() // deposed: the window lifted the fence; the next leader aborts
+	}
+	reason := fmt.Sprintf("cutover window failed after %s (fence lifted: %v): %v", out.Outage.Round(time.Millisecond), out.Lifted, err)
+	return rt.abort(ctx, plan.Name, p, latest.Load(), reason)
+}
+
+// breachCheck fails when the stream carried an application change after
+// the fence marker: a write got past the fence.
+func breachCheck(pr *pairRT) error {
+	changes, complete := pr.fwd.ChangesAfter(pr.markerLSN)
+	if len(changes) > 0 {
+		c := changes[0]
+		return fmt.Errorf("%w: %d application change(s) after the fence marker, first %s on %s key %v at %s", errBreach, len(changes), c.Kind, c.Table, c.Key, c.Position)
+	}
+	if !complete {
+		return fmt.Errorf("%w: cannot tell: changes after the marker were not all recorded", errBreach)
+	}
+	return nil
+}
+
+// abortInterruptedWindow: a new leader found the plan fenced but not
+// authorized. See the resume rules in the package documentation.
+func (rt *planRT) abortInterruptedWindow(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
+	log.Warn("a cutover window was interrupted by a change of leader; unfencing blue and aborting")
+	return rt.abort(ctx, plan.Name, p, plan.Epoch, fmt.Sprintf("the leader changed while the plan was %s; the outage is bounded, so blue is unfenced and the plan aborts", plan.Phase))
+}
+
+// abort unfences both sides, cleans up, and moves the plan to aborted.
+func (rt *planRT) abort(ctx context.Context, name string, p agent.Proposer, epoch uint64, reason string) error {
+	rt.d.log.Warn("aborting plan", zap.String("plan", name), zap.String("reason", reason))
+	e, err := p.Intent(ctx, name, "abort", 0)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, pr := range rt.pairs {
+		if err := pr.blueFence.Unfence(ctx, e); err != nil {
+			errs = append(errs, fmt.Errorf("unfence blue of %s: %w", pr.cfg.Name, err))
+		}
+		if err := pr.greenFence.Unfence(ctx, e); err != nil {
+			errs = append(errs, fmt.Errorf("unfence green of %s: %w", pr.cfg.Name, err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		// Blue may still be fenced: keep the plan alive and retry, never
+		// abort with a fence up and nobody in charge.
+		p.Outcome(ctx, name, e, agent.Outcome{OK: false, Detail: err.Error()})
+		return err
+	}
+	return p.Outcome(ctx, name, e, agent.Outcome{OK: true, To: agent.PhaseAborted, Detail: "blue and green unfenced", Reason: reason})
+}
+
+// flip: set up the way back, let green take writes, flip every target.
+func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
+	epoch, err := p.Intent(ctx, plan.Name, "flip", plan.Epoch)
+	if err != nil {
+		return err
+	}
+	if err := rt.d.fault("before flip"); err != nil {
+		return err
+	}
+	// Reverse replication starts while green is still fenced, so that it
+	// begins exactly where blue and green are equal.
+	for _, pr := range rt.pairs {
+		if err := rt.ensureReverse(ctx, pr, epoch); err != nil {
+			return err
+		}
+	}
+	targets, err := buildTargets(rt.spec)
+	if err != nil {
+		return err
+	}
+	positions := map[string]string{}
+	for _, pr := range rt.pairs {
+		positions[pr.cfg.Name] = plan.Facts["marker."+pr.cfg.Name]
+	}
+	f := target.Flip{Plan: plan.Name, From: "blue", To: "green", Epoch: epoch, Positions: positions, At: time.Now().UTC()}
+	// Green takes writes from here; blue stays fenced (invariant 1).
+	if err := rt.forEach(func(pr *pairRT) error { return pr.greenFence.Unfence(ctx, epoch) }); err != nil {
+		return err
+	}
+	outcomes, err := flipWithRetry(ctx, targets, f, log)
+	if err != nil && !anyOK(outcomes) && !errors.Is(err, target.ErrStaleEpoch) && ctx.Err() == nil {
+		// Nothing flipped: close green again and abort cleanly.
+		rt.forEach(func(pr *pairRT) error { return pr.greenFence.Fence(ctx, epoch) })
+		return rt.abort(ctx, plan.Name, p, epoch, "flip failed before any target switched: "+err.Error())
+	}
+	if err != nil {
+		return err
+	}
+	if err := rt.d.fault("after flip"); err != nil {
+		return err
+	}
+	// Blue is fenced and quiet: the forward stream has nothing left to carry.
+	for _, pr := range rt.pairs {
+		if pr.fwd != nil {
+			pr.fwd.Cleanup(ctx)
+			pr.fwd = nil
+		}
+	}
+	return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseSwitched, Detail: fmt.Sprintf("flipped %d targets to green", len(targets)), Reason: "traffic flipped to green", Facts: map[string]string{"flipped_at": f.At.Format(time.RFC3339Nano), "route": "green"}})
+}
+
+func anyOK(outcomes []target.Outcome) bool {
+	for _, o := range outcomes {
+		if o.OK {
+			return true
+		}
+	}
+	return false
+}
+
+// flipWithRetry flips every target; a partial flip is reported loudly and
+// the failed targets are retried until they succeed or ctx ends.
+func flipWithRetry(ctx context.Context, targets []target.Target, f target.Flip, log *zap.Logger) ([]target.Outcome, error) {
+	outcomes, err := target.FlipAll(ctx, targets, f)
+	backoff := 500 * time.Millisecond
+	for {
+		var partial *target.PartialFlipError
+		if !errors.As(err, &partial) {
+			return outcomes, err
+		}
+		log.Error("PARTIAL FLIP: traffic may be split; retrying the failed targets", zap.Error(err))
+		select {
+		case <-ctx.Done():
+			return outcomes, err
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 10*time.Second)
+		var rest []target.Target
+		for _, i := range partial.Failed() {
+			rest = append(rest, targets[i])
+		}
+		var more []target.Outcome
+		more, err = target.FlipAll(ctx, rest, f)
+		outcomes = append(outcomes, more...)
+		if err != nil && !anyOK(more) && !errors.Is(err, target.ErrStaleEpoch) {
+			err = &target.PartialFlipError{Outcomes: append(outcomes[:0:0], more...)}
+		}
+	}
+}
+
+func buildTargets(spec config.Plan) ([]target.Target, error) {
+	var out []target.Target
+	for i, tc := range spec.Switch.Targets {
+		t, err := target.New(tc)
+		if err != nil {
+			return nil, fmt.Errorf("switch target %d: %w", i, err)
+		}
+		out = append(out, t)
+	}
+	return out, nil
+}
+
+// switched: keep the way back open, watch health, and complete when the
+// rollback window closes.
+func (rt *planRT) switched(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
+	for _, pr := range rt.pairs {
+		if err := rt.ensureReverse(ctx, pr, plan.Epoch); err != nil {
+			return err
+		}
+	}
+	flippedAt, err := time.Parse(time.RFC3339Nano, plan.Facts["flipped_at"])
+	if err != nil {
+		flippedAt = plan.Updated
+	}
+	rb := rt.spec.Rollback
+	rt.goBackground(func() {
+		watch := time.Until(flippedAt.Add(rb.Watch.D()))
+		if watch <= 0 || len(rb.Checks) == 0 {
+			return
+		}
+		w := health.Watcher{Checks: healthChecks(rb.Checks), Interval: rb.Interval.D(), Period: watch, Failures: rb.Failures}
+		if err := w.Watch(ctx); err != nil && errors.Is(err, health.ErrUnhealthy) {
+			log.Error("automatic rollback", zap.Error(err))
+			p.Transition(ctx, plan.Name, agent.PhaseRollingBack, plan.Epoch, "automatic rollback: "+err.Error())
+		}
+	}, func() {
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Until(flippedAt.Add(rb.Window.D()))):
+			p.Transition(ctx, plan.Name, agent.PhaseDone, plan.Epoch, "rollback window closed")
+		}
+	})
+	return nil
+}
+
+func healthChecks(cs []config.HealthCheck) []health.Check {
+	var out []health.Check
+	for _, c := range cs {
+		switch c.Type {
+		case "http":
+			out = append(out, health.HTTP{URL: c.URL, Status: c.Status, MaxLatency: c.MaxLatency.D()})
+		case "query":
+			out = append(out, health.Query{DSN: c.DSN.Reveal(), SQL: c.Query, Max: c.Max})
+		}
+	}
+	return out
+}
+
+// rollback: fence green, prove through the reverse stream that blue has
+// every write green acknowledged, flip back, unfence blue.
+func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
+	epoch, err := p.Intent(ctx, plan.Name, "rollback", plan.Epoch)
+	if err != nil {
+		return err
+	}
+	for _, pr := range rt.pairs {
+		if err := rt.ensureReverse(ctx, pr, plan.Epoch); err != nil {
+			return err
+		}
+	}
+	grace := rt.spec.Fence.DrainGrace.D()
+	err = rt.forEach(func(pr *pairRT) error {
+		if err := pr.greenFence.Fence(ctx, epoch); err != nil {
+			return err
+		}
+		d, err := pr.greenFence.Drain(ctx, epoch, grace)
+		if err != nil {
+			return err
+		}
+		if _, err := pr.rev.WaitMarker(ctx, d.Marker.Nonce); err != nil {
+			return err
+		}
+		return pr.rev.SyncSequences(ctx)
+	})
+	if err != nil {
+		return err
+	}
+	targets, err := buildTargets(rt.spec)
+	if err != nil {
+		return err
+	}
+	f := target.Flip{Plan: plan.Name, From: "green", To: "blue", Epoch: epoch, At: time.Now().UTC()}
+	if _, err := flipWithRetry(ctx, targets, f, log); err != nil {
+		return err
+	}
+	if err := rt.forEach(func(pr *pairRT) error { return pr.blueFence.Unfence(ctx, epoch) }); err != nil {
+		return err
+	}
+	return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseRolledBack, Detail: "traffic back on blue; nothing written on green is lost", Reason: "rolled back", Facts: map[string]string{"route": "blue", "rolled_back_at": f.At.Format(time.RFC3339Nano)}})
+}
+
+// finalizePair releases a finished plan's slots and publications.
+func finalizePair(ctx context.Context, d *Driver, spec config.Plan, pair config.Pair, plan agent.Plan) error {
+	var errs []error
+	for _, pc := range []config.Pair{pair, reversePair(pair)} {
+		if _, err := rpg.Cleanup(ctx, spec.Name, pc, d.log); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// verify runs one verification pass on a pair and writes its report.
+func (rt *planRT) verify(ctx context.Context, pr *pairRT, pass consistency.Pass) (*consistency.Report, error) {
+	par := max(rt.spec.Verify.Parallel, 1)
+	blue, err := cpg.Open(ctx, pr.cfg.Blue.DSN.Reveal(), par+2)
+	if err != nil {
+		return nil, err
+	}
+	defer blue.Close()
+	green, err := cpg.Open(ctx, pr.cfg.Green.DSN.Reveal(), par+2)
+	if err != nil {
+		return nil, err
+	}
+	defer green.Close()
+	v := consistency.NewVerifier(blue, green, consistency.Options{
+		Plan: rt.spec.Name, BlueDSN: pr.cfg.Blue.DSN.String(), GreenDSN: pr.cfg.Green.DSN.String(),
+		ChunkTime: rt.spec.Verify.ChunkTime.D(), Parallel: par, MaxRowsPerSecond: rt.spec.Verify.MaxRowsPerSecond,
+		Logger: rt.d.log.With(zap.String("pair", pr.cfg.Name), zap.String("pass", string(pass))),
+	})
+	var rep *consistency.Report
+	switch pass {
+	case consistency.PassOnline:
+		rep, err = v.Online(ctx, pr.tables, waiter{pr}, pr.dirty)
+	case consistency.PassDirty:
+		rep, err = v.Dirty(ctx, pr.tables, pr.dirty)
+	default:
+		rep, err = v.Full(ctx, pr.tables)
+	}
+	if rep != nil {
+		name := fmt.Sprintf("%s-%s-%s-%s", rt.spec.Name, pr.cfg.Name, pass, time.Now().UTC().Format("20060102T150405.000"))
+		if _, werr := rt.d.writeReport(name, func(j, h string) error { return writeReportFiles(rep, j, h) }); werr != nil {
+			rt.d.log.Warn("write consistency report", zap.Error(werr))
+		}
+	}
+	return rep, err
+}
+
+// waiter lets an online pass compare a chunk after green has applied past
+// the position at which blue was read.
+type waiter struct{ pr *pairRT }
+
+func (w waiter) BluePosition(ctx context.Context) (string, error) {
+	var lsn string
+	err := w.pr.bluePool.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&lsn)
+	return lsn, err
+}
+
+func (w waiter) WaitGreenApplied(ctx context.Context, pos string) error {
+	want, err := pglogrepl.ParseLSN(pos)
+	if err != nil {
+		return err
+	}
+	// The heartbeat commits on blue every few hundred ms, so the applied
+	// position passes any position blue had.
+	for w.pr.fwd.Applied() < want {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-w.pr.fwd.Done():
+			return fmt.Errorf("replication stopped: %v", w.pr.fwd.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+func describe(rep *consistency.Report) string {
+	var parts []string
+	for _, t := range rep.Tables {
+		for _, d := range t.Differences {
+			parts = append(parts, fmt.Sprintf("%s %s key %v", t.Name, d.Kind, d.Key))
+			if len(parts) >= 5 {
+				break
+			}
+		}
+	}
+	if len(parts) == 0 {
+		return string(rep.Verdict)
+	}
+	return string(rep.Verdict) + ": " + strings.Join(parts, "; ")
+}

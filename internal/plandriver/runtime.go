@@ -1,0 +1,314 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/zap"
+
+	"github.com/cutover/cutover/consistency"
+	"github.com/cutover/cutover/fencing"
+	fpg "github.com/cutover/cutover/fencing/postgres"
+	"github.com/cutover/cutover/internal/config"
+	"github.com/cutover/cutover/internal/redact"
+	rpg "github.com/cutover/cutover/replication/postgres"
+)
+
+// planRT is what the leader holds for one plan during one term.
+type planRT struct {
+	ctx   context.Context // the term's context for this plan
+	d     *Driver
+	spec  config.Plan
+	pairs []*pairRT
+
+	onlineClean bool // this term's online verification passed
+
+	// Background work of the switched phase (health watch, window timer);
+	// bgMu orders starting it with close waiting for it.
+	bgMu      sync.Mutex
+	bgStarted bool
+	closed    bool
+	bg        sync.WaitGroup
+}
+
+// goBackground runs each fn once per term in its own goroutine, owned by
+// the runtime: close waits for them.
+func (rt *planRT) goBackground(fns ...func()) {
+	rt.bgMu.Lock()
+	defer rt.bgMu.Unlock()
+	if rt.bgStarted || rt.closed {
+		return
+	}
+	rt.bgStarted = true
+	for _, fn := range fns {
+		rt.bg.Add(1)
+		go func() { defer rt.bg.Done(); fn() }()
+	}
+}
+
+// pairRT is what the leader holds for one pair.
+type pairRT struct {
+	cfg    config.Pair
+	tables []string
+
+	bluePool, greenPool *pgxpool.Pool
+	blueFence           *fpg.Fencer
+	greenFence          *fpg.Fencer
+
+	dirty *consistency.DirtySet
+	fwd   *rpg.Replicator // blue -> green
+	rev   *rpg.Replicator // green -> blue, after the flip
+
+	marker    fencing.Marker
+	markerLSN pglogrepl.LSN
+}
+
+func newPlanRT(ctx context.Context, d *Driver, spec config.Plan) (*planRT, error) {
+	rt := &planRT{ctx: ctx, d: d, spec: spec}
+	for _, pc := range spec.Pairs {
+		if pc.Engine != config.Postgres {
+			rt.close()
+			return nil, fmt.Errorf("pair %s: the plan driver supports postgres pairs; %s is not supported yet", pc.Name, pc.Engine)
+		}
+		pr := &pairRT{cfg: pc, dirty: consistency.NewDirtySet(0)}
+		rt.pairs = append(rt.pairs, pr)
+		var err error
+		if pr.bluePool, err = openPool(ctx, pc.Blue.DSN, "blue"); err != nil {
+			rt.close()
+			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
+		}
+		if pr.greenPool, err = openPool(ctx, pc.Green.DSN, "green"); err != nil {
+			rt.close()
+			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
+		}
+		if pr.tables, err = scopeTables(ctx, pr.bluePool, pc.Scope); err != nil {
+			rt.close()
+			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
+		}
+		log := d.log.With(zap.String("plan", spec.Name))
+		pr.blueFence = fpg.New(pr.bluePool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.tables, Roles: pc.FenceRoles, Logger: log.With(zap.String("side", "blue"))})
+		pr.greenFence = fpg.New(pr.greenPool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.tables, Roles: pc.FenceRoles, Logger: log.With(zap.String("side", "green"))})
+		// Everything that can happen before the fence happens here.
+		if err := pr.blueFence.Prepare(ctx); err != nil {
+			rt.close()
+			return nil, fmt.Errorf("pair %s: blue: %w", pc.Name, err)
+		}
+		if err := pr.greenFence.Prepare(ctx); err != nil {
+			rt.close()
+			return nil, fmt.Errorf("pair %s: green: %w", pc.Name, err)
+		}
+	}
+	return rt, nil
+}
+
+func openPool(ctx context.Context, dsn config.DSN, side string) (*pgxpool.Pool, error) {
+	cfg, err := pgxpool.ParseConfig(dsn.Reveal())
+	if err != nil {
+		return nil, fmt.Errorf("%s: %s", side, redact.Text(err.Error()))
+	}
+	cfg.MaxConns = 6
+	cfg.ConnConfig.RuntimeParams["application_name"] = "cutover-driver"
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %s", side, redact.Text(err.Error()))
+	}
+	if err := pool.Ping(ctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("%s: %s", side, redact.Text(err.Error()))
+	}
+	return pool, nil
+}
+
+// scopeTables lists the tables a pair's scope names on blue, as
+// schema.table, the way the replication engine reads the scope.
+func scopeTables(ctx context.Context, pool *pgxpool.Pool, scope config.Scope) ([]string, error) {
+	rows, err := pool.Query(ctx, `
+		SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+		  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'cutover')
+		  AND n.nspname NOT LIKE 'pg\_toast%' AND n.nspname NOT LIKE 'pg\_temp%'
+		ORDER BY 1, 2`)
+	if err != nil {
+		return nil, fmt.Errorf("list tables: %w", err)
+	}
+	qualify := func(s string) string {
+		if strings.Contains(s, ".") {
+			return s
+		}
+		return "public." + s
+	}
+	want := map[string]bool{}
+	for _, t := range scope.Tables {
+		want[qualify(t)] = true
+	}
+	schemas := map[string]bool{}
+	for _, s := range scope.Schemas {
+		schemas[s] = true
+	}
+	excluded := map[string]bool{}
+	for _, t := range scope.ExcludeTables {
+		excluded[qualify(t)] = true
+	}
+	var out []string
+	for rows.Next() {
+		var schema, name string
+		if err := rows.Scan(&schema, &name); err != nil {
+			return nil, err
+		}
+		full := schema + "." + name
+		switch {
+		case excluded[full]:
+		case len(want) > 0 || len(schemas) > 0:
+			if want[full] || schemas[schema] {
+				out = append(out, full)
+			}
+		default:
+			out = append(out, full)
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list tables: %w", err)
+	}
+	if len(out) == 0 {
+		return nil, errors.New("no table in scope on blue")
+	}
+	return out, nil
+}
+
+// close stops everything this term started for the plan. Fences stay as
+// they are: the next leader decides.
+func (rt *planRT) close() {
+	rt.bgMu.Lock()
+	rt.closed = true
+	rt.bgMu.Unlock()
+	rt.bg.Wait()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, pr := range rt.pairs {
+		for _, r := range []*rpg.Replicator{pr.fwd, pr.rev} {
+			if r != nil {
+				r.Stop(ctx)
+			}
+		}
+		for _, p := range []*pgxpool.Pool{pr.bluePool, pr.greenPool} {
+			if p != nil {
+				p.Close()
+			}
+		}
+	}
+}
+
+func reversePair(p config.Pair) config.Pair {
+	return config.Pair{Name: p.Name + "-rev", Engine: p.Engine, Blue: p.Green, Green: p.Blue, Scope: p.Scope, FenceRoles: p.FenceRoles}
+}
+
+// ensureForward starts (or resumes) blue -> green replication.
+func (rt *planRT) ensureForward(ctx context.Context, pr *pairRT, epoch uint64) error {
+	if pr.fwd != nil {
+		select {
+		case <-pr.fwd.Done():
+			err := pr.fwd.Err()
+			pr.fwd = nil
+			if err != nil {
+				return fmt.Errorf("replication of %s stopped: %w", pr.cfg.Name, err)
+			}
+		default:
+			return nil
+		}
+	}
+	r, err := rpg.New(rpg.Options{
+		Plan: rt.spec.Name, Pair: pr.cfg, Epoch: epoch,
+		Logger:        rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name)),
+		Registerer:    rt.d.opts.Registerer,
+		OnRowChange:   pr.dirty.MarkChanged,
+		MaxBatchDelay: 5 * time.Millisecond,
+	})
+	if err != nil {
+		return err
+	}
+	if err := r.Start(rt.ctx); err != nil {
+		return fmt.Errorf("start replication of %s: %w", pr.cfg.Name, err)
+	}
+	pr.fwd = r
+	return nil
+}
+
+// ensureReverse starts (or resumes) green -> blue replication. It must
+// first be called while both sides are fenced and equal: the reverse
+// stream then starts at that point, without a copy.
+func (rt *planRT) ensureReverse(ctx context.Context, pr *pairRT, epoch uint64) error {
+	if pr.rev != nil {
+		select {
+		case <-pr.rev.Done():
+			err := pr.rev.Err()
+			pr.rev = nil
+			if err != nil {
+				return fmt.Errorf("reverse replication of %s stopped: %w", pr.cfg.Name, err)
+			}
+		default:
+			return nil
+		}
+	}
+	r, err := rpg.New(rpg.Options{
+		Plan: rt.spec.Name, Pair: reversePair(pr.cfg), Epoch: epoch,
+		Logger:        rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name), zap.String("direction", "reverse")),
+		SkipCopy:      true,
+		MaxBatchDelay: 5 * time.Millisecond,
+	})
+	if err != nil {
+		return err
+	}
+	if err := r.Start(rt.ctx); err != nil {
+		return fmt.Errorf("start reverse replication of %s: %w", pr.cfg.Name, err)
+	}
+	pr.rev = r
+	return nil
+}
+
+// forEach runs fn for every pair at once and joins the errors.
+func (rt *planRT) forEach(fn func(pr *pairRT) error) error {
+	errs := make([]error, len(rt.pairs))
+	var wg sync.WaitGroup
+	for i, pr := range rt.pairs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := fn(pr); err != nil {
+				errs[i] = fmt.Errorf("pair %s: %w", pr.cfg.Name, err)
+			}
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// waitStreaming waits until every forward replicator has finished its copy.
+func (rt *planRT) waitStreaming(ctx context.Context) error {
+	for {
+		done := true
+		for _, pr := range rt.pairs {
+			select {
+			case <-pr.fwd.Done():
+				return fmt.Errorf("replication of %s stopped: %v", pr.cfg.Name, pr.fwd.Err())
+			default:
+			}
+			if pr.fwd.Status().Phase != rpg.PhaseStreaming {
+				done = false
+			}
+		}
+		if done {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
