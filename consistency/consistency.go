@@ -228,9 +228,14 @@ type Database interface {
 // it is re-checked a few times and otherwise left dirty for the pass inside
 // the fence.
 //
-// For this to hold, the replication engine must call the DirtySet's
-// MarkChanged for a change before green's applied position can pass that
-// change's position (in the apply transaction, or before it commits).
+// For this to hold, the DirtySet's MarkChanged must have been called for
+// a change by the time the verifier looks for changes, which is several
+// round trips after WaitGreenApplied returned: the rows of a persistent
+// difference are fetched again from both sides before anything is
+// reported. replication/postgres calls its OnRowChange hook right after
+// each green commit, on the applier goroutine, which is within that
+// margin; WaitGreenApplied is safest when it only advances past a commit
+// once the hook calls for that commit have returned.
 //
 // Both methods may block and are called from several goroutines at once;
 // they must honour ctx.

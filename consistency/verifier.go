@@ -306,8 +306,21 @@ func (v *Verifier) start(ctx context.Context, pass Pass, names []string, d *Dirt
 		return nil, nil, fmt.Errorf("%w: %s: rows cannot be chunked or matched without one; add a primary key or leave the table out (--tables)",
 			ErrNoPrimaryKey, strings.Join(noKey, ", "))
 	}
-	if len(names) > 0 && len(tb) == 0 {
-		return nil, nil, fmt.Errorf("no table named %s on blue", strings.Join(names, ", "))
+	var unknown []string
+	for _, name := range names {
+		found := false
+		for _, t := range tb {
+			if t.Name == name || strings.HasSuffix(t.Name, "."+name) {
+				found = true
+				break
+			}
+		}
+		if !found {
+			unknown = append(unknown, name)
+		}
+	}
+	if len(unknown) > 0 {
+		return nil, nil, fmt.Errorf("no table named %s on blue", strings.Join(unknown, ", "))
 	}
 	greenByName := make(map[string]*Table, len(tg))
 	for _, t := range tg {

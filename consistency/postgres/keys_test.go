@@ -100,6 +100,23 @@ func TestKeysOfEveryShapeAreChunkedAndMatched(t *testing.T) {
 		}
 	})
 
+	t.Run("a table name that does not exist on blue is refused", func(t *testing.T) {
+		v := consistency.NewVerifier(p.blueDB, p.greenDB, opts)
+		_, err := v.Full(context.Background(), []string{"gaps", "nosuch"})
+		if err == nil || !strings.Contains(err.Error(), "nosuch") || strings.Contains(err.Error(), "gaps") {
+			t.Fatalf("err = %v, want one naming nosuch only", err)
+		}
+	})
+
+	t.Run("a table missing on green is a difference", func(t *testing.T) {
+		exec(t, p.blue, "CREATE TABLE only_blue (id int PRIMARY KEY)")
+		t.Cleanup(func() { exec(t, p.blue, "DROP TABLE only_blue") })
+		rep := p.verify(t, opts, "only_blue", "gaps")
+		if rep.Verdict != consistency.Different || len(rep.Tables) != 2 || rep.Tables[0].Schema[0] != "table missing on green" {
+			t.Fatalf("verdict %s, tables %+v", rep.Verdict, rep.Tables[0])
+		}
+	})
+
 	t.Run("schema differences are reported, not compared", func(t *testing.T) {
 		exec(t, p.green, "ALTER TABLE gaps ALTER v TYPE varchar(40); ALTER TABLE gaps ADD extra int")
 		t.Cleanup(func() { exec(t, p.green, "ALTER TABLE gaps DROP extra; ALTER TABLE gaps ALTER v TYPE text") })

@@ -40,9 +40,19 @@ var sessionSettings = map[string]string{
 	"application_name":                "cutover-verify",
 }
 
-// DB is one side, over a pool of connections with sessionSettings.
+// hashSettings are added for the connections that hash chunks. A chunk is
+// a key range of thousands to millions of rows: a bitmap heap scan reads
+// its pages once each, in physical order, faster than an index scan
+// visiting rows in key order, and far faster when key order and physical
+// order disagree (uuid keys). Boundaries need index-only scans, which
+// enable_indexscan=off would also turn off: they use the other pool.
+var hashSettings = map[string]string{"enable_indexscan": "off"}
+
+// DB is one side, over two pools of connections with sessionSettings:
+// one hashes chunks, the other walks boundaries and fetches rows.
 type DB struct {
-	pool *pgxpool.Pool
+	pool     *pgxpool.Pool
+	hashPool *pgxpool.Pool
 
 	mu sync.Mutex
 	// partitioned holds the partitioned tables Describe saw on this
@@ -55,6 +65,19 @@ type DB struct {
 // it the verifier's Parallel plus 2: the boundary walk and positions).
 // The DSN is never included in errors.
 func Open(ctx context.Context, dsn string, maxConns int) (*DB, error) {
+	pool, err := openPool(ctx, dsn, maxConns, nil)
+	if err != nil {
+		return nil, err
+	}
+	hashPool, err := openPool(ctx, dsn, maxConns, hashSettings)
+	if err != nil {
+		pool.Close()
+		return nil, err
+	}
+	return &DB{pool: pool, hashPool: hashPool, partitioned: make(map[string]bool)}, nil
+}
+
+func openPool(ctx context.Context, dsn string, maxConns int, extra map[string]string) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(dsn)
 	if err != nil {
 		// pgx's parse errors can quote the DSN; keep only the kind.
@@ -66,6 +89,9 @@ func Open(ctx context.Context, dsn string, maxConns int) (*DB, error) {
 	for k, v := range sessionSettings {
 		cfg.ConnConfig.RuntimeParams[k] = v
 	}
+	for k, v := range extra {
+		cfg.ConnConfig.RuntimeParams[k] = v
+	}
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect: %w", err)
@@ -74,11 +100,14 @@ func Open(ctx context.Context, dsn string, maxConns int) (*DB, error) {
 		pool.Close()
 		return nil, fmt.Errorf("connect: %w", err)
 	}
-	return &DB{pool: pool, partitioned: make(map[string]bool)}, nil
+	return pool, nil
 }
 
-// Close closes the pool.
-func (db *DB) Close() { db.pool.Close() }
+// Close closes the pools.
+func (db *DB) Close() {
+	db.pool.Close()
+	db.hashPool.Close()
+}
 
 // Fingerprint checks the server version and returns the server encoding
 // and a probe hash: sides with different encodings, or whose hash
@@ -123,7 +152,7 @@ func (db *DB) Checksum(ctx context.Context, t *consistency.Table, s consistency.
 	sql := `SELECT count(*), coalesce(sum(hashint8extended(h, h)), 0)::text FROM (SELECT ` +
 		q.rowHash() + ` AS h FROM ` + q.from() + ` WHERE ` + where + ` OFFSET 0) s`
 	var d consistency.Digest
-	if err := db.pool.QueryRow(ctx, sql, q.args...).Scan(&d.Rows, &d.Hash); err != nil {
+	if err := db.hashPool.QueryRow(ctx, sql, q.args...).Scan(&d.Rows, &d.Hash); err != nil {
 		return d, err
 	}
 	return d, nil
