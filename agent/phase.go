@@ -74,11 +74,14 @@ func (p Phase) Terminal() bool {
 // only when the committed phase is authorized or switched).
 func (p Phase) GateOpen() bool { return p == PhaseAuthorized || p == PhaseSwitched }
 
-// abortable: any phase before authorized. From authorized on, targets may
-// already have flipped, so only a rollback (after switched) undoes it.
+// abortable: any phase up to authorized. Authorized may abort because a
+// flip that failed on every target must end cleanly (DESIGN: "a failed flip
+// before any target succeeded aborts cleanly"); green is still fenced then,
+// so even a tool that already acted on the open gate cannot make both sides
+// writable. From switched on, only a rollback undoes the flip.
 func (p Phase) abortable() bool {
 	i := slices.Index(forward, p)
-	return i >= 0 && i < slices.Index(forward, PhaseAuthorized)
+	return i >= 0 && i <= slices.Index(forward, PhaseAuthorized)
 }
 
 // Next lists the phases p may move to.
@@ -117,7 +120,7 @@ func checkTransition(from, to Phase) string {
 		if from.abortable() {
 			return ""
 		}
-		return fmt.Sprintf("only a phase before authorized can abort; from %s traffic may already be flipping (roll back after switched)", from)
+		return fmt.Sprintf("only a phase up to authorized can abort; from %s traffic has flipped (roll back instead)", from)
 	}
 	switch from {
 	case PhaseSwitched:

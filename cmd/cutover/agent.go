@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
 
 	"github.com/cutover/cutover/agent"
+	"github.com/cutover/cutover/agent/driver"
 	"github.com/cutover/cutover/internal/config"
 	"github.com/cutover/cutover/internal/logging"
 )
@@ -83,9 +85,9 @@ to stop cleanly.`,
 	return cmd
 }
 
-// agentConfig maps the configuration file to the agent's settings. Plug a
-// plan driver in here (ac.Driver); without one, steps are driven through
-// the API.
+// agentConfig maps the configuration file to the agent's settings. The
+// plan driver runs the database steps on the leader; its consistency
+// reports go to the data directory.
 func agentConfig(c *config.Config, log *zap.Logger) (agent.Config, error) {
 	a := c.Agent
 	ac := agent.Config{
@@ -102,6 +104,10 @@ func agentConfig(c *config.Config, log *zap.Logger) (agent.Config, error) {
 		ReadToken:         a.API.Tokens.Read,
 		Plans:             c.Plans,
 		Logger:            log,
+		Driver: driver.New(driver.Options{
+			Logger:    log,
+			ReportDir: filepath.Join(a.DataDir, "reports"),
+		}),
 	}
 	for _, p := range a.Raft.Peers {
 		ac.Peers = append(ac.Peers, agent.Peer{ID: p.ID, Address: p.Address, API: p.API})

@@ -15,6 +15,7 @@ import (
 	"github.com/cutover/cutover/consistency"
 	cpg "github.com/cutover/cutover/consistency/postgres"
 	"github.com/cutover/cutover/fencing"
+	fpg "github.com/cutover/cutover/fencing/postgres"
 	"github.com/cutover/cutover/internal/config"
 	rpg "github.com/cutover/cutover/replication/postgres"
 	"github.com/cutover/cutover/switch/health"
@@ -522,7 +523,9 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 	return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseRolledBack, Detail: "traffic back on blue; nothing written on green is lost", Reason: "rolled back", Facts: map[string]string{"route": "blue", "rolled_back_at": f.At.Format(time.RFC3339Nano)}})
 }
 
-// finalizePair releases a finished plan's slots and publications.
+// finalizePair releases a finished plan's slots and publications in both
+// directions, and unfences both sides of an aborted plan (an operator may
+// abort a fenced plan through the API).
 func finalizePair(ctx context.Context, d *Driver, spec config.Plan, pair config.Pair, plan agent.Plan) error {
 	var errs []error
 	for _, pc := range []config.Pair{pair, reversePair(pair)} {
@@ -530,7 +533,37 @@ func finalizePair(ctx context.Context, d *Driver, spec config.Plan, pair config.
 			errs = append(errs, err)
 		}
 	}
+	if plan.Phase == agent.PhaseAborted {
+		for _, side := range []struct {
+			name string
+			dsn  config.DSN
+		}{{"blue", pair.Blue.DSN}, {"green", pair.Green.DSN}} {
+			if err := unfenceSide(ctx, d, spec, pair, side.name, side.dsn, plan.Epoch); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
 	return errors.Join(errs...)
+}
+
+func unfenceSide(ctx context.Context, d *Driver, spec config.Plan, pair config.Pair, side string, dsn config.DSN, epoch uint64) error {
+	pool, err := openPool(ctx, dsn, side)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	tables, err := scopeTables(ctx, pool, pair.Scope)
+	if err != nil {
+		return fmt.Errorf("%s: %w", side, err)
+	}
+	f := fpg.New(pool, fpg.Options{Plan: spec.Name, Pair: pair.Name, Tables: tables, Roles: pair.FenceRoles, Logger: d.log.With(zap.String("side", side))})
+	if err := f.Prepare(ctx); err != nil {
+		return fmt.Errorf("%s: %w", side, err)
+	}
+	if err := f.Unfence(ctx, epoch); err != nil && !errors.Is(err, fencing.ErrStaleEpoch) {
+		return fmt.Errorf("%s: %w", side, err)
+	}
+	return nil
 }
 
 // verify runs one verification pass on a pair and writes its report.
