@@ -65,6 +65,7 @@ opens the gate that authorizes the traffic flip.`,
 		newVerifyCmd(g), newReportCmd(g),
 		newReplicateCmd(g), newCleanupCmd(g),
 		newAgentCmd(g), newStatusCmd(g), newGateCmd(g), newPlanCmd(g), newMembersCmd(g),
+		newStartCmd(g), newAbortCmd(g), newRollbackCmd(g), newCompleteCmd(g), newDemoCmd(g),
 	)
 	return root
 }

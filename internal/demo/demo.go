@@ -1,0 +1,522 @@
+// Package demo runs a whole cutover on this machine: a blue and a green
+// PostgreSQL and a Redis for the routing key (throwaway instances from the
+// integration harness), three `cutover agent` processes, and an application
+// load that follows the routing key. It prints a timeline and ends with a
+// one-line JSON summary. `cutover demo` runs it; so does the end-to-end test.
+package demo
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/cutover/cutover/agent"
+	"github.com/cutover/cutover/agent/client"
+	"github.com/cutover/cutover/integration"
+	"github.com/cutover/cutover/integration/load"
+)
+
+// Options shape a demo run.
+type Options struct {
+	// Binary is the cutover executable that runs the agents.
+	Binary string
+	// Rollback also rolls back after the flip.
+	Rollback bool
+	// Writers is the number of application sessions (default 8).
+	Writers int
+	// Accounts sizes the application's tables (default 20000).
+	Accounts int
+	// ReportDir receives the consistency reports (default ./cutover-demo-report).
+	ReportDir string
+	// KeepDir keeps the agents' directories and logs for inspection.
+	KeepDir bool
+	// OnPhase, when set, is called with the leader's process each time a
+	// new phase is seen; the end-to-end test kills the leader there.
+	OnPhase func(phase agent.Phase, leader *Agent)
+}
+
+// Summary is the demo's last line.
+type Summary struct {
+	Phase              string `json:"phase"`
+	OutageMS           int64  `json:"outage_ms"`
+	RowsVerified       int64  `json:"rows_verified"`
+	WritesAcknowledged int    `json:"writes_acknowledged"`
+	WritesMissing      int    `json:"writes_missing"`
+	WritesOnGreen      int    `json:"writes_on_green"`
+	BothWritable       int    `json:"both_writable_samples"`
+	GateOpen           bool   `json:"gate_open"`
+	Route              string `json:"route"`
+	RolledBack         bool   `json:"rolled_back,omitempty"`
+	MissingOnBlue      int    `json:"writes_missing_on_blue_after_rollback,omitempty"`
+	Report             string `json:"report,omitempty"`
+}
+
+// Agent is one agent process.
+type Agent struct {
+	ID     string
+	API    string
+	Config string
+	Log    string
+	cmd    *exec.Cmd
+	exited chan struct{}
+}
+
+// Kill ends the agent at once (SIGKILL).
+func (a *Agent) Kill() {
+	if a.cmd != nil && a.cmd.Process != nil {
+		a.cmd.Process.Kill()
+		<-a.exited
+	}
+}
+
+const (
+	planName = "demo"
+	routeKey = "cutover:demo:route"
+	appUser  = "app"
+	appPass  = "app-demo-password"
+)
+
+// Run runs the demo, writing the timeline to w.
+func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
+	if opts.Writers <= 0 {
+		opts.Writers = 8
+	}
+	if opts.Accounts <= 0 {
+		opts.Accounts = 20000
+	}
+	if opts.ReportDir == "" {
+		opts.ReportDir = "cutover-demo-report"
+	}
+	start := time.Now()
+	say := func(format string, args ...any) {
+		fmt.Fprintf(w, "%6.2fs  %s\n", time.Since(start).Seconds(), fmt.Sprintf(format, args...))
+	}
+	dir, err := os.MkdirTemp("", "cutover-demo-")
+	if err != nil {
+		return nil, err
+	}
+	if !opts.KeepDir {
+		defer os.RemoveAll(dir)
+	}
+
+	// Databases.
+	blue, err := integration.StartPostgres(ctx, integration.PostgresOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("start blue: %w", err)
+	}
+	defer blue.Stop(context.Background())
+	say("blue  PostgreSQL on 127.0.0.1:%d (started in %s)", blue.Port, blue.StartupDuration.Round(time.Millisecond))
+	green, err := integration.StartPostgres(ctx, integration.PostgresOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("start green: %w", err)
+	}
+	defer green.Stop(context.Background())
+	say("green PostgreSQL on 127.0.0.1:%d (started in %s)", green.Port, green.StartupDuration.Round(time.Millisecond))
+	rds, err := integration.StartRedis(ctx, integration.RedisOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("start redis: %w", err)
+	}
+	defer rds.Stop(context.Background())
+	say("Redis (routing key %s) on %s", routeKey, rds.Addr())
+	if err := setupDatabases(ctx, blue, green, opts.Accounts); err != nil {
+		return nil, err
+	}
+	say("schema on both sides; %d accounts on blue; application role %q", opts.Accounts, appUser)
+
+	// Agents.
+	token := randomToken()
+	agents, err := startAgents(ctx, opts.Binary, dir, token, blue, green, rds)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		for _, a := range agents {
+			a.Kill()
+		}
+	}()
+	clients := make([]*client.Client, len(agents))
+	for i, a := range agents {
+		clients[i] = client.New(a.API, token)
+	}
+	leaderOf := func() *Agent {
+		for i, c := range clients {
+			cctx, cancel := context.WithTimeout(ctx, time.Second)
+			st, err := c.Status(cctx)
+			cancel()
+			if err == nil && st.Leader != "" {
+				for _, a := range agents {
+					if a.ID == st.Leader {
+						return a
+					}
+				}
+			}
+			_ = i
+		}
+		return nil
+	}
+	var leader *Agent
+	for deadline := time.Now().Add(30 * time.Second); leader == nil; {
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("no agent leader after 30s; logs in %s", dir)
+		}
+		time.Sleep(100 * time.Millisecond)
+		leader = leaderOf()
+	}
+	say("3 agents up; leader %s", leader.ID)
+
+	// The application: writers that follow the routing key.
+	rdb := redis.NewClient(&redis.Options{Addr: rds.Addr()})
+	defer rdb.Close()
+	var route atomic.Value
+	route.Store("blue")
+	appCtx, stopApp := context.WithCancel(ctx)
+	defer stopApp()
+	go func() {
+		for appCtx.Err() == nil {
+			if v, err := rdb.Get(appCtx, routeKey).Result(); err == nil {
+				route.Store(v)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}()
+	blueApp, greenApp := blue.DSNFor("cutover", appUser, appPass), green.DSNFor("cutover", appUser, appPass)
+	target := func() string {
+		if route.Load() == "green" {
+			return greenApp
+		}
+		return blueApp
+	}
+	l := load.Start(appCtx, load.Options{Run: "demo", Target: target, Writers: opts.Writers, Accounts: opts.Accounts, Think: 2 * time.Millisecond})
+	say("application: %d writers on blue, following the routing key", opts.Writers)
+
+	api := clients[0]
+	if _, err := api.CreatePlan(ctx, agent.CreatePlanRequest{ConfigPlan: planName, Reason: "demo"}); err != nil {
+		return nil, fmt.Errorf("create plan: %w", err)
+	}
+	if _, err := api.Start(ctx, planName, "demo"); err != nil {
+		return nil, fmt.Errorf("start plan: %w", err)
+	}
+	say("plan %q started", planName)
+
+	var prober *load.Prober
+	seen := map[agent.Phase]time.Time{}
+	var last agent.Phase
+	watch := func(until ...agent.Phase) (agent.PlanInfo, error) {
+		deadline := time.Now().Add(3 * time.Minute)
+		for {
+			var p agent.PlanInfo
+			var err error
+			for _, c := range clients {
+				cctx, cancel := context.WithTimeout(ctx, time.Second)
+				p, err = c.Plan(cctx, planName)
+				cancel()
+				if err == nil {
+					break
+				}
+			}
+			if err == nil && p.Phase != last {
+				last = p.Phase
+				seen[p.Phase] = time.Now()
+				say("phase %-12s epoch %-5d %s", p.Phase, p.Epoch, p.Reason)
+				if p.Phase != agent.PhaseCopying && prober == nil {
+					// Green is fenced from the plan's first step: from here
+					// on, the application must never write to both sides.
+					prober = load.StartProber(appCtx, blueApp, greenApp, 10*time.Millisecond)
+				}
+				if opts.OnPhase != nil {
+					opts.OnPhase(p.Phase, leaderOf())
+				}
+				for _, u := range until {
+					if p.Phase == u {
+						return p, nil
+					}
+				}
+			}
+			if time.Now().After(deadline) {
+				return p, fmt.Errorf("plan stuck in %s; logs in %s", last, dir)
+			}
+			select {
+			case <-ctx.Done():
+				return p, ctx.Err()
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}
+	p, err := watch(agent.PhaseSwitched, agent.PhaseAborted)
+	if err != nil {
+		return nil, err
+	}
+	sum := &Summary{Phase: string(p.Phase)}
+	if p.Phase == agent.PhaseSwitched {
+		// The gate as a deployment tool sees it after the flip.
+		if g, err := api.Gate(ctx, planName); err == nil {
+			sum.GateOpen = g.Open
+		}
+		time.Sleep(time.Second) // the application now writes on green
+	}
+	if opts.Rollback && p.Phase == agent.PhaseSwitched {
+		if _, err := api.Transition(ctx, planName, agent.TransitionRequest{To: agent.PhaseRollingBack, Reason: "demo --rollback"}); err != nil {
+			return nil, fmt.Errorf("rollback: %w", err)
+		}
+		if p, err = watch(agent.PhaseRolledBack); err != nil {
+			return nil, err
+		}
+		sum.Phase, sum.RolledBack = string(p.Phase), true
+		time.Sleep(500 * time.Millisecond) // the application writes on blue again
+	}
+	receipts, refused := l.Stop()
+	var samples []load.Sample
+	if prober != nil {
+		samples = prober.Stop()
+	}
+	stopApp()
+
+	if p.Phase == agent.PhaseSwitched {
+		if _, err := api.Transition(ctx, planName, agent.TransitionRequest{To: agent.PhaseDone, Reason: "demo complete"}); err == nil {
+			p, _ = watch(agent.PhaseDone)
+			sum.Phase = string(p.Phase)
+		}
+	}
+
+	// The outage: from the fence's intent to the gate opening, by the
+	// leader's clock, from the audit log.
+	audit, _ := api.Audit(ctx, planName, 0)
+	var fenceAt, openAt time.Time
+	for _, e := range audit {
+		if e.Op == agent.OpIntent && e.Step == "fence" && e.Refused == "" {
+			fenceAt = e.At
+		}
+		if e.To == agent.PhaseAuthorized && e.Refused == "" && openAt.IsZero() {
+			openAt = e.At
+		}
+	}
+	if !fenceAt.IsZero() && !openAt.IsZero() {
+		sum.OutageMS = openAt.Sub(fenceAt).Milliseconds()
+	}
+	if v, err := redis.NewClient(&redis.Options{Addr: rds.Addr()}).Get(ctx, routeKey).Result(); err == nil {
+		sum.Route = v
+	}
+	sum.WritesAcknowledged = len(receipts)
+	for _, r := range receipts {
+		if r.DSN == greenApp {
+			sum.WritesOnGreen++
+		}
+	}
+	sum.BothWritable = len(load.BothWritable(samples))
+	// Every write acknowledged anywhere must be on the side that serves at
+	// the end, and, after a rollback, on both.
+	final := green
+	if sum.RolledBack || p.Phase == agent.PhaseAborted {
+		final = blue
+	}
+	missing, err := load.Missing(ctx, final.DSN(), "demo", receipts)
+	if err != nil {
+		return nil, err
+	}
+	sum.WritesMissing = len(missing)
+	if sum.RolledBack {
+		sum.MissingOnBlue = len(missing)
+	}
+	sum.RowsVerified, sum.Report = collectReports(agents, opts.ReportDir)
+
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "timeline:")
+	order := []agent.Phase{agent.PhaseCopying, agent.PhaseReplicating, agent.PhaseReady, agent.PhaseFenced, agent.PhaseCaughtUp, agent.PhaseVerified, agent.PhaseAuthorized, agent.PhaseSwitched, agent.PhaseRollingBack, agent.PhaseRolledBack, agent.PhaseDone, agent.PhaseAborted}
+	for i, ph := range order {
+		at, ok := seen[ph]
+		if !ok {
+			continue
+		}
+		next := ""
+		for _, later := range order[i+1:] {
+			if t, ok := seen[later]; ok {
+				next = t.Sub(at).Round(time.Millisecond).String()
+				break
+			}
+		}
+		fmt.Fprintf(w, "  %-12s at %6.2fs  lasted %s\n", ph, at.Sub(start).Seconds(), next)
+	}
+	fmt.Fprintf(w, "  write outage (fence to gate open, leader's clock): %d ms\n", sum.OutageMS)
+	fmt.Fprintf(w, "  writes acknowledged %d (on green %d), refused while fenced %d, missing %d\n", sum.WritesAcknowledged, sum.WritesOnGreen, refused["42501"], sum.WritesMissing)
+	fmt.Fprintf(w, "  samples where both sides took a write: %d of %d\n", sum.BothWritable, len(samples))
+	if sum.Report != "" {
+		fmt.Fprintf(w, "  consistency report: %s (rows verified %d)\n", sum.Report, sum.RowsVerified)
+	}
+	fmt.Fprintf(w, "  audit log: cutover plan show %s (while agents run); agents' logs: %s\n", planName, dir)
+	out, _ := json.Marshal(sum)
+	fmt.Fprintln(w, string(out))
+	return sum, nil
+}
+
+func setupDatabases(ctx context.Context, blue, green *integration.Postgres, accounts int) error {
+	role := fmt.Sprintf(`
+CREATE ROLE %s LOGIN PASSWORD '%s';
+GRANT SELECT, INSERT, UPDATE, DELETE ON load_accounts, load_history TO %s;
+GRANT USAGE ON SEQUENCE load_history_id_seq TO %s;`, appUser, appPass, appUser, appUser)
+	for _, side := range []*integration.Postgres{blue, green} {
+		if err := load.Setup(ctx, side.DSN(), accounts); err != nil {
+			return err
+		}
+		if err := side.Exec(ctx, role); err != nil {
+			return err
+		}
+	}
+	// Green starts empty: the initial copy fills it.
+	return green.Exec(ctx, "TRUNCATE load_accounts")
+}
+
+func randomToken() string {
+	b := make([]byte, 16)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+func startAgents(ctx context.Context, binary, dir, token string, blue, green *integration.Postgres, rds *integration.Redis) ([]*Agent, error) {
+	type ports struct{ raft, api int }
+	ps := make([]ports, 3)
+	for i := range ps {
+		var err error
+		if ps[i].raft, err = freePort(); err != nil {
+			return nil, err
+		}
+		if ps[i].api, err = freePort(); err != nil {
+			return nil, err
+		}
+	}
+	var agents []*Agent
+	for i := range ps {
+		id := fmt.Sprintf("agent-%d", i+1)
+		var peers strings.Builder
+		for j, p := range ps {
+			if j != i {
+				fmt.Fprintf(&peers, "      - {id: agent-%d, address: \"127.0.0.1:%d\", api: \"http://127.0.0.1:%d\"}\n", j+1, p.raft, p.api)
+			}
+		}
+		cfg := fmt.Sprintf(`agent:
+  node_id: %s
+  data_dir: %s
+  raft:
+    bind: "127.0.0.1:%d"
+    bootstrap: true
+    peers:
+%s  api:
+    listen: "127.0.0.1:%d"
+    tokens:
+      operator: ${CUTOVER_DEMO_TOKEN}
+log:
+  format: json
+plans:
+  - name: %s
+    pairs:
+      - name: shop
+        engine: postgres
+        blue: {dsn: "%s"}
+        green: {dsn: "%s"}
+        scope: {tables: [public.load_accounts, public.load_history]}
+        fence_roles: [%s]
+    lag: {max_bytes: 1MiB, max_delay: 500ms, hold: 2s}
+    fence: {max_fence_window: 5s, drain_grace: 300ms}
+    verify: {enabled: true, chunk_time: 100ms, parallel: 2}
+    switch:
+      targets:
+        - {type: redis, dsn: "%s", key: %s}
+    rollback: {window: 1h, watch: 30s}
+`, id, filepath.Join(dir, id), ps[i].raft, peers.String(), ps[i].api, planName, blue.DSN(), green.DSN(), appUser, rds.URL(), routeKey)
+		path := filepath.Join(dir, id+".yaml")
+		if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+			return nil, err
+		}
+		a := &Agent{ID: id, API: fmt.Sprintf("http://127.0.0.1:%d", ps[i].api), Config: path, Log: filepath.Join(dir, id+".log")}
+		if err := a.start(binary, token); err != nil {
+			for _, b := range agents {
+				b.Kill()
+			}
+			return nil, err
+		}
+		agents = append(agents, a)
+	}
+	return agents, nil
+}
+
+func (a *Agent) start(binary, token string) error {
+	logf, err := os.OpenFile(a.Log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(binary, "agent", "--config", a.Config)
+	cmd.Env = append(os.Environ(), "CUTOVER_DEMO_TOKEN="+token)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// The agents die with the demo, even if it is killed.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return fmt.Errorf("start %s: %w", a.ID, err)
+	}
+	a.cmd = cmd
+	a.exited = make(chan struct{})
+	go func() { cmd.Wait(); logf.Close(); close(a.exited) }()
+	return nil
+}
+
+// Restart starts a killed agent again from its data directory.
+func (a *Agent) Restart(binary, token string) error { return a.start(binary, token) }
+
+// collectReports copies the leader's consistency reports into dir and
+// returns the rows the passes compared and the last report's path.
+func collectReports(agents []*Agent, dir string) (int64, string) {
+	var rows int64
+	var last string
+	for _, a := range agents {
+		matches, _ := filepath.Glob(filepath.Join(filepath.Dir(a.Config), a.ID, "reports", "*"))
+		for _, m := range matches {
+			if err := os.MkdirAll(dir, 0o755); err != nil {
+				continue
+			}
+			data, err := os.ReadFile(m)
+			if err != nil {
+				continue
+			}
+			dst := filepath.Join(dir, filepath.Base(m))
+			if os.WriteFile(dst, data, 0o644) != nil {
+				continue
+			}
+			if strings.HasSuffix(m, ".json") {
+				var rep struct {
+					Totals struct {
+						RowsBlue int64 `json:"rows_blue"`
+					} `json:"totals"`
+				}
+				if json.Unmarshal(data, &rep) == nil {
+					rows += rep.Totals.RowsBlue
+				}
+			}
+			if strings.HasSuffix(m, ".html") {
+				last = dst
+			}
+		}
+	}
+	return rows, last
+}
+
