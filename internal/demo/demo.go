@@ -519,4 +519,3 @@ func collectReports(agents []*Agent, dir string) (int64, string) {
 	}
 	return rows, last
 }
-
