@@ -30,5 +30,9 @@ fmt-check:
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m $(PKGS)
 
+# The README's first command: a whole cutover on this machine.
+demo: build
+	./bin/cutover demo
+
 clean:
 	rm -rf bin
