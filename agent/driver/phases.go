@@ -566,24 +566,38 @@ func unfenceSide(ctx context.Context, d *Driver, spec config.Plan, pair config.P
 	return nil
 }
 
-// verify runs one verification pass on a pair and writes its report.
-func (rt *planRT) verify(ctx context.Context, pr *pairRT, pass consistency.Pass) (*consistency.Report, error) {
+// verifier returns the pair's verifier, opening its connections on first
+// use. It is kept for the term, so that the pass inside the fence neither
+// connects nor reads the catalogs again.
+func (rt *planRT) verifier(ctx context.Context, pr *pairRT) (*consistency.Verifier, error) {
+	if pr.verifier != nil {
+		return pr.verifier, nil
+	}
 	par := max(rt.spec.Verify.Parallel, 1)
 	blue, err := cpg.Open(ctx, pr.cfg.Blue.DSN.Reveal(), par+2)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("blue: %w", err)
 	}
-	defer blue.Close()
 	green, err := cpg.Open(ctx, pr.cfg.Green.DSN.Reveal(), par+2)
+	if err != nil {
+		blue.Close()
+		return nil, fmt.Errorf("green: %w", err)
+	}
+	pr.blueDB, pr.greenDB = blue, green
+	pr.verifier = consistency.NewVerifier(blue, green, consistency.Options{
+		Plan: rt.spec.Name, BlueDSN: pr.cfg.Blue.DSN.String(), GreenDSN: pr.cfg.Green.DSN.String(),
+		ChunkTime: rt.spec.Verify.ChunkTime.D(), Parallel: par, MaxRowsPerSecond: rt.spec.Verify.MaxRowsPerSecond,
+		Logger: rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name)),
+	})
+	return pr.verifier, nil
+}
+
+// verify runs one verification pass on a pair and writes its report.
+func (rt *planRT) verify(ctx context.Context, pr *pairRT, pass consistency.Pass) (*consistency.Report, error) {
+	v, err := rt.verifier(ctx, pr)
 	if err != nil {
 		return nil, err
 	}
-	defer green.Close()
-	v := consistency.NewVerifier(blue, green, consistency.Options{
-		Plan: rt.spec.Name, BlueDSN: pr.cfg.Blue.DSN.String(), GreenDSN: pr.cfg.Green.DSN.String(),
-		ChunkTime: rt.spec.Verify.ChunkTime.D(), Parallel: par, MaxRowsPerSecond: rt.spec.Verify.MaxRowsPerSecond,
-		Logger: rt.d.log.With(zap.String("pair", pr.cfg.Name), zap.String("pass", string(pass))),
-	})
 	var rep *consistency.Report
 	switch pass {
 	case consistency.PassOnline:
@@ -595,8 +609,16 @@ func (rt *planRT) verify(ctx context.Context, pr *pairRT, pass consistency.Pass)
 	}
 	if rep != nil {
 		name := fmt.Sprintf("%s-%s-%s-%s", rt.spec.Name, pr.cfg.Name, pass, time.Now().UTC().Format("20060102T150405.000"))
-		if _, werr := rt.d.writeReport(name, func(j, h string) error { return writeReportFiles(rep, j, h) }); werr != nil {
-			rt.d.log.Warn("write consistency report", zap.Error(werr))
+		write := func() {
+			if _, werr := rt.d.writeReport(name, func(j, h string) error { return writeReportFiles(rep, j, h) }); werr != nil {
+				rt.d.log.Warn("write consistency report", zap.Error(werr))
+			}
+		}
+		if pass == consistency.PassDirty {
+			// Inside the fence: the report is written off the outage's path.
+			rt.bgWrite(write)
+		} else {
+			write()
 		}
 	}
 	return rep, err

@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/cutover/cutover/consistency"
+	cpg "github.com/cutover/cutover/consistency/postgres"
 	"github.com/cutover/cutover/fencing"
 	fpg "github.com/cutover/cutover/fencing/postgres"
 	"github.com/cutover/cutover/internal/config"
@@ -35,6 +36,17 @@ type planRT struct {
 	bgStarted bool
 	closed    bool
 	bg        sync.WaitGroup
+}
+
+// bgWrite runs fn in a goroutine that close waits for.
+func (rt *planRT) bgWrite(fn func()) {
+	rt.bgMu.Lock()
+	defer rt.bgMu.Unlock()
+	if rt.closed {
+		return
+	}
+	rt.bg.Add(1)
+	go func() { defer rt.bg.Done(); fn() }()
 }
 
 // goBackground runs each fn once per term in its own goroutine, owned by
@@ -67,6 +79,9 @@ type pairRT struct {
 
 	marker    fencing.Marker
 	markerLSN pglogrepl.LSN
+
+	blueDB, greenDB *cpg.DB
+	verifier        *consistency.Verifier
 }
 
 func newPlanRT(ctx context.Context, d *Driver, spec config.Plan) (*planRT, error) {
@@ -199,6 +214,11 @@ func (rt *planRT) close() {
 		for _, p := range []*pgxpool.Pool{pr.bluePool, pr.greenPool} {
 			if p != nil {
 				p.Close()
+			}
+		}
+		for _, db := range []*cpg.DB{pr.blueDB, pr.greenDB} {
+			if db != nil {
+				db.Close()
 			}
 		}
 	}

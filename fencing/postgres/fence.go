@@ -287,9 +287,15 @@ func (f *Fencer) Fence(ctx context.Context, epoch uint64) error {
 		}
 		saved = mergeGrants(saved, current)
 		revoked = len(current)
+		// One round trip for every REVOKE: the fence is on the outage's
+		// path, and a busy server makes each round trip expensive.
+		var batch strings.Builder
 		for _, g := range current {
-			if err := execAs(ctx, tx, g.Grantor, g.revokeSQL()); err != nil {
-				return fmt.Errorf("revoke %s on %s from %s: %w", g.Privilege, g.Table, g.Grantee, err)
+			batch.WriteString(asRole(g.Grantor, g.revokeSQL()))
+		}
+		if batch.Len() > 0 {
+			if _, err := tx.Exec(ctx, batch.String(), pgx.QueryExecModeSimpleProtocol); err != nil {
+				return fmt.Errorf("revoke write privileges: %w", err)
 			}
 		}
 		raw, err := json.Marshal(saved)
@@ -369,16 +375,16 @@ func restore(ctx context.Context, tx pgx.Tx, saved []grant) (int, error) {
 	return restored, nil
 }
 
-// execAs runs sql as role inside tx, so that REVOKE and GRANT act on the
-// grant made by that role (a superuser's GRANT or REVOKE acts as the owner).
+// asRole wraps sql so that it runs as role, so that REVOKE and GRANT act on
+// the grant made by that role (a superuser's GRANT or REVOKE acts as the
+// owner).
+func asRole(role, sql string) string {
+	return "SET LOCAL ROLE " + pgx.Identifier{role}.Sanitize() + "; " + sql + "; RESET ROLE;\n"
+}
+
+// execAs runs sql as role inside tx.
 func execAs(ctx context.Context, tx pgx.Tx, role, sql string) error {
-	if _, err := tx.Exec(ctx, "SET LOCAL ROLE "+pgx.Identifier{role}.Sanitize()); err != nil {
-		return err
-	}
-	if _, err := tx.Exec(ctx, sql); err != nil {
-		return err
-	}
-	_, err := tx.Exec(ctx, "RESET ROLE")
+	_, err := tx.Exec(ctx, asRole(role, sql), pgx.QueryExecModeSimpleProtocol)
 	return err
 }
 

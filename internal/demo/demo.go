@@ -10,6 +10,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -27,6 +28,7 @@ import (
 	"github.com/cutover/cutover/agent/client"
 	"github.com/cutover/cutover/integration"
 	"github.com/cutover/cutover/integration/load"
+	"github.com/cutover/cutover/switch/gate"
 )
 
 // Options shape a demo run.
@@ -43,9 +45,10 @@ type Options struct {
 	ReportDir string
 	// KeepDir keeps the agents' directories and logs for inspection.
 	KeepDir bool
-	// OnPhase, when set, is called with the leader's process each time a
-	// new phase is seen; the end-to-end test kills the leader there.
-	OnPhase func(phase agent.Phase, leader *Agent)
+	// KillLeaderAt kills the leader agent (SIGKILL) when the plan is first
+	// seen in that phase, and starts it again from its data directory a few
+	// seconds later: the cutover must then complete or abort cleanly.
+	KillLeaderAt agent.Phase
 }
 
 // Summary is the demo's last line.
@@ -62,6 +65,12 @@ type Summary struct {
 	RolledBack         bool   `json:"rolled_back,omitempty"`
 	MissingOnBlue      int    `json:"writes_missing_on_blue_after_rollback,omitempty"`
 	Report             string `json:"report,omitempty"`
+	// KilledLeader names the agent killed (KillLeaderAt) and the phase the
+	// plan was in when it was.
+	KilledLeader string `json:"killed_leader,omitempty"`
+	KilledAt     string `json:"killed_at,omitempty"`
+	// Audit is the plan's audit log, one line per entry.
+	Audit []string `json:"-"`
 }
 
 // Agent is one agent process.
@@ -202,7 +211,7 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 	l := load.Start(appCtx, load.Options{Run: "demo", Target: target, Writers: opts.Writers, Accounts: opts.Accounts, Think: 2 * time.Millisecond})
 	say("application: %d writers on blue, following the routing key", opts.Writers)
 
-	api := clients[0]
+	api := &anyAgent{clients: clients}
 	if _, err := api.CreatePlan(ctx, agent.CreatePlanRequest{ConfigPlan: planName, Reason: "demo"}); err != nil {
 		return nil, fmt.Errorf("create plan: %w", err)
 	}
@@ -212,6 +221,8 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 	say("plan %q started", planName)
 
 	var prober *load.Prober
+	var killed *Agent
+	var killedAt agent.Phase
 	seen := map[agent.Phase]time.Time{}
 	var last agent.Phase
 	watch := func(until ...agent.Phase) (agent.PlanInfo, error) {
@@ -231,13 +242,23 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 				last = p.Phase
 				seen[p.Phase] = time.Now()
 				say("phase %-12s epoch %-5d %s", p.Phase, p.Epoch, p.Reason)
-				if p.Phase != agent.PhaseCopying && prober == nil {
+				if prober == nil && p.Phase != agent.PhasePending && p.Phase != agent.PhaseCopying {
 					// Green is fenced from the plan's first step: from here
 					// on, the application must never write to both sides.
 					prober = load.StartProber(appCtx, blueApp, greenApp, 10*time.Millisecond)
 				}
-				if opts.OnPhase != nil {
-					opts.OnPhase(p.Phase, leaderOf())
+				if opts.KillLeaderAt != "" && p.Phase == opts.KillLeaderAt && killed == nil {
+					if killed = leaderOf(); killed != nil {
+						killedAt = p.Phase
+						killed.Kill()
+						say("killed the leader %s (SIGKILL) in phase %s", killed.ID, p.Phase)
+						go func(a *Agent) {
+							time.Sleep(3 * time.Second)
+							if err := a.Restart(opts.Binary, token); err == nil {
+								say("restarted %s from its data directory", a.ID)
+							}
+						}(killed)
+					}
 				}
 				for _, u := range until {
 					if p.Phase == u {
@@ -260,6 +281,9 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 		return nil, err
 	}
 	sum := &Summary{Phase: string(p.Phase)}
+	if killed != nil {
+		sum.KilledLeader, sum.KilledAt = killed.ID, string(killedAt)
+	}
 	if p.Phase == agent.PhaseSwitched {
 		// The gate as a deployment tool sees it after the flip.
 		if g, err := api.Gate(ctx, planName); err == nil {
@@ -296,6 +320,23 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 	audit, _ := api.Audit(ctx, planName, 0)
 	var fenceAt, openAt time.Time
 	for _, e := range audit {
+		line := fmt.Sprintf("%s #%d %s %s", e.At.Format("15:04:05.000"), e.Index, e.Node, e.Op)
+		if e.Step != "" {
+			line += " step=" + e.Step
+		}
+		if e.To != "" {
+			line += fmt.Sprintf(" %s->%s", e.From, e.To)
+		}
+		if e.Refused != "" {
+			line += " REFUSED: " + e.Refused
+		}
+		if e.Reason != "" {
+			line += " (" + e.Reason + ")"
+		}
+		if e.Detail != "" {
+			line += " [" + e.Detail + "]"
+		}
+		sum.Audit = append(sum.Audit, line)
 		if e.Op == agent.OpIntent && e.Step == "fence" && e.Refused == "" {
 			fenceAt = e.At
 		}
@@ -306,7 +347,7 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 	if !fenceAt.IsZero() && !openAt.IsZero() {
 		sum.OutageMS = openAt.Sub(fenceAt).Milliseconds()
 	}
-	if v, err := redis.NewClient(&redis.Options{Addr: rds.Addr()}).Get(ctx, routeKey).Result(); err == nil {
+	if v, err := rdb.Get(ctx, routeKey).Result(); err == nil {
 		sum.Route = v
 	}
 	sum.WritesAcknowledged = len(receipts)
@@ -352,6 +393,15 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 	fmt.Fprintf(w, "  write outage (fence to gate open, leader's clock): %d ms\n", sum.OutageMS)
 	fmt.Fprintf(w, "  writes acknowledged %d (on green %d), refused while fenced %d, missing %d\n", sum.WritesAcknowledged, sum.WritesOnGreen, refused["42501"], sum.WritesMissing)
 	fmt.Fprintf(w, "  samples where both sides took a write: %d of %d\n", sum.BothWritable, len(samples))
+	if both := load.BothWritable(samples); len(both) > 0 {
+		phase := agent.Phase("?")
+		for ph, at := range seen {
+			if !at.After(both[0].At) && (phase == "?" || at.After(seen[phase])) {
+				phase = ph
+			}
+		}
+		fmt.Fprintf(w, "  INVARIANT 1 BROKEN: first at %.2fs, in phase %s (and %d more)\n", both[0].At.Sub(start).Seconds(), phase, len(both)-1)
+	}
 	if sum.Report != "" {
 		fmt.Fprintf(w, "  consistency report: %s (rows verified %d)\n", sum.Report, sum.RowsVerified)
 	}
@@ -518,4 +568,45 @@ func collectReports(agents []*Agent, dir string) (int64, string) {
 		}
 	}
 	return rows, last
+}
+
+// anyAgent sends each call to the first agent that answers: agents forward
+// to the leader, and one of them may be down.
+type anyAgent struct{ clients []*client.Client }
+
+func try[T any](a *anyAgent, call func(c *client.Client) (T, error)) (T, error) {
+	var zero T
+	var lastErr error
+	for _, c := range a.clients {
+		v, err := call(c)
+		if err == nil {
+			return v, nil
+		}
+		var apiErr *client.Error
+		if errors.As(err, &apiErr) && apiErr.Status < 500 {
+			return zero, err // the cluster answered: no point asking another agent
+		}
+		lastErr = err
+	}
+	return zero, lastErr
+}
+
+func (a *anyAgent) CreatePlan(ctx context.Context, req agent.CreatePlanRequest) (agent.PlanInfo, error) {
+	return try(a, func(c *client.Client) (agent.PlanInfo, error) { return c.CreatePlan(ctx, req) })
+}
+
+func (a *anyAgent) Start(ctx context.Context, plan, reason string) (agent.PlanInfo, error) {
+	return try(a, func(c *client.Client) (agent.PlanInfo, error) { return c.Start(ctx, plan, reason) })
+}
+
+func (a *anyAgent) Transition(ctx context.Context, plan string, req agent.TransitionRequest) (agent.PlanInfo, error) {
+	return try(a, func(c *client.Client) (agent.PlanInfo, error) { return c.Transition(ctx, plan, req) })
+}
+
+func (a *anyAgent) Audit(ctx context.Context, plan string, limit int) ([]agent.AuditEntry, error) {
+	return try(a, func(c *client.Client) ([]agent.AuditEntry, error) { return c.Audit(ctx, plan, limit) })
+}
+
+func (a *anyAgent) Gate(ctx context.Context, plan string) (gate.Response, error) {
+	return try(a, func(c *client.Client) (gate.Response, error) { return c.Gate(ctx, plan) })
 }
