@@ -10,7 +10,7 @@ import (
 // DESIGN.md:
 //
 //	pending -> copying -> replicating -> ready -> fenced -> caught_up -> verified -> authorized -> switched -> done
-//	   any phase before authorized  -> aborted
+//	   any phase up to authorized   -> aborted
 //	   switched                     -> rolling_back -> rolled_back
 type Phase string
 
@@ -40,7 +40,7 @@ const (
 	PhaseSwitched Phase = "switched"
 	// PhaseDone: the rollback window closed; the plan is complete.
 	PhaseDone Phase = "done"
-	// PhaseAborted: stopped before authorization; blue unfenced, nothing
+	// PhaseAborted: stopped before any target flipped; blue unfenced, nothing
 	// flipped.
 	PhaseAborted Phase = "aborted"
 	// PhaseRollingBack: traffic is being moved back to blue.

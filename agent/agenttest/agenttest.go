@@ -82,6 +82,13 @@ func New(t testing.TB, opts Options) *Cluster {
 		c.ms = append(c.ms, m)
 	}
 	t.Cleanup(c.StopAll)
+	t.Cleanup(func() {
+		// On failure, show what the nodes logged last: elections, errors.
+		if t.Failed() {
+			lines := strings.Split(strings.TrimSpace(c.Logs()), "\n")
+			t.Logf("last %d log lines of the cluster:\n%s", min(len(lines), 80), strings.Join(lines[max(0, len(lines)-80):], "\n"))
+		}
+	})
 	for i := range c.ms {
 		c.start(i, raftLns[i], apiLns[i])
 	}
@@ -133,14 +140,17 @@ func (c *Cluster) Config(i int) agent.Config {
 	level := zap.NewAtomicLevelAt(c.opts.LogLevel)
 	enc := zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig())
 	cfg := agent.Config{
-		NodeID:             m.ID,
-		DataDir:            m.Dir,
-		RaftAdvertise:      m.RaftAddr,
-		Peers:              peers,
-		Bootstrap:          i < c.opts.Nodes,
-		HeartbeatTimeout:   400 * time.Millisecond,
-		ElectionTimeout:    400 * time.Millisecond,
-		LeaderLeaseTimeout: 200 * time.Millisecond,
+		NodeID:        m.ID,
+		DataDir:       m.Dir,
+		RaftAdvertise: m.RaftAddr,
+		Peers:         peers,
+		Bootstrap:     i < c.opts.Nodes,
+		// Short enough for quick elections, long enough that a leader
+		// starved of CPU for a few hundred ms (race detector, a busy CI
+		// machine) keeps its lease.
+		HeartbeatTimeout:   500 * time.Millisecond,
+		ElectionTimeout:    500 * time.Millisecond,
+		LeaderLeaseTimeout: 500 * time.Millisecond,
 		CommitTimeout:      5 * time.Millisecond,
 		OperatorToken:      redact.Secret(OperatorToken),
 		ReadToken:          redact.Secret(ReadToken),

@@ -199,7 +199,7 @@ func (c *Client) Start(ctx context.Context, plan, reason string) (agent.PlanInfo
 	return p, c.do(ctx, http.MethodPost, "/v1/plans/"+url.PathEscape(plan)+"/start", agent.TransitionRequest{Reason: reason}, &p)
 }
 
-// Abort aborts a plan that is not yet authorized.
+// Abort aborts a plan that has not switched (up to authorized).
 func (c *Client) Abort(ctx context.Context, plan, reason string) (agent.PlanInfo, error) {
 	var p agent.PlanInfo
 	return p, c.do(ctx, http.MethodPost, "/v1/plans/"+url.PathEscape(plan)+"/abort", agent.TransitionRequest{Reason: reason}, &p)

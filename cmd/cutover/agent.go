@@ -19,7 +19,10 @@ import (
 )
 
 func newAgentCmd(g *globals) *cobra.Command {
-	var cfgPath string
+	var (
+		cfgPath string
+		manual  bool
+	)
 	cmd := &cobra.Command{
 		Use:   "agent --config FILE",
 		Short: "Run a cutover agent: Raft node, HTTP API and gate",
@@ -38,6 +41,9 @@ agent.data_dir, and serves the HTTP API on agent.api.listen:
 
 Mutating calls need the operator token; read calls need the read (or
 operator) token when one is configured and are open otherwise.
+
+The leader runs the plan driver (the database steps). With --manual it does
+not: every phase change is made through the API (drills, tests).
 
 Log settings come from the file's log section unless --log-format or
 --log-level is given.
@@ -66,6 +72,10 @@ to stop cleanly.`,
 			if err != nil {
 				return withCode(exitFailed, err)
 			}
+			if manual {
+				ac.Driver = nil // agent.NopDriver
+				log.Warn("manual mode: the plan driver does not run; steps are driven through the API")
+			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			node, err := agent.Start(ac)
@@ -81,6 +91,7 @@ to stop cleanly.`,
 		},
 	}
 	cmd.Flags().StringVar(&cfgPath, "config", "", "configuration file")
+	cmd.Flags().BoolVar(&manual, "manual", false, "do not run the plan driver: drive every step through the API")
 	_ = cmd.MarkFlagRequired("config")
 	return cmd
 }

@@ -65,7 +65,9 @@ func (p *proc) start(t *testing.T, bin string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.cmd = exec.Command(bin, "agent", "--config", p.config)
+	// --manual: this test drives the phases itself through the CLI; the
+	// plan's databases do not exist.
+	p.cmd = exec.Command(bin, "agent", "--manual", "--config", p.config)
 	p.cmd.Env = append(os.Environ(), "TEST_CUTOVER_OP="+procOpToken, "TEST_CUTOVER_READ="+procReadToken, "TEST_DB_PW="+procDBPass)
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
 	if err := p.cmd.Start(); err != nil {

@@ -130,7 +130,7 @@ func planStart(g *globals) *cobra.Command {
 
 func planAbort(g *globals) *cobra.Command {
 	var reason string
-	return planRun(g, "abort NAME", "Abort a plan that is not yet authorized", cobra.ExactArgs(1),
+	return planRun(g, "abort NAME", "Abort a plan that has not switched yet (up to authorized)", cobra.ExactArgs(1),
 		func(cmd *cobra.Command) { cmd.Flags().StringVar(&reason, "reason", "", "why (kept in the audit log)") },
 		func(ctx context.Context, _ *cobra.Command, c clientAPI, args []string) (any, error) {
 			return c.Abort(ctx, args[0], reason)
