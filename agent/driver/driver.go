@@ -151,8 +151,9 @@ func (d *Driver) Drive(ctx context.Context, plan agent.Plan, p agent.Proposer) e
 }
 
 // Finalize releases what a finished plan holds on the databases: slots and
-// publications in both directions. Blue stays fenced after done, green after
-// rolled_back; an aborted plan leaves both sides unfenced.
+// publications in both directions. Blue stays fenced after done; green stays
+// fenced after rolled_back and after an abort (it no longer follows blue, so
+// writing to it would split the data); blue is unfenced after an abort.
 func (d *Driver) Finalize(ctx context.Context, plan agent.Plan) error {
 	spec, err := plan.Spec()
 	if err != nil {

@@ -307,7 +307,9 @@ func (rt *planRT) abortInterruptedWindow(ctx context.Context, plan agent.Plan, p
 	return rt.abort(ctx, plan.Name, p, plan.Epoch, fmt.Sprintf("the leader changed while the plan was %s; the outage is bounded, so blue is unfenced and the plan aborts", plan.Phase))
 }
 
-// abort unfences both sides, cleans up, and moves the plan to aborted.
+// abort unfences blue and moves the plan to aborted. Green stays fenced:
+// it no longer receives blue's changes, and the application must never be
+// able to write to both sides (invariant 1).
 func (rt *planRT) abort(ctx context.Context, name string, p agent.Proposer, epoch uint64, reason string) error {
 	rt.d.log.Warn("aborting plan", zap.String("plan", name), zap.String("reason", reason))
 	e, err := p.Intent(ctx, name, "abort", 0)
@@ -319,9 +321,6 @@ func (rt *planRT) abort(ctx context.Context, name string, p agent.Proposer, epoc
 		if err := pr.blueFence.Unfence(ctx, e); err != nil {
 			errs = append(errs, fmt.Errorf("unfence blue of %s: %w", pr.cfg.Name, err))
 		}
-		if err := pr.greenFence.Unfence(ctx, e); err != nil {
-			errs = append(errs, fmt.Errorf("unfence green of %s: %w", pr.cfg.Name, err))
-		}
 	}
 	if err := errors.Join(errs...); err != nil {
 		// Blue may still be fenced: keep the plan alive and retry, never
@@ -329,7 +328,7 @@ func (rt *planRT) abort(ctx context.Context, name string, p agent.Proposer, epoc
 		p.Outcome(ctx, name, e, agent.Outcome{OK: false, Detail: err.Error()})
 		return err
 	}
-	return p.Outcome(ctx, name, e, agent.Outcome{OK: true, To: agent.PhaseAborted, Detail: "blue and green unfenced", Reason: reason})
+	return p.Outcome(ctx, name, e, agent.Outcome{OK: true, To: agent.PhaseAborted, Detail: "blue unfenced; green stays fenced", Reason: reason})
 }
 
 // flip: set up the way back, let green take writes, flip every target.
@@ -524,8 +523,8 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 }
 
 // finalizePair releases a finished plan's slots and publications in both
-// directions, and unfences both sides of an aborted plan (an operator may
-// abort a fenced plan through the API).
+// directions, and unfences blue of an aborted plan (an operator may abort a
+// fenced plan through the API). Green stays fenced after an abort.
 func finalizePair(ctx context.Context, d *Driver, spec config.Plan, pair config.Pair, plan agent.Plan) error {
 	var errs []error
 	for _, pc := range []config.Pair{pair, reversePair(pair)} {
@@ -534,13 +533,8 @@ func finalizePair(ctx context.Context, d *Driver, spec config.Plan, pair config.
 		}
 	}
 	if plan.Phase == agent.PhaseAborted {
-		for _, side := range []struct {
-			name string
-			dsn  config.DSN
-		}{{"blue", pair.Blue.DSN}, {"green", pair.Green.DSN}} {
-			if err := unfenceSide(ctx, d, spec, pair, side.name, side.dsn, plan.Epoch); err != nil {
-				errs = append(errs, err)
-			}
+		if err := unfenceSide(ctx, d, spec, pair, "blue", pair.Blue.DSN, plan.Epoch); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)

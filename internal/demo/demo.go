@@ -71,6 +71,8 @@ type Summary struct {
 	KilledAt     string `json:"killed_at,omitempty"`
 	// Audit is the plan's audit log, one line per entry.
 	Audit []string `json:"-"`
+	// Dir holds the agents' data and logs (removed unless KeepDir).
+	Dir string `json:"-"`
 }
 
 // Agent is one agent process.
@@ -280,7 +282,7 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 	if err != nil {
 		return nil, err
 	}
-	sum := &Summary{Phase: string(p.Phase)}
+	sum := &Summary{Phase: string(p.Phase), Dir: dir}
 	if killed != nil {
 		sum.KilledLeader, sum.KilledAt = killed.ID, string(killedAt)
 	}
@@ -292,7 +294,10 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 		time.Sleep(time.Second) // the application now writes on green
 	}
 	if opts.Rollback && p.Phase == agent.PhaseSwitched {
-		if _, err := api.Transition(ctx, planName, agent.TransitionRequest{To: agent.PhaseRollingBack, Reason: "demo --rollback"}); err != nil {
+		if err := retry(ctx, func() error {
+			_, err := api.Transition(ctx, planName, agent.TransitionRequest{To: agent.PhaseRollingBack, Reason: "demo --rollback"})
+			return err
+		}); err != nil {
 			return nil, fmt.Errorf("rollback: %w", err)
 		}
 		if p, err = watch(agent.PhaseRolledBack); err != nil {
@@ -309,7 +314,10 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 	stopApp()
 
 	if p.Phase == agent.PhaseSwitched {
-		if _, err := api.Transition(ctx, planName, agent.TransitionRequest{To: agent.PhaseDone, Reason: "demo complete"}); err == nil {
+		if err := retry(ctx, func() error {
+			_, err := api.Transition(ctx, planName, agent.TransitionRequest{To: agent.PhaseDone, Reason: "demo complete"})
+			return err
+		}); err == nil {
 			p, _ = watch(agent.PhaseDone)
 			sum.Phase = string(p.Phase)
 		}
@@ -609,4 +617,22 @@ func (a *anyAgent) Audit(ctx context.Context, plan string, limit int) ([]agent.A
 
 func (a *anyAgent) Gate(ctx context.Context, plan string) (gate.Response, error) {
 	return try(a, func(c *client.Client) (gate.Response, error) { return c.Gate(ctx, plan) })
+}
+
+// retry calls fn until it succeeds or 30s have passed: after a leader dies,
+// the cluster needs a few seconds to elect the next one.
+func retry(ctx context.Context, fn func() error) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		err := fn()
+		var apiErr *client.Error
+		if err == nil || (errors.As(err, &apiErr) && apiErr.Status < 500 && apiErr.Status != 421) || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }

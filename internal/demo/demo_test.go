@@ -50,6 +50,13 @@ func runDemo(t *testing.T, opts Options) (*Summary, string) {
 	if err != nil {
 		t.Fatalf("demo: %v\n%s", err, out.String())
 	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("agents' data and logs kept in %s", sum.Dir)
+			return
+		}
+		os.RemoveAll(sum.Dir)
+	})
 	return sum, out.String()
 }
 
