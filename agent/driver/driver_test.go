@@ -4,11 +4,14 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/cutover/cutover/agent"
@@ -93,9 +96,11 @@ func (s *scenario) followRoute(ctx context.Context) {
 
 func newCluster(t *testing.T, opts Options) *agenttest.Cluster {
 	t.Helper()
+	if opts.ReportDir == "" {
+		opts.ReportDir = t.TempDir()
+	}
 	return agenttest.New(t, agenttest.Options{Nodes: 3, Driver: func(i int) agent.Driver {
 		o := opts
-		o.ReportDir = t.TempDir()
 		o.LagPoll = 50 * time.Millisecond
 		return New(o)
 	}})
@@ -220,4 +225,72 @@ func tail(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+func TestAChecksumDifferenceOnGreenKeepsTheGateClosedAbortsAndNamesTheRow(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := newScenario(t, 500)
+	reports := t.TempDir()
+	var injected atomic.Bool
+	c := newCluster(t, Options{ReportDir: reports, Fault: func(point string) error {
+		if point == "before online verification" && injected.CompareAndSwap(false, true) {
+			// Behind the stream's back: green now differs from blue in one row.
+			return s.green.Exec(context.Background(), "UPDATE load_accounts SET balance = balance + 1000000 WHERE id = 42")
+		}
+		return nil
+	}})
+	l := load.Start(ctx, load.Options{Run: "diff", Target: s.appDSN, Writers: 2, Accounts: 500, Think: 5 * time.Millisecond})
+	createAndStart(t, c, s.spec)
+	p := waitPhase(t, c, "shop", 90*time.Second, agent.PhaseAborted, agent.PhaseAuthorized, agent.PhaseSwitched)
+	receipts, _ := l.Stop()
+	if p.Phase != agent.PhaseAborted {
+		t.Fatalf("plan reached %s despite a difference on green", p.Phase)
+	}
+	if !strings.Contains(p.Reason, "public.load_accounts") || !strings.Contains(p.Reason, "id 42") {
+		t.Errorf("abort reason does not name the row: %s", p.Reason)
+	}
+	// The gate never opened: no authorized in the audit log.
+	ctxA, cancelA := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancelA()
+	audit, err := c.Client(0).Audit(ctxA, "shop", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range audit {
+		if e.To == agent.PhaseAuthorized && e.Refused == "" {
+			t.Errorf("the gate opened: %+v", e)
+		}
+	}
+	// Blue is not fenced: the application writes there.
+	app, err := pgxConnect(s.blue.DSNFor("cutover", "app", "app-password"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close(context.Background())
+	if _, err := app.Exec(context.Background(), "UPDATE load_accounts SET balance = 0 WHERE id = 1"); err != nil {
+		t.Errorf("blue still fenced after the abort: %v", err)
+	}
+	// The report names the row.
+	found := false
+	files, _ := filepath.Glob(filepath.Join(reports, "*.json"))
+	for _, f := range files {
+		data, _ := os.ReadFile(f)
+		if strings.Contains(string(data), `"different"`) && strings.Contains(string(data), `"42"`) {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("no report in %s names the row (files %v)", reports, files)
+	}
+	missing, err := load.Missing(context.Background(), s.blue.DSN(), "diff", receipts)
+	if err != nil || len(missing) > 0 {
+		t.Errorf("acknowledged writes missing on blue: %d (%v)", len(missing), err)
+	}
+}
+
+func pgxConnect(dsn string) (*pgx.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return pgx.Connect(ctx, dsn)
 }

@@ -85,6 +85,9 @@ func (rt *planRT) online(ctx context.Context, plan agent.Plan, p agent.Proposer)
 	if rt.onlineClean || !verifyEnabled(rt.spec) {
 		return nil
 	}
+	if err := rt.d.fault("before online verification"); err != nil {
+		return err
+	}
 	for _, pr := range rt.pairs {
 		rep, err := rt.verify(ctx, pr, consistency.PassOnline)
 		if err != nil {
