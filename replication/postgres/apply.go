@@ -137,8 +137,13 @@ func (a *applier) applyBatch(ctx context.Context, first *chunk, in <-chan *chunk
 		// applier's now). Apply nothing more.
 		return a.abort(ctx, err)
 	}
+	flushStart := time.Now()
 	if err := a.flush(ctx, b, true); err != nil {
 		return a.abort(ctx, err)
+	}
+	if ce := a.log.Check(zap.DebugLevel, "batch applied"); ce != nil {
+		ce.Write(zap.Int("txns", b.txns), zap.Int("changes", b.changes), zap.Duration("gathered", flushStart.Sub(b.started)),
+			zap.Duration("flush", time.Since(flushStart)), zap.Duration("behind_commit", time.Since(b.lastCommitTime)))
 	}
 	a.r.afterCommit(b)
 	return nil
@@ -157,6 +162,7 @@ func (a *applier) abort(ctx context.Context, err error) error {
 }
 
 func (a *applier) addChunk(ctx context.Context, b *batch, c *chunk) error {
+	a.r.queued.Add(-int64(c.size))
 	if c.begin {
 		// Transactions that commit before the stored position were
 		// applied by an earlier run (or another applier).

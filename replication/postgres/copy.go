@@ -1,6 +1,7 @@
 package postgres
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -237,8 +238,14 @@ func copyTable(ctx context.Context, blue, green *pgconn.PgConn, t *tableInfo, ro
 	pr, pw := io.Pipe()
 	readErr := make(chan error, 1)
 	go func() {
-		w := &countingWriter{w: pw, rows: rows, bytes: nbytes}
+		// COPY TO sends a message per row; hand green 256 KiB at a time
+		// instead, or each row becomes a message (and a syscall) of its own.
+		bw := bufio.NewWriterSize(pw, 256<<10)
+		w := &countingWriter{w: bw, rows: rows, bytes: nbytes}
 		_, err := blue.CopyTo(ctx, w, "COPY "+t.Name.Quoted()+" ("+cols+") TO STDOUT")
+		if err == nil {
+			err = bw.Flush()
+		}
 		pw.CloseWithError(err)
 		if err != nil {
 			err = fmt.Errorf("blue: copy %s out: %w", t.Name, err)

@@ -171,6 +171,7 @@ type Replicator struct {
 	appliedCommit atomic.Int64  // its source commit time, unix ns
 	confirmedEnd  atomic.Uint64 // highest position confirmed to blue
 	restarts      atomic.Int32
+	queued        atomic.Int64 // bytes handed to the applier and not yet taken
 	phase         atomic.Value // Phase
 
 	watchingBreaches atomic.Bool
@@ -348,6 +349,12 @@ func (r *Replicator) run(ctx context.Context, tables []*tableInfo, needCopy bool
 		if ctx.Err() != nil {
 			return nil
 		}
+		if errors.Is(err, errPaused) {
+			if err := r.waitUnpaused(ctx); err != nil {
+				return nil
+			}
+			continue
+		}
 		if !retryable(err) {
 			return err
 		}
@@ -459,7 +466,8 @@ func (r *Replicator) session(ctx context.Context) error {
 
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	ch := make(chan *chunk, 64)
+	ch := make(chan *chunk, queueChunks)
+	r.queued.Store(0)
 	rc := &receiver{r: r, conn: rconn, log: r.log}
 	recvErr := make(chan error, 1)
 	go func() {
@@ -629,9 +637,10 @@ func (r *Replicator) closePools() {
 	})
 }
 
-// Pause holds the stream back: the receiver stops reading (the backlog
-// stays in blue's WAL, as with a disabled subscription) and the applier
-// stops at the next transaction boundary.
+// Pause holds the stream back like a disabled subscription: the stream
+// is closed (blue's walsender exits and the backlog stays in its WAL) and
+// a batch not yet committed is rolled back. Resume starts a new stream
+// from green's applied position.
 func (r *Replicator) Pause() { r.paused.Store(true) }
 
 // Resume lets a paused stream go on.

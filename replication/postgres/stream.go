@@ -12,10 +12,14 @@ import (
 	"go.uber.org/zap"
 )
 
-// Chunking of large source transactions between receiver and applier.
+// Chunking of large source transactions between receiver and applier,
+// and how much decoded data may wait for the applier: enough for deep
+// batches when there is a backlog, bounded in memory.
 const (
 	chunkMaxMessages = 1024
 	chunkMaxBytes    = 4 << 20
+	queueChunks      = 8192
+	queueBytes       = 64 << 20
 )
 
 // streamParams make the walsender render values the way green parses
@@ -71,9 +75,9 @@ func (rc *receiver) run(ctx context.Context, out chan<- *chunk) error {
 	rc.nextStat = time.Now().Add(interval)
 	for {
 		if rc.r.paused.Load() {
-			if err := rc.whilePaused(ctx); err != nil {
-				return err
-			}
+			// Paused: end the stream (the walsender exits, as for a
+			// disabled subscription; the backlog stays in blue's WAL).
+			return errPaused
 		}
 		if !time.Now().Before(rc.nextStat) {
 			if err := rc.sendStatus(ctx, false); err != nil {
@@ -137,9 +141,7 @@ func (rc *receiver) copyData(ctx context.Context, data []byte, out chan<- *chunk
 		if err != nil {
 			return permanent(err)
 		}
-		if ce := rc.log.Check(zap.DebugLevel, "stream message"); ce != nil {
-			ce.Write(zap.String("kind", string(rune(m.Kind))), zap.Stringer("wal_start", x.WALStart))
-		}
+
 		return rc.message(ctx, m, len(buf), out)
 	}
 	return nil
@@ -188,6 +190,19 @@ func (rc *receiver) message(ctx context.Context, m message, size int, out chan<-
 func (rc *receiver) hand(ctx context.Context, out chan<- *chunk) error {
 	c := rc.cur
 	rc.cur = nil
+	for rc.r.queued.Load() > queueBytes {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Millisecond):
+		}
+		if !time.Now().Before(rc.nextStat) {
+			if err := rc.sendStatus(ctx, false); err != nil {
+				return err
+			}
+		}
+	}
+	rc.r.queued.Add(int64(c.size))
 	for {
 		t := time.NewTimer(time.Until(rc.nextStat))
 		select {
@@ -203,26 +218,6 @@ func (rc *receiver) hand(ctx context.Context, out chan<- *chunk) error {
 			}
 		}
 	}
-}
-
-// whilePaused stops reading the stream (the backlog stays in blue's WAL,
-// as with a disabled subscription) but keeps the connection alive.
-func (rc *receiver) whilePaused(ctx context.Context) error {
-	for rc.r.paused.Load() {
-		t := time.NewTimer(time.Until(rc.nextStat))
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-rc.r.resumed():
-			t.Stop()
-		case <-t.C:
-			if err := rc.sendStatus(ctx, false); err != nil {
-				return err
-			}
-		}
-	}
-	return nil
 }
 
 // sendStatus reports positions to blue. Flushed is what green has
@@ -255,6 +250,9 @@ func (rc *receiver) sendStatus(ctx context.Context, reply bool) error {
 	}
 	return nil
 }
+
+// errPaused ends a session when the replicator is paused.
+var errPaused = errors.New("paused")
 
 // permanentError marks errors that a retry cannot fix.
 type permanentError struct{ err error }
