@@ -21,8 +21,12 @@ type metrics struct {
 }
 
 func newMetrics(n *Node) *metrics {
+	reg := n.cfg.Registry
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+	}
 	m := &metrics{
-		reg: prometheus.NewRegistry(),
+		reg: reg,
 		apiRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cutover_api_requests_total", Help: "API requests by route and status.",
 		}, []string{"route", "code"}),

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/prometheus/client_golang/prometheus"
 	"net"
 	"net/http"
 	"os"
@@ -87,6 +88,10 @@ type Config struct {
 
 	// Driver runs plan steps on the leader; nil means NopDriver.
 	Driver Driver
+	// Registry, when set, is the registry /metrics serves; the agent adds
+	// its own metrics to it, so that the driver's (replication lag, outage)
+	// are served alongside. Nil gives the agent a registry of its own.
+	Registry *prometheus.Registry
 	// Logger receives the agent's logs (and Raft's); nil discards them.
 	Logger *zap.Logger
 	// Dial opens connections to other agents; nil dials TCP directly.

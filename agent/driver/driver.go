@@ -77,6 +77,14 @@ func New(opts Options) *Driver {
 	if opts.LagPoll <= 0 {
 		opts.LagPoll = 200 * time.Millisecond
 	}
+	if opts.Registerer != nil {
+		if err := opts.Registerer.Register(outageSeconds); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if !errors.As(err, &are) {
+				opts.Logger.Warn("register outage metric", zap.Error(err))
+			}
+		}
+	}
 	return &Driver{opts: opts, log: opts.Logger, plans: map[string]*planRT{}}
 }
 

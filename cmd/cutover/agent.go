@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"syscall"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
 
@@ -101,6 +102,9 @@ to stop cleanly.`,
 // reports go to the data directory.
 func agentConfig(c *config.Config, log *zap.Logger) (agent.Config, error) {
 	a := c.Agent
+	// One registry for the agent's and the driver's metrics (replication
+	// lag, outage), served at /metrics.
+	reg := prometheus.NewRegistry()
 	ac := agent.Config{
 		NodeID:            a.NodeID,
 		DataDir:           a.DataDir,
@@ -115,9 +119,11 @@ func agentConfig(c *config.Config, log *zap.Logger) (agent.Config, error) {
 		ReadToken:         a.API.Tokens.Read,
 		Plans:             c.Plans,
 		Logger:            log,
+		Registry:          reg,
 		Driver: driver.New(driver.Options{
-			Logger:    log,
-			ReportDir: filepath.Join(a.DataDir, "reports"),
+			Logger:     log,
+			Registerer: reg,
+			ReportDir:  filepath.Join(a.DataDir, "reports"),
 		}),
 	}
 	for _, p := range a.Raft.Peers {
