@@ -84,6 +84,10 @@ type PlanSummary struct {
 	// Step is the step in progress, if any.
 	Step     string `json:"step,omitempty"`
 	GateOpen bool   `json:"gate_open"`
+	// Live is what the leader's driver knows now and the replicated state
+	// does not hold: lag, the outage timer, verification progress. Only
+	// the leader has it.
+	Live *Live `json:"live,omitempty"`
 }
 
 // Status returns this node's view of the cluster.
@@ -127,6 +131,9 @@ func (n *Node) Status() Status {
 		s := PlanSummary{Name: p.Name, Phase: p.Phase, Epoch: p.Epoch, GateOpen: p.GateOpen()}
 		if p.Step != nil {
 			s.Step = p.Step.Name
+		}
+		if lr, ok := n.cfg.Driver.(LiveReporter); ok && n.IsLeader() {
+			s.Live = lr.Live(p.Name)
 		}
 		st.Plans = append(st.Plans, s)
 	}

@@ -67,6 +67,33 @@ type Finalizer interface {
 	Finalize(ctx context.Context, plan Plan) error
 }
 
+// LiveReporter is an optional interface of a Driver: what the leader's
+// driver knows about a plan right now that is not replicated state. Live is
+// called from API handlers; it must not block. Nil means nothing to say.
+type LiveReporter interface {
+	Live(plan string) *Live
+}
+
+// Live is the leader driver's view of a running plan.
+type Live struct {
+	// OutageMS is how long the application has been fenced, when the
+	// fence is up in a cutover window; 0 otherwise.
+	OutageMS int64      `json:"outage_ms,omitempty"`
+	Pairs    []LivePair `json:"pairs,omitempty"`
+}
+
+// LivePair is one pair's live figures.
+type LivePair struct {
+	Name        string `json:"name"`
+	Replication string `json:"replication,omitempty"` // copying, streaming, ...
+	LagBytes    int64  `json:"lag_bytes"`
+	LagMS       int64  `json:"lag_ms"`
+	// Verification progress of the running (or last) pass.
+	VerifyPass string `json:"verify_pass,omitempty"`
+	VerifyRows int64  `json:"verify_rows,omitempty"`
+	VerifyETA  string `json:"verify_eta,omitempty"`
+}
+
 // Proposer commits a driver's decisions through Raft. Every call blocks
 // until the command is committed and applied (or refused), and returns the
 // state machine's verdict.

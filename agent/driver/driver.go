@@ -239,3 +239,34 @@ func writeReportFiles(rep interface {
 	}
 	return nil
 }
+
+// Live implements agent.LiveReporter.
+func (d *Driver) Live(plan string) *agent.Live {
+	d.mu.Lock()
+	rt, ok := d.plans[plan]
+	d.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	out := &agent.Live{}
+	if at := rt.fenceStart.Load(); at != 0 {
+		out.OutageMS = time.Since(time.Unix(0, at)).Milliseconds()
+	}
+	for _, pr := range rt.pairs {
+		lp := agent.LivePair{Name: pr.cfg.Name}
+		if r := pr.fwdRunning(); r != nil {
+			st := r.Status()
+			lp.Replication = string(st.Phase)
+			lp.LagBytes, lp.LagMS = st.Lag.Bytes, st.Lag.Delay.Milliseconds()
+		}
+		if v := pr.verifierNow(); v != nil {
+			p := v.Progress()
+			lp.VerifyPass, lp.VerifyRows = string(p.Pass), p.Rows
+			if p.ETA > 0 {
+				lp.VerifyETA = p.ETA.Round(time.Second).String()
+			}
+		}
+		out.Pairs = append(out.Pairs, lp)
+	}
+	return out
+}

@@ -235,19 +235,21 @@ func TestAChecksumDifferenceOnGreenKeepsTheGateClosedAbortsAndNamesTheRow(t *tes
 	var injected atomic.Bool
 	c := newCluster(t, Options{ReportDir: reports, Fault: func(point string) error {
 		if point == "before online verification" && injected.CompareAndSwap(false, true) {
-			// Behind the stream's back: green now differs from blue in one row.
-			return s.green.Exec(context.Background(), "UPDATE load_accounts SET balance = balance + 1000000 WHERE id = 42")
+			// Behind the stream's back: green now differs from blue in one
+			// row, one the application never writes (a write on blue would
+			// replicate over it and heal it).
+			return s.green.Exec(context.Background(), "UPDATE load_accounts SET balance = balance + 1000000 WHERE id = 450")
 		}
 		return nil
 	}})
-	l := load.Start(ctx, load.Options{Run: "diff", Target: s.appDSN, Writers: 2, Accounts: 500, Think: 5 * time.Millisecond})
+	l := load.Start(ctx, load.Options{Run: "diff", Target: s.appDSN, Writers: 2, Accounts: 400, Think: 5 * time.Millisecond})
 	createAndStart(t, c, s.spec)
 	p := waitPhase(t, c, "shop", 90*time.Second, agent.PhaseAborted, agent.PhaseAuthorized, agent.PhaseSwitched)
 	receipts, _ := l.Stop()
 	if p.Phase != agent.PhaseAborted {
 		t.Fatalf("plan reached %s despite a difference on green", p.Phase)
 	}
-	if !strings.Contains(p.Reason, "public.load_accounts") || !strings.Contains(p.Reason, "id 42") {
+	if !strings.Contains(p.Reason, "public.load_accounts") || !strings.Contains(p.Reason, "id 450") {
 		t.Errorf("abort reason does not name the row: %s", p.Reason)
 	}
 	// The gate never opened: no authorized in the audit log.
@@ -276,7 +278,7 @@ func TestAChecksumDifferenceOnGreenKeepsTheGateClosedAbortsAndNamesTheRow(t *tes
 	files, _ := filepath.Glob(filepath.Join(reports, "*.json"))
 	for _, f := range files {
 		data, _ := os.ReadFile(f)
-		if strings.Contains(string(data), `"different"`) && strings.Contains(string(data), `"42"`) {
+		if strings.Contains(string(data), `"different"`) && strings.Contains(string(data), `"450"`) {
 			found = true
 		}
 	}

@@ -194,6 +194,7 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 		// Invariant 4 starts here: from now on no application write lands
 		// on blue.
 		Fence: func(ctx context.Context) error {
+			rt.fenceStart.Store(time.Now().UnixNano())
 			return rt.forEach(func(pr *pairRT) error { return pr.blueFence.Fence(ctx, epoch) })
 		},
 		Lift: func(ctx context.Context) error {
@@ -277,6 +278,7 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 		},
 	}
 	out, err := w.Run(ctx)
+	rt.fenceStart.Store(0)
 	outageSeconds.WithLabelValues(plan.Name).Set(out.Outage.Seconds())
 	if err == nil {
 		log.Info("gate open", zap.Duration("outage", out.Outage))
@@ -379,7 +381,7 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 	for _, pr := range rt.pairs {
 		if pr.fwd != nil {
 			pr.fwd.Cleanup(ctx)
-			pr.fwd = nil
+			pr.setFwd(nil)
 		}
 	}
 	return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseSwitched, Detail: fmt.Sprintf("flipped %d targets to green", len(targets)), Reason: "traffic flipped to green", Facts: map[string]string{"flipped_at": f.At.Format(time.RFC3339Nano), "route": "green"}})
@@ -581,12 +583,15 @@ func (rt *planRT) verifier(ctx context.Context, pr *pairRT) (*consistency.Verifi
 		return nil, fmt.Errorf("green: %w", err)
 	}
 	pr.blueDB, pr.greenDB = blue, green
-	pr.verifier = consistency.NewVerifier(blue, green, consistency.Options{
+	v := consistency.NewVerifier(blue, green, consistency.Options{
 		Plan: rt.spec.Name, BlueDSN: pr.cfg.Blue.DSN.String(), GreenDSN: pr.cfg.Green.DSN.String(),
 		ChunkTime: rt.spec.Verify.ChunkTime.D(), Parallel: par, MaxRowsPerSecond: rt.spec.Verify.MaxRowsPerSecond,
 		Logger: rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name)),
 	})
-	return pr.verifier, nil
+	pr.live.Lock()
+	pr.verifier = v
+	pr.live.Unlock()
+	return v, nil
 }
 
 // verify runs one verification pass on a pair and writes its report.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -29,6 +30,9 @@ type planRT struct {
 	pairs []*pairRT
 
 	onlineClean bool // this term's online verification passed
+	// fenceStart is when the current cutover window's fence began (unix
+	// nanoseconds), 0 when no window runs.
+	fenceStart atomic.Int64
 
 	// Background work of the switched phase (health watch, window timer);
 	// bgMu orders starting it with close waiting for it.
@@ -82,6 +86,29 @@ type pairRT struct {
 
 	blueDB, greenDB *cpg.DB
 	verifier        *consistency.Verifier
+
+	// live guards fwd and verifier for Live, which API handlers call.
+	live sync.Mutex
+}
+
+func (pr *pairRT) setFwd(r *rpg.Replicator) {
+	pr.live.Lock()
+	pr.fwd = r
+	pr.live.Unlock()
+}
+
+// fwdRunning is the forward replicator, for Live.
+func (pr *pairRT) fwdRunning() *rpg.Replicator {
+	pr.live.Lock()
+	defer pr.live.Unlock()
+	return pr.fwd
+}
+
+// verifierNow is the verifier, for Live.
+func (pr *pairRT) verifierNow() *consistency.Verifier {
+	pr.live.Lock()
+	defer pr.live.Unlock()
+	return pr.verifier
 }
 
 func newPlanRT(ctx context.Context, d *Driver, spec config.Plan) (*planRT, error) {
@@ -234,7 +261,7 @@ func (rt *planRT) ensureForward(ctx context.Context, pr *pairRT, epoch uint64) e
 		select {
 		case <-pr.fwd.Done():
 			err := pr.fwd.Err()
-			pr.fwd = nil
+			pr.setFwd(nil)
 			if err != nil {
 				return fmt.Errorf("replication of %s stopped: %w", pr.cfg.Name, err)
 			}
@@ -255,7 +282,7 @@ func (rt *planRT) ensureForward(ctx context.Context, pr *pairRT, epoch uint64) e
 	if err := r.Start(rt.ctx); err != nil {
 		return fmt.Errorf("start replication of %s: %w", pr.cfg.Name, err)
 	}
-	pr.fwd = r
+	pr.setFwd(r)
 	return nil
 }
 

@@ -48,7 +48,12 @@ func firstSet(vals ...string) string {
 
 // client builds the API client, teaching the redactor the token.
 func (r *remote) client(g *globals) (*client.Client, string, error) {
-	addr := firstSet(r.addr, os.Getenv("CUTOVER_ADDR"), DefaultAddr)
+	return r.clientFor(g, firstSet(r.addr, os.Getenv("CUTOVER_ADDR"), DefaultAddr))
+}
+
+// clientFor is client for another agent than --addr (the leader, say), with
+// the same token and TLS settings.
+func (r *remote) clientFor(g *globals, addr string) (*client.Client, string, error) {
 	token := firstSet(r.token, os.Getenv("CUTOVER_TOKEN"))
 	if token != "" {
 		g.redactor.Add(token)

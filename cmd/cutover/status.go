@@ -35,6 +35,22 @@ Exit status: 0 shown, 2 the agent could not be asked.`,
 			if err != nil {
 				return withCode(exitError, err)
 			}
+			// Live figures (lag, outage timer, verification) come from the
+			// leader's driver: ask the leader when this agent is not it.
+			if st.LeaderAPI != "" && st.State != "Leader" {
+				lc, _, err := r.clientFor(g, st.LeaderAPI)
+				if err == nil {
+					if ls, err := lc.Status(context.Background()); err == nil {
+						live := map[string]*agent.Live{}
+						for _, p := range ls.Plans {
+							live[p.Name] = p.Live
+						}
+						for i := range st.Plans {
+							st.Plans[i].Live = live[st.Plans[i].Name]
+						}
+					}
+				}
+			}
 			if asJSON {
 				enc := json.NewEncoder(cmd.OutOrStdout())
 				enc.SetIndent("", "  ")
@@ -85,4 +101,29 @@ func printStatus(w io.Writer, st agent.Status) {
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", p.Name, p.Phase, p.Epoch, step, gateState)
 	}
 	tw.Flush()
+	for _, p := range st.Plans {
+		if p.Live == nil {
+			continue
+		}
+		if p.Live.OutageMS > 0 {
+			fmt.Fprintf(w, "%s: FENCED for %d ms\n", p.Name, p.Live.OutageMS)
+		}
+		for _, lp := range p.Live.Pairs {
+			fmt.Fprintf(w, "%s/%s: replication %s, lag %d bytes / %d ms", p.Name, lp.Name, orDash(lp.Replication), lp.LagBytes, lp.LagMS)
+			if lp.VerifyPass != "" {
+				fmt.Fprintf(w, ", verification %s: %d rows", lp.VerifyPass, lp.VerifyRows)
+				if lp.VerifyETA != "" {
+					fmt.Fprintf(w, ", ETA %s", lp.VerifyETA)
+				}
+			}
+			fmt.Fprintln(w)
+		}
+	}
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
