@@ -17,6 +17,7 @@ import (
 	"github.com/cutover/cutover/fencing"
 	fpg "github.com/cutover/cutover/fencing/postgres"
 	"github.com/cutover/cutover/internal/config"
+	"github.com/cutover/cutover/replication"
 	rpg "github.com/cutover/cutover/replication/postgres"
 	"github.com/cutover/cutover/switch/health"
 	"github.com/cutover/cutover/switch/target"
@@ -52,13 +53,11 @@ func (rt *planRT) copying(ctx context.Context, plan agent.Plan, p agent.Proposer
 	return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseReplicating, Detail: "initial copy done; streaming", Reason: "initial copy done", Facts: facts})
 }
 
-func isPrecheck(err error) bool {
-	return err != nil && strings.Contains(err.Error(), "pre-check failed")
-}
+func isPrecheck(err error) bool { return errors.Is(err, replication.ErrPrecheck) }
 
-// replicating: stream, verify online, and wait until lag has stayed under
-// the plan's thresholds for its hold time.
-func (rt *planRT) replicating(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
+// streamingAndVerified makes sure every pair streams (a new leader resumes
+// from green's stored position) and this term's online verification ran.
+func (rt *planRT) streamingAndVerified(ctx context.Context, plan agent.Plan, p agent.Proposer) error {
 	for _, pr := range rt.pairs {
 		if err := rt.ensureForward(ctx, pr, plan.Epoch); err != nil {
 			return err
@@ -67,7 +66,13 @@ func (rt *planRT) replicating(ctx context.Context, plan agent.Plan, p agent.Prop
 	if err := rt.waitStreaming(ctx); err != nil {
 		return err
 	}
-	if err := rt.online(ctx, plan, p); err != nil {
+	return rt.online(ctx, plan, p)
+}
+
+// replicating: stream, verify online, and wait until lag has stayed under
+// the plan's thresholds for its hold time.
+func (rt *planRT) replicating(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
+	if err := rt.streamingAndVerified(ctx, plan, p); err != nil {
 		return err
 	}
 	if err := rt.lagGate(ctx, rt.spec.Lag.Hold.D(), log); err != nil {
@@ -160,15 +165,7 @@ func (rt *planRT) checkDrift(ctx context.Context) error {
 // within max_fence_window; otherwise blue is unfenced and the plan aborts.
 func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
 	// Everything that can happen before the fence happens before it.
-	for _, pr := range rt.pairs {
-		if err := rt.ensureForward(ctx, pr, plan.Epoch); err != nil {
-			return err
-		}
-	}
-	if err := rt.waitStreaming(ctx); err != nil {
-		return err
-	}
-	if err := rt.online(ctx, plan, p); err != nil {
+	if err := rt.streamingAndVerified(ctx, plan, p); err != nil {
 		return err
 	}
 	if err := rt.checkDrift(ctx); err != nil {
