@@ -140,7 +140,9 @@ func (r *Replicator) Lag(ctx context.Context) (replication.Lag, error) {
 	}
 	r.mu.Lock()
 	l.Delay = r.hb.delay(now)
-	r.lastLag = l
+	if l.At.After(r.lastLag.At) { // concurrent callers: the newest wins
+		r.lastLag = l
+	}
 	r.mu.Unlock()
 	r.metrics.lagBytes.Set(float64(l.Bytes))
 	r.metrics.lagSeconds.Set(l.Delay.Seconds())

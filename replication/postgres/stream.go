@@ -77,6 +77,9 @@ func (rc *receiver) run(ctx context.Context, out chan<- *chunk) error {
 		if rc.r.paused.Load() {
 			// Paused: end the stream (the walsender exits, as for a
 			// disabled subscription; the backlog stays in blue's WAL).
+			// Confirm what is applied first, so that the resumed stream
+			// does not decode it again.
+			_ = rc.sendStatus(ctx, false)
 			return errPaused
 		}
 		if !time.Now().Before(rc.nextStat) {
