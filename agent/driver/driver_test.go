@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -295,4 +297,68 @@ func pgxConnect(dsn string) (*pgx.Conn, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	return pgx.Connect(ctx, dsn)
+}
+
+func TestAFailingHealthCheckAfterTheFlipRollsBackAutomatically(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := newScenario(t, 300)
+	s.followRoute(ctx)
+	var healthy atomic.Bool // the application is broken on green
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !healthy.Load() {
+			w.WriteHeader(http.StatusBadGateway)
+		}
+	}))
+	defer srv.Close()
+	s.spec.Rollback = config.Rollback{Window: config.Duration(time.Hour), Watch: config.Duration(time.Minute), Interval: config.Duration(100 * time.Millisecond), Failures: 3,
+		Checks: []config.HealthCheck{{Type: "http", URL: srv.URL, MaxLatency: config.Duration(time.Second)}}}
+	c := newCluster(t, Options{})
+	l := load.Start(ctx, load.Options{Run: "auto", Target: s.appDSN, Writers: 2, Accounts: 300, Think: 5 * time.Millisecond})
+	createAndStartWithHealth(t, c, s.spec, srv.URL)
+	p := waitPhase(t, c, "shop", 90*time.Second, agent.PhaseRolledBack, agent.PhaseAborted, agent.PhaseDone)
+	receipts, _ := l.Stop()
+	if p.Phase != agent.PhaseRolledBack {
+		t.Fatalf("plan ended %s (%s), want rolled_back", p.Phase, p.Reason)
+	}
+	if s.route.Load() != "blue" {
+		t.Errorf("route = %v after the automatic rollback", s.route.Load())
+	}
+	missing, err := load.Missing(context.Background(), s.blue.DSN(), "auto", receipts)
+	if err != nil || len(missing) > 0 {
+		t.Errorf("%d acknowledged writes missing on blue after the rollback (%v)", len(missing), err)
+	}
+	ctxA, cancelA := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancelA()
+	audit, err := c.Client(0).Audit(ctxA, "shop", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, e := range audit {
+		found = found || (e.To == agent.PhaseRollingBack && strings.Contains(e.Reason, "automatic rollback"))
+	}
+	if !found {
+		t.Error("the audit log does not say the rollback was automatic")
+	}
+}
+
+// createAndStartWithHealth posts the spec with its health checks.
+func createAndStartWithHealth(t *testing.T, c *agenttest.Cluster, spec config.Plan, url string) {
+	t.Helper()
+	ctx := agenttest.Ctx(t, 30*time.Second)
+	m := specForAPI(spec)
+	rb := m["rollback"].(map[string]any)
+	rb["checks"] = []map[string]any{{"type": "http", "url": url, "max_latency": "1s"}}
+	raw, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Leader(15 * time.Second)
+	if _, err := c.Client(0).CreatePlan(ctx, agent.CreatePlanRequest{Spec: raw, Reason: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Client(0).Start(ctx, spec.Name, "test"); err != nil {
+		t.Fatal(err)
+	}
 }
