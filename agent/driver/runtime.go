@@ -271,10 +271,9 @@ func (rt *planRT) ensureForward(ctx context.Context, pr *pairRT, epoch uint64) e
 	}
 	r, err := rpg.New(rpg.Options{
 		Plan: rt.spec.Name, Pair: pr.cfg, Epoch: epoch,
-		Logger:        rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name)),
-		Registerer:    rt.d.opts.Registerer,
-		OnRowChange:   pr.dirty.MarkChanged,
-		MaxBatchDelay: 5 * time.Millisecond,
+		Logger:      rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name)),
+		Registerer:  rt.d.opts.Registerer,
+		OnRowChange: pr.dirty.MarkChanged,
 	})
 	if err != nil {
 		return err
@@ -304,9 +303,8 @@ func (rt *planRT) ensureReverse(ctx context.Context, pr *pairRT, epoch uint64) e
 	}
 	r, err := rpg.New(rpg.Options{
 		Plan: rt.spec.Name, Pair: reversePair(pr.cfg), Epoch: epoch,
-		Logger:        rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name), zap.String("direction", "reverse")),
-		SkipCopy:      true,
-		MaxBatchDelay: 5 * time.Millisecond,
+		Logger:   rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name), zap.String("direction", "reverse")),
+		SkipCopy: true,
 	})
 	if err != nil {
 		return err

@@ -57,7 +57,7 @@ func newPairEnv(t testing.TB, accounts int) *pairEnv {
 		Green: config.Endpoint{DSN: config.DSN(e.green.DSN())},
 		Scope: config.Scope{Tables: []string{"public.load_accounts", "public.load_history"}},
 	}
-	repl, err := rpg.New(rpg.Options{Plan: "p1", Pair: pair, MaxBatchDelay: 5 * time.Millisecond, StatusInterval: 200 * time.Millisecond})
+	repl, err := rpg.New(rpg.Options{Plan: "p1", Pair: pair, StatusInterval: 200 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
