@@ -413,7 +413,14 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 	if sum.Report != "" {
 		fmt.Fprintf(w, "  consistency report: %s (rows verified %d)\n", sum.Report, sum.RowsVerified)
 	}
-	fmt.Fprintf(w, "  audit log: cutover plan show %s (while agents run); agents' logs: %s\n", planName, dir)
+	if opts.KeepDir {
+		fmt.Fprintf(w, "  agents' data and logs kept in %s\n", dir)
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "audit log (replicated, the same on every agent):")
+	for _, line := range sum.Audit {
+		fmt.Fprintln(w, "  "+line)
+	}
 	out, _ := json.Marshal(sum)
 	fmt.Fprintln(w, string(out))
 	return sum, nil
@@ -570,7 +577,9 @@ func collectReports(agents []*Agent, dir string) (int64, string) {
 					rows += rep.Totals.RowsBlue
 				}
 			}
-			if strings.HasSuffix(m, ".html") {
+			// The report of the pass inside the fence is the one that
+			// authorized the flip; show it rather than the online one.
+			if strings.HasSuffix(m, ".html") && (last == "" || strings.Contains(m, "-dirty-") || !strings.Contains(last, "-dirty-")) {
 				last = dst
 			}
 		}
