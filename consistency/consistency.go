@@ -19,7 +19,10 @@
 //     re-checked after green has applied past the position at which blue was
 //     read (see PositionWaiter); only a difference that persists is
 //     reported. Chunks found clean are recorded in a DirtySet, so that
-//     changes seen before the check need not be re-checked later.
+//     changes seen before the check need not be re-checked later. A chunk
+//     still being written is settled except for the keys changed while it
+//     was read (engines implementing Snapshotter): only those keys are left
+//     to the fence, not the chunk.
 //   - Dirty: inside the fence, only what the change stream touched since the
 //     online pass (exact keys, narrow ranges once the set grew too large, and
 //     chunks the online pass could not settle). Its cost is proportional to
@@ -214,6 +217,32 @@ type Database interface {
 	Rows(ctx context.Context, t *Table, s Span, limit int) ([]Row, error)
 }
 
+// Snapshotter is optional for a Database: an engine that implements it
+// lets an online pass settle a chunk that is still being written (see
+// Options.MaxExceptKeys). The verifier reads the chunk once on each side,
+// each side at one snapshot, and subtracts the rows of the keys the change
+// stream marked meanwhile, read in the same snapshots; what remains must
+// be equal, and only the marked keys are left to the pass inside the
+// fence.
+type Snapshotter interface {
+	// Snapshot opens a read-only session whose reads all see the database
+	// as of its first read (not as of Snapshot). The caller closes it.
+	Snapshot(ctx context.Context) (Snapshot, error)
+	// Minus returns the digest of the rows of a that are not in b, where
+	// b is the digest of a subset of a's rows: for every set of rows A
+	// and subset B, Minus(digest(A), digest(B)) == digest(A \ B).
+	Minus(a, b Digest) (Digest, error)
+}
+
+// Snapshot is a read-only session at one snapshot of the database.
+// It is used by one goroutine at a time.
+type Snapshot interface {
+	// Checksum is Database.Checksum at the session's snapshot.
+	Checksum(ctx context.Context, t *Table, s Span) (Digest, error)
+	// Close ends the session; it is safe to call more than once.
+	Close()
+}
+
 // PositionWaiter lets an online pass compare a chunk consistently while
 // blue is still being written and replicated. The replication engine
 // implements it; a nil PositionWaiter means both sides are quiet and every
@@ -224,18 +253,27 @@ type Database interface {
 // every commit that hash saw); call WaitGreenApplied with it; hash the
 // chunk on green. If the digests still differ and no change to the chunk's
 // keys was recorded in the DirtySet since before the blue hash, the
-// difference is real. If changes were recorded, the chunk is still moving:
-// it is re-checked a few times and otherwise left dirty for the pass inside
-// the fence.
+// difference is real. If changes were recorded, the chunk is still moving.
+// When both sides implement Snapshotter, the two hashes are read at one
+// snapshot each, and the rows of the keys recorded since before the blue
+// hash (taken after the green hash) are subtracted on both sides: if the
+// rest is equal, the chunk is settled except for those keys, which stay in
+// the DirtySet for the pass inside the fence. Otherwise it is re-checked a
+// few times and then left dirty whole.
 //
-// For this to hold, the DirtySet's MarkChanged must have been called for
-// a change by the time the verifier looks for changes, which is several
-// round trips after WaitGreenApplied returned: the rows of a persistent
-// difference are fetched again from both sides before anything is
-// reported. replication/postgres calls its OnRowChange hook right after
-// each green commit, on the applier goroutine, which is within that
-// margin; WaitGreenApplied is safest when it only advances past a commit
-// once the hook calls for that commit have returned.
+// The contract on the engine: MarkChanged for a change applied on green
+// happens before WaitGreenApplied can return for a position at or past
+// it. Leaving keys out never depends on it (a key left out stays in the
+// DirtySet; a change green's read saw but that was marked too late only
+// makes the rest differ, and the chunk is re-checked); but telling a real
+// difference from a moving chunk does: a change marked after the verifier
+// looked for changes would be reported as a difference. The verifier
+// looks again after fetching the rows of a difference from both sides,
+// several round trips after WaitGreenApplied returned, which covers a hook
+// that runs right after the applied position is published.
+// replication/postgres publishes the applied position in afterCommit
+// before it calls OnRowChange for the batch; calling the hooks first
+// would meet the contract exactly.
 //
 // Both methods may block and are called from several goroutines at once;
 // they must honour ctx.

@@ -343,6 +343,38 @@ func (d *DirtySet) changedSince(table string, s Span, gen uint64) bool {
 	return false
 }
 
+// keysSince returns the exact keys in range s of table marked after
+// generation gen, for an online re-check to leave out of its comparison.
+// ok is false when the marks since gen are not all exact keys inside s
+// (the table was marked whole, its key order is unknown in Go, a range
+// overlapping s was marked) or when there are more than limit keys: the
+// chunk cannot be settled except for a known set of keys then.
+func (d *DirtySet) keysSince(table string, s Span, gen uint64, limit int) (keys [][]string, ok bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	t := d.tables[table]
+	if t == nil || t.last <= gen {
+		return nil, true
+	}
+	if t.whole > gen || t.order == nil || s.IsKeySet() {
+		return nil, false
+	}
+	for _, r := range t.ranges {
+		if r.gen > gen && t.order.overlapsSpan(s, r.span) {
+			return nil, false
+		}
+	}
+	for _, k := range t.keys {
+		if k.gen > gen && t.order.contains(s, k.key) {
+			if len(keys) >= limit {
+				return nil, false
+			}
+			keys = append(keys, k.key)
+		}
+	}
+	return keys, true
+}
+
 // markClean drops what a clean check of span s, started at generation gen,
 // covered: keys in s and ranges inside s marked at or before gen.
 func (d *DirtySet) markClean(table string, s Span, gen uint64) {

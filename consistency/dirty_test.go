@@ -209,3 +209,42 @@ func TestDirtySetIsSafeForConcurrentMarks(t *testing.T) {
 		t.Error("snapshot keys not in key order")
 	}
 }
+
+func TestKeysSinceListsOnlyExactKeysMarkedInTheChunkAfterGen(t *testing.T) {
+	d := NewDirtySet(0)
+	d.setKinds("s.t", []KeyKind{KindInt})
+	chunk := Span{Lo: intKey(0), Hi: intKey(40)}
+	d.MarkChanged("s.t", intKey(10)) // before the reads: covered by them
+	gen := d.Generation()
+	d.MarkChanged("s.t", intKey(20))
+	d.MarkChanged("s.t", intKey(30))
+	d.MarkChanged("s.t", intKey(50)) // outside the chunk
+	keys, ok := d.keysSince("s.t", chunk, gen, 10)
+	sort.Slice(keys, func(i, j int) bool { return keys[i][0] < keys[j][0] })
+	if !ok || fmt.Sprint(keys) != "[[20] [30]]" {
+		t.Fatalf("keys %v ok %v, want 20 and 30", keys, ok)
+	}
+	if _, ok := d.keysSince("s.t", chunk, gen, 1); ok {
+		t.Error("more keys than the limit were accepted")
+	}
+	// Settled except those keys: they stay, key 10 (checked) goes.
+	d.markClean("s.t", chunk, gen)
+	d.endWalk("s.t", 0)
+	if got := fmt.Sprint(d.snapshot("s.t").keys); got != "[[20] [30] [50]]" {
+		t.Fatalf("keys left %s, want 20, 30 (left out of the check) and 50", got)
+	}
+	// A range marked in the chunk after gen: its keys are unknown.
+	d.markSpan("s.t", Span{Lo: intKey(35), Hi: intKey(38), HiInclusive: true})
+	d.MarkChanged("s.t", intKey(36))
+	if _, ok := d.keysSince("s.t", chunk, gen, 10); ok {
+		t.Error("a range marked in the chunk after gen was not refused")
+	}
+	// A truncate after gen.
+	d2 := NewDirtySet(0)
+	d2.setKinds("s.t", []KeyKind{KindInt})
+	g2 := d2.Generation()
+	d2.MarkChanged("s.t", nil)
+	if _, ok := d2.keysSince("s.t", chunk, g2, 10); ok {
+		t.Error("a truncate after gen was not refused")
+	}
+}

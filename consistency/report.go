@@ -121,6 +121,11 @@ type TableInfo struct {
 	// inside the fence.
 	Rechecked int64 `json:"rechecked,omitempty"`
 	Unsettled int64 `json:"unsettled,omitempty"`
+	// SettledExcept counts chunks still being written that an online
+	// re-check settled except for ExceptKeys keys changed while it ran:
+	// only those keys are left to the pass inside the fence.
+	SettledExcept int64 `json:"settled_except,omitempty"`
+	ExceptKeys    int64 `json:"except_keys,omitempty"`
 	// Differences found; DifferenceCount may exceed len(Differences) when
 	// the list was capped.
 	DifferenceCount int64        `json:"difference_count"`

@@ -28,6 +28,8 @@ const (
 	DefaultMaxValueBytes    = 256
 	DefaultRechecks         = 3
 	DefaultKeysPerQuery     = 5_000
+	DefaultMaxExceptKeys    = 5_000
+	DefaultMaxExceptShare   = 0.5
 	DefaultProgressEvery    = 10 * time.Second
 )
 
@@ -61,6 +63,16 @@ type Options struct {
 	Rechecks int
 	// KeysPerQuery caps the keys hashed by one query in a dirty pass.
 	KeysPerQuery int
+	// MaxExceptKeys and MaxExceptShare bound how many keys an online
+	// re-check may leave out of a chunk that is still being written (the
+	// keys the change stream marked while the chunk was read, when both
+	// sides implement Snapshotter): at most MaxExceptKeys, and at most
+	// MaxExceptShare of the chunk's rows. Beyond that, hashing the keys
+	// one by one in the fence would cost about as much as the chunk, and
+	// the chunk is left unsettled whole. MaxExceptKeys < 0 turns this
+	// off.
+	MaxExceptKeys  int
+	MaxExceptShare float64
 	// Logger gets phase and progress lines; nil logs nothing.
 	Logger *zap.Logger
 	// OnProgress, when set, is called after every chunk (from several
@@ -108,6 +120,12 @@ func (o *Options) defaults() {
 	if o.ProgressEvery <= 0 {
 		o.ProgressEvery = DefaultProgressEvery
 	}
+	if o.MaxExceptKeys == 0 {
+		o.MaxExceptKeys = DefaultMaxExceptKeys
+	}
+	if o.MaxExceptShare <= 0 || o.MaxExceptShare > 1 {
+		o.MaxExceptShare = DefaultMaxExceptShare
+	}
 	if o.Logger == nil {
 		o.Logger = zap.NewNop()
 	}
@@ -154,7 +172,9 @@ func (v *Verifier) Full(ctx context.Context, names []string) (*Report, error) {
 // on is recorded. A differing chunk is re-checked through w (see
 // PositionWaiter); only a difference that persists is reported. Chunks
 // found clean drop their recorded keys from d; chunks still changing are
-// left in d for Dirty. w must not be nil; d may be nil (no dirty tracking).
+// settled except for the keys changed while they were read (when both
+// sides implement Snapshotter), which stay in d, or else left in d whole,
+// for Dirty. w must not be nil; d may be nil (no dirty tracking).
 func (v *Verifier) Online(ctx context.Context, names []string, w PositionWaiter, d *DirtySet) (*Report, error) {
 	if w == nil {
 		return nil, errors.New("online pass: no position waiter: use Full when nothing replicates")
@@ -705,23 +725,34 @@ func (tr *tableRun) notify() {
 // resolve handles a chunk that differed at first sight. With a position
 // waiter (online pass) it is re-checked until the difference either goes
 // away, proves persistent (no change recorded while it was re-checked), or
-// keeps moving (then it is left for the fence pass). Persistent and exact
-// differences are bisected to rows.
+// keeps moving. A chunk that keeps moving is settled except for the keys
+// the stream marked while it was read, when the engine can (see
+// settleExcept); otherwise it is left whole for the fence pass.
+// Persistent and exact differences are bisected to rows.
 func (tr *tableRun) resolve(ctx context.Context, s Span, b, g Digest) error {
 	if tr.w == nil {
 		return tr.bisect(ctx, s, b, g, 0, 0)
 	}
 	for attempt := 0; attempt < tr.v.opts.Rechecks; attempt++ {
 		gen := tr.generation()
+		var settled bool
 		var err error
-		if b, g, err = tr.hashOrdered(ctx, s); err != nil {
+		if tr.canSettleExcept() {
+			settled, b, g, err = tr.settleExcept(ctx, s, gen)
+		} else {
+			b, g, err = tr.hashOrdered(ctx, s)
+			settled = b == g
+		}
+		if err != nil {
 			return err
 		}
 		tr.mu.Lock()
 		tr.info.Rechecked++
 		tr.mu.Unlock()
-		if b == g {
+		if settled {
 			if tr.d != nil {
+				// Keys marked after gen stay: what settleExcept left
+				// out, and changes after the reads.
 				tr.d.markClean(tr.t.Name, s, gen)
 			}
 			return nil
@@ -739,6 +770,98 @@ func (tr *tableRun) resolve(ctx context.Context, s Span, b, g Digest) error {
 	}
 	tr.unsettled(s)
 	return nil
+}
+
+// canSettleExcept reports whether both sides can read at a snapshot, so
+// that a moving chunk can be settled except for its marked keys.
+func (tr *tableRun) canSettleExcept() bool {
+	if tr.d == nil || tr.v.opts.MaxExceptKeys < 0 {
+		return false
+	}
+	_, okb := tr.v.blue.(Snapshotter)
+	_, okg := tr.v.green.(Snapshotter)
+	return okb && okg
+}
+
+// settleExcept re-checks chunk s of a table still being written, and
+// settles it except for the keys marked in the DirtySet after gen (taken
+// before the reads). It reads s on blue at one snapshot, waits until green
+// has applied past blue's position, reads s on green at one snapshot;
+// then, keeping both snapshots, takes the keys of s marked since gen and
+// hashes exactly those rows in each snapshot. Subtracted from the chunk
+// digests, what remains is every row of s except those keys, at
+// consistent reads: blue's as of its snapshot, green's with at least
+// everything blue had then applied.
+//
+// Why leaving those keys out hides nothing: they stay in the DirtySet
+// (marked after gen, so markClean keeps them) and the fence pass hashes
+// each of them on both sides. Every other row was equal at consistent
+// reads; a later change to it goes through the stream and is marked. A
+// row green changed behind the stream's back is never marked, so it is
+// never left out and still shows as a difference. A key whose change
+// green applied before its read, but that was marked too late to be left
+// out (the engine's hook racing the read), makes the remainders differ:
+// the chunk is re-checked, or left whole to the fence, never passed.
+//
+// settled is true when the remainders are equal; b and g are then the
+// digests of the remainders, otherwise of the whole chunk.
+func (tr *tableRun) settleExcept(ctx context.Context, s Span, gen uint64) (settled bool, b, g Digest, err error) {
+	sb, err := tr.v.blue.(Snapshotter).Snapshot(ctx)
+	if err != nil {
+		return false, b, g, fmt.Errorf("blue: snapshot: %w", err)
+	}
+	defer sb.Close()
+	if b, err = sb.Checksum(ctx, tr.t, s); err != nil {
+		return false, b, g, fmt.Errorf("blue: checksum %s: %w", s, err)
+	}
+	if err = tr.waitGreen(ctx); err != nil {
+		return false, b, g, err
+	}
+	sg, err := tr.v.green.(Snapshotter).Snapshot(ctx)
+	if err != nil {
+		return false, b, g, fmt.Errorf("green: snapshot: %w", err)
+	}
+	defer sg.Close()
+	if g, err = sg.Checksum(ctx, tr.t, s); err != nil {
+		return false, b, g, fmt.Errorf("green: checksum %s: %w", s, err)
+	}
+	if b == g {
+		return true, b, g, nil
+	}
+	// The keys are taken after green's read, so that they include every
+	// change green's snapshot saw whose hook has run by now.
+	limit := min(tr.v.opts.MaxExceptKeys, int(tr.v.opts.MaxExceptShare*float64(max(b.Rows, g.Rows))))
+	keys, ok := tr.d.keysSince(tr.t.Name, s, gen, limit)
+	if !ok || len(keys) == 0 {
+		return false, b, g, nil
+	}
+	sort.Slice(keys, func(i, j int) bool { return encodeKey(keys[i]) < encodeKey(keys[j]) })
+	var bk, gk Digest
+	ks := Span{Keys: keys}
+	if bk, err = sb.Checksum(ctx, tr.t, ks); err != nil {
+		return false, b, g, fmt.Errorf("blue: checksum %s: %w", ks, err)
+	}
+	if gk, err = sg.Checksum(ctx, tr.t, ks); err != nil {
+		return false, b, g, fmt.Errorf("green: checksum %s: %w", ks, err)
+	}
+	bx, err := tr.v.blue.(Snapshotter).Minus(b, bk)
+	if err != nil {
+		return false, b, g, fmt.Errorf("blue: %w", err)
+	}
+	gx, err := tr.v.green.(Snapshotter).Minus(g, gk)
+	if err != nil {
+		return false, b, g, fmt.Errorf("green: %w", err)
+	}
+	if bx != gx {
+		return false, b, g, nil
+	}
+	tr.mu.Lock()
+	tr.info.SettledExcept++
+	tr.info.ExceptKeys += int64(len(keys))
+	tr.mu.Unlock()
+	tr.v.log.Debug("verify: chunk settled except keys changed while it was read", zap.String("table", tr.t.Name),
+		zap.Stringer("span", s), zap.Int("keys", len(keys)))
+	return true, bx, gx, nil
 }
 
 func (tr *tableRun) unsettled(s Span) {

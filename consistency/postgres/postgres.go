@@ -9,9 +9,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/big"
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -19,7 +21,10 @@ import (
 	"github.com/cutover/cutover/consistency"
 )
 
-var _ consistency.Database = (*DB)(nil)
+var (
+	_ consistency.Database    = (*DB)(nil)
+	_ consistency.Snapshotter = (*DB)(nil)
+)
 
 // sessionSettings pin every setting that changes how a value prints, so
 // that text forms (of keys, of the types hashed through their text form,
@@ -144,18 +149,86 @@ func (db *DB) Position(ctx context.Context) (string, error) {
 	return pos, nil
 }
 
-// Checksum hashes the rows of s: count, and the sum (mod 2^64, as
-// numeric) of a 64-bit hash of each row's canonical encoding.
+// Checksum hashes the rows of s: count, and the exact sum (as numeric)
+// of a 64-bit hash of each row's canonical encoding.
 func (db *DB) Checksum(ctx context.Context, t *consistency.Table, s consistency.Span) (consistency.Digest, error) {
+	return db.checksum(ctx, db.hashPool, t, s)
+}
+
+// querier is a pool or a connection.
+type querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+func (db *DB) checksum(ctx context.Context, on querier, t *consistency.Table, s consistency.Span) (consistency.Digest, error) {
 	q := db.newQuery(t)
 	where := q.where(s)
 	sql := `SELECT count(*), coalesce(sum(hashint8extended(h, h)), 0)::text FROM (SELECT ` +
 		q.rowHash() + ` AS h FROM ` + q.from() + ` WHERE ` + where + ` OFFSET 0) s`
 	var d consistency.Digest
-	if err := db.hashPool.QueryRow(ctx, sql, q.args...).Scan(&d.Rows, &d.Hash); err != nil {
+	if err := on.QueryRow(ctx, sql, q.args...).Scan(&d.Rows, &d.Hash); err != nil {
 		return d, err
 	}
 	return d, nil
+}
+
+// Snapshot opens a REPEATABLE READ, READ ONLY transaction on a hashing
+// connection: its snapshot is taken by its first statement, and every
+// later statement sees the same rows. It holds a connection of the
+// hashing pool until closed; keep it short (it holds back vacuum).
+func (db *DB) Snapshot(ctx context.Context) (consistency.Snapshot, error) {
+	conn, err := db.hashPool.Acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := conn.Exec(ctx, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"); err != nil {
+		// The connection may be mid-statement: do not reuse it.
+		conn.Conn().Close(context.WithoutCancel(ctx)) //nolint:errcheck // it is dropped either way
+		conn.Release()
+		return nil, err
+	}
+	return &snapshot{db: db, conn: conn}, nil
+}
+
+type snapshot struct {
+	db   *DB
+	conn *pgxpool.Conn
+}
+
+func (s *snapshot) Checksum(ctx context.Context, t *consistency.Table, span consistency.Span) (consistency.Digest, error) {
+	return s.db.checksum(ctx, s.conn, t, span)
+}
+
+func (s *snapshot) Close() {
+	if s.conn == nil {
+		return
+	}
+	// A read-only transaction has nothing to undo; ROLLBACK frees the
+	// snapshot. If it fails (a cancelled context broke the connection),
+	// the connection is closed rather than returned to the pool inside a
+	// transaction.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := s.conn.Exec(ctx, "ROLLBACK"); err != nil {
+		s.conn.Conn().Close(ctx) //nolint:errcheck // it is dropped either way
+	}
+	s.conn.Release()
+	s.conn = nil
+}
+
+// Minus subtracts digests: Checksum's hash is an exact sum (numeric, no
+// wrap-around), so the digest of a set of rows minus a subset is the
+// difference of counts and of sums.
+func (db *DB) Minus(a, b consistency.Digest) (consistency.Digest, error) {
+	x, ok := new(big.Int).SetString(a.Hash, 10)
+	if !ok {
+		return consistency.Digest{}, fmt.Errorf("digest %q is not an integer", a.Hash)
+	}
+	y, ok := new(big.Int).SetString(b.Hash, 10)
+	if !ok {
+		return consistency.Digest{}, fmt.Errorf("digest %q is not an integer", b.Hash)
+	}
+	return consistency.Digest{Rows: a.Rows - b.Rows, Hash: x.Sub(x, y).String()}, nil
 }
 
 // KeyAt returns the key at offset n of the range s in canonical key order.
