@@ -343,7 +343,8 @@ func (d *DirtySet) changedSince(table string, s Span, gen uint64) bool {
 	return false
 }
 
-// keysSince returns the exact keys in range s of table marked after
+// keysSince returns the exact keys in s (a range or a key set) of table
+// marked after
 // generation gen, for an online re-check to leave out of its comparison.
 // ok is false when the marks since gen are not all exact keys inside s
 // (the table was marked whole, its key order is unknown in Go, a range
@@ -356,8 +357,22 @@ func (d *DirtySet) keysSince(table string, s Span, gen uint64, limit int) (keys 
 	if t == nil || t.last <= gen {
 		return nil, true
 	}
-	if t.whole > gen || t.order == nil || s.IsKeySet() {
+	if t.whole > gen || t.order == nil {
 		return nil, false
+	}
+	if s.IsKeySet() {
+		for _, k := range s.Keys {
+			if i := t.rangeContaining(k); i >= 0 && t.ranges[i].gen > gen {
+				return nil, false
+			}
+			if dk, ok := t.keys[encodeKey(k)]; ok && dk.gen > gen {
+				if len(keys) >= limit {
+					return nil, false
+				}
+				keys = append(keys, dk.key)
+			}
+		}
+		return keys, true
 	}
 	for _, r := range t.ranges {
 		if r.gen > gen && t.order.overlapsSpan(s, r.span) {

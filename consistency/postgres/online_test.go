@@ -368,6 +368,22 @@ func TestOnlinePassSettlesHotChunksExceptTheKeysChangedWhileReading(t *testing.T
 		t.Errorf("dirty set %+v after the online pass; want exact keys only", stats)
 	}
 
+	// A plan holding before the fence lets changes pile up; a refresh
+	// right before fencing leaves only what changed while it ran.
+	time.Sleep(time.Second)
+	before := d.Stats()
+	ref, err := v.Refresh(ctx, []string{"accounts"}, f, d)
+	if err != nil || ref.Verdict != consistency.Equal {
+		t.Fatalf("refresh: %v %v %+v %v", ref.Verdict, err, diffs(ref), tableErrors(ref))
+	}
+	after := d.Stats()
+	rt := ref.Tables[0]
+	t.Logf("refresh: %+v -> %+v in %.0f ms (%d spans, %d rows, %d settled except %d keys, %d unsettled)", before, after,
+		ref.DurationSeconds*1000, rt.Chunks, rt.RowsBlue, rt.SettledExcept, rt.ExceptKeys, rt.Unsettled)
+	if after.Ranges != 0 || after.WholeTables != 0 || after.Keys >= before.Keys {
+		t.Errorf("refresh left %+v of %+v", after, before)
+	}
+
 	// The fence: the dirty pass hashes exactly the keys left.
 	f.stop()
 	stats = d.Stats()
