@@ -139,6 +139,14 @@ func (d *Driver) Drive(ctx context.Context, plan agent.Plan, p agent.Proposer) e
 		return err
 	}
 	log := d.log.With(zap.String("plan", plan.Name), zap.String("phase", string(plan.Phase)), zap.Uint64("epoch", plan.Epoch))
+	err = rt.drive(ctx, plan, p, log)
+	if errors.Is(err, errAborted) {
+		return nil
+	}
+	return err
+}
+
+func (rt *planRT) drive(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
 	switch plan.Phase {
 	case agent.PhaseCopying:
 		return rt.copying(ctx, plan, p, log)
@@ -214,6 +222,9 @@ func maxWindow(spec config.Plan) time.Duration {
 
 // errBreach means an application write reached blue after the fence.
 var errBreach = errors.New("fence breach")
+
+// errAborted unwinds a step after it aborted the plan.
+var errAborted = errors.New("plan aborted")
 
 var _ = fencing.ErrStaleEpoch
 

@@ -106,6 +106,37 @@ func (rt *planRT) online(ctx context.Context, plan agent.Plan, p agent.Proposer)
 	return nil
 }
 
+// refresh re-checks online what the dirty sets hold, up to three times
+// while that keeps shrinking them, so that the pass inside the fence is
+// small.
+func (rt *planRT) refresh(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
+	if !verifyEnabled(rt.spec) {
+		return nil
+	}
+	for _, pr := range rt.pairs {
+		v, err := rt.verifier(ctx, pr)
+		if err != nil {
+			return err
+		}
+		for i := 0; i < 3; i++ {
+			before := pr.dirty.Stats()
+			rep, err := v.Refresh(ctx, pr.tables, waiter{pr}, pr.dirty)
+			if err != nil {
+				return err
+			}
+			if rep.Verdict == consistency.Different {
+				return rt.abort(ctx, plan.Name, p, plan.Epoch, fmt.Sprintf("online re-check of %s found %s", pr.cfg.Name, describe(rep)))
+			}
+			after := pr.dirty.Stats()
+			log.Debug("online re-check", zap.String("pair", pr.cfg.Name), zap.Int("keys_before", before.Keys), zap.Int("keys_after", after.Keys), zap.Int("ranges_after", after.Ranges))
+			if after.Ranges == 0 && after.WholeTables == 0 && after.Keys*2 >= before.Keys {
+				break
+			}
+		}
+	}
+	return nil
+}
+
 func verifyEnabled(spec config.Plan) bool { return spec.Verify.Enabled == nil || *spec.Verify.Enabled }
 
 // lagGate waits until every pair's lag has stayed under the thresholds for
@@ -170,6 +201,12 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	}
 	if err := rt.checkDrift(ctx); err != nil {
 		return rt.abort(ctx, plan.Name, p, plan.Epoch, err.Error())
+	}
+	// What changed since the online pass would otherwise all be re-hashed
+	// inside the fence: re-check it now, online, so that the pass inside
+	// the fence only covers the last moments' changes.
+	if err := rt.refresh(ctx, plan, p, log); err != nil {
+		return err
 	}
 	// The outage never starts on a lagging replica: the latest lag must be
 	// under the thresholds right now.
@@ -330,7 +367,11 @@ func (rt *planRT) abort(ctx context.Context, name string, p agent.Proposer, epoc
 		p.Outcome(ctx, name, e, agent.Outcome{OK: false, Detail: err.Error()})
 		return err
 	}
-	return p.Outcome(ctx, name, e, agent.Outcome{OK: true, To: agent.PhaseAborted, Detail: "blue unfenced; green stays fenced", Reason: reason})
+	if err := p.Outcome(ctx, name, e, agent.Outcome{OK: true, To: agent.PhaseAborted, Detail: "blue unfenced; green stays fenced", Reason: reason}); err != nil {
+		return err
+	}
+	// Stop the caller's step: the plan is over.
+	return errAborted
 }
 
 // flip: set up the way back, let green take writes, flip every target.

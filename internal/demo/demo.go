@@ -230,14 +230,16 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 	watch := func(until ...agent.Phase) (agent.PlanInfo, error) {
 		deadline := time.Now().Add(3 * time.Minute)
 		for {
+			// Each agent answers from its own state, and a restarted one may
+			// still be catching up: take the newest view.
 			var p agent.PlanInfo
-			var err error
+			err := errors.New("no agent answered")
 			for _, c := range clients {
 				cctx, cancel := context.WithTimeout(ctx, time.Second)
-				p, err = c.Plan(cctx, planName)
+				q, qerr := c.Plan(cctx, planName)
 				cancel()
-				if err == nil {
-					break
+				if qerr == nil && (err != nil || q.Index > p.Index) {
+					p, err = q, nil
 				}
 			}
 			if err == nil && p.Phase != last {
@@ -274,7 +276,7 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 			select {
 			case <-ctx.Done():
 				return p, ctx.Err()
-			case <-time.After(5 * time.Millisecond):
+			case <-time.After(10 * time.Millisecond):
 			}
 		}
 	}
@@ -325,7 +327,18 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 
 	// The outage: from the fence's intent to the gate opening, by the
 	// leader's clock, from the audit log.
-	audit, _ := api.Audit(ctx, planName, 0)
+	// Reads are served from each agent's own state: ask the leader, whose
+	// state holds every committed entry (a restarted agent may still be
+	// catching up).
+	var audit []agent.AuditEntry
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		if l := leaderOf(); l != nil {
+			if a, err := client.New(l.API, token).Audit(ctx, planName, 0); err == nil && len(a) > 0 {
+				audit = a
+				break
+			}
+		}
+	}
 	var fenceAt, openAt time.Time
 	for _, e := range audit {
 		line := fmt.Sprintf("%s #%d %s %s", e.At.Format("15:04:05.000"), e.Index, e.Node, e.Op)
@@ -618,10 +631,6 @@ func (a *anyAgent) Start(ctx context.Context, plan, reason string) (agent.PlanIn
 
 func (a *anyAgent) Transition(ctx context.Context, plan string, req agent.TransitionRequest) (agent.PlanInfo, error) {
 	return try(a, func(c *client.Client) (agent.PlanInfo, error) { return c.Transition(ctx, plan, req) })
-}
-
-func (a *anyAgent) Audit(ctx context.Context, plan string, limit int) ([]agent.AuditEntry, error) {
-	return try(a, func(c *client.Client) ([]agent.AuditEntry, error) { return c.Audit(ctx, plan, limit) })
 }
 
 func (a *anyAgent) Gate(ctx context.Context, plan string) (gate.Response, error) {
