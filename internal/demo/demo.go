@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -112,9 +113,15 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 		opts.ReportDir = "cutover-demo-report"
 	}
 	start := time.Now()
+	var sayMu sync.Mutex
 	say := func(format string, args ...any) {
+		sayMu.Lock()
+		defer sayMu.Unlock()
 		fmt.Fprintf(w, "%6.2fs  %s\n", time.Since(start).Seconds(), fmt.Sprintf(format, args...))
 	}
+	// Background work of the run (restarting a killed agent) ends before
+	// Run returns, and before the agents are killed.
+	var bg sync.WaitGroup
 	dir, err := os.MkdirTemp("", "cutover-demo-")
 	if err != nil {
 		return nil, err
@@ -158,6 +165,9 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 			a.Kill()
 		}
 	}()
+	bgCtx, stopBg := context.WithCancel(ctx)
+	defer bg.Wait()
+	defer stopBg()
 	clients := make([]*client.Client, len(agents))
 	for i, a := range agents {
 		clients[i] = client.New(a.API, token)
@@ -256,8 +266,14 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 						killedAt = p.Phase
 						killed.Kill()
 						say("killed the leader %s (SIGKILL) in phase %s", killed.ID, p.Phase)
+						bg.Add(1)
 						go func(a *Agent) {
-							time.Sleep(3 * time.Second)
+							defer bg.Done()
+							select {
+							case <-bgCtx.Done():
+								return
+							case <-time.After(3 * time.Second):
+							}
 							if err := a.Restart(opts.Binary, token); err == nil {
 								say("restarted %s from its data directory", a.ID)
 							}

@@ -774,6 +774,21 @@ func (r *Replicator) WaitMarker(ctx context.Context, nonce string) (pglogrepl.LS
 			err := green.QueryRow(ctx, `SELECT a.lsn::text FROM cutover.markers m, cutover.applied a
 				WHERE m.nonce = $1 AND a.slot = $2 AND a.copied_at IS NOT NULL`, nonce, r.name).Scan(&lsnText)
 			if err == nil {
+				// Found on green. If this run's applier committed it a
+				// moment ago, it is about to record it (after the commit):
+				// wait for that, so that the exact position is returned and
+				// breach recording has started when the caller asks
+				// ChangesAfter. Only a marker applied by an earlier run
+				// waits the whole delay.
+				select {
+				case lsn, ok := <-w:
+					if ok {
+						return lsn, nil
+					}
+				case <-time.After(500 * time.Millisecond):
+				case <-ctx.Done():
+					return 0, ctx.Err()
+				}
 				return pglogrepl.ParseLSN(lsnText)
 			}
 		}
