@@ -113,10 +113,9 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 		opts.ReportDir = "cutover-demo-report"
 	}
 	start := time.Now()
-	var sayMu sync.Mutex
+	// A restarted agent is announced from its own goroutine.
+	w = &lockedWriter{w: w}
 	say := func(format string, args ...any) {
-		sayMu.Lock()
-		defer sayMu.Unlock()
 		fmt.Fprintf(w, "%6.2fs  %s\n", time.Since(start).Seconds(), fmt.Sprintf(format, args...))
 	}
 	// Background work of the run (restarting a killed agent) ends before
@@ -409,6 +408,8 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 		sum.MissingOnBlue = len(missing)
 	}
 	sum.RowsVerified, sum.Report = collectReports(agents, opts.ReportDir)
+	stopBg()
+	bg.Wait()
 
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "timeline:")
@@ -669,4 +670,16 @@ func retry(ctx context.Context, fn func() error) error {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+}
+
+// lockedWriter serializes writes from several goroutines.
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
