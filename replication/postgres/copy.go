@@ -44,25 +44,12 @@ func (r *Replicator) copyAll(ctx context.Context, tables []*tableInfo) error {
 	if _, err := r.green.Exec(ctx, "TRUNCATE ONLY "+strings.Join(quotedNames(tables), ", ")); err != nil {
 		return fmt.Errorf("green: empty the tables before the copy: %w", err)
 	}
-	if err := r.dropSlot(ctx); err != nil {
-		return err
-	}
-	rconn, err := connectReplication(ctx, r.opts.Pair.Blue.DSN.Reveal())
+	// The exported snapshot lives as long as the replication connection.
+	rconn, slot, consistent, err := r.createSlot(ctx, "EXPORT_SNAPSHOT")
 	if err != nil {
 		return err
 	}
 	defer rconn.Close(context.WithoutCancel(ctx))
-	slot, err := pglogrepl.CreateReplicationSlot(ctx, rconn, r.name, "pgoutput", pglogrepl.CreateReplicationSlotOptions{
-		Mode:           pglogrepl.LogicalReplication,
-		SnapshotAction: "EXPORT_SNAPSHOT",
-	})
-	if err != nil {
-		return fmt.Errorf("blue: create slot %s: %w", r.name, err)
-	}
-	consistent, err := pglogrepl.ParseLSN(slot.ConsistentPoint)
-	if err != nil {
-		return fmt.Errorf("blue: slot consistent point %q: %w", slot.ConsistentPoint, err)
-	}
 	r.log.Info("slot created; copying", zap.String("consistent_point", slot.ConsistentPoint), zap.String("snapshot", slot.SnapshotName), zap.Int("tables", len(tables)))
 
 	var (
@@ -160,31 +147,17 @@ func (r *Replicator) startWithoutCopy(ctx context.Context) error {
 	if _, err := r.green.Exec(ctx, beginCopySQL, r.name, int64(r.opts.Epoch)); err != nil {
 		return fmt.Errorf("green: record start: %w", err)
 	}
-	if err := r.dropSlot(ctx); err != nil {
-		return err
-	}
-	rconn, err := connectReplication(ctx, r.opts.Pair.Blue.DSN.Reveal())
+	rconn, _, consistent, err := r.createSlot(ctx, "NOEXPORT_SNAPSHOT")
 	if err != nil {
 		return err
 	}
 	defer rconn.Close(context.WithoutCancel(ctx))
-	slot, err := pglogrepl.CreateReplicationSlot(ctx, rconn, r.name, "pgoutput", pglogrepl.CreateReplicationSlotOptions{
-		Mode:           pglogrepl.LogicalReplication,
-		SnapshotAction: "NOEXPORT_SNAPSHOT",
-	})
-	if err != nil {
-		return fmt.Errorf("blue: create slot %s: %w", r.name, err)
-	}
-	consistent, err := pglogrepl.ParseLSN(slot.ConsistentPoint)
-	if err != nil {
-		return fmt.Errorf("blue: slot consistent point %q: %w", slot.ConsistentPoint, err)
-	}
 	if _, err := r.green.Exec(ctx, finishCopySQL, r.name, consistent.String()); err != nil {
 		return fmt.Errorf("green: record start: %w", err)
 	}
 	r.appliedEnd.Store(uint64(consistent))
 	r.appliedByMe.Store(uint64(consistent))
-	r.log.Info("slot created; streaming without a copy", zap.String("consistent_point", slot.ConsistentPoint))
+	r.log.Info("slot created; streaming without a copy", zap.Stringer("consistent_point", consistent))
 	return nil
 }
 
@@ -312,4 +285,32 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 // dropSlot drops the slot if it exists, ending its walsender if active.
 func (r *Replicator) dropSlot(ctx context.Context) error {
 	return dropSlot(ctx, r.blue, r.name, r.log)
+}
+
+// createSlot drops any slot of this pair and creates it afresh on blue,
+// returning the replication connection (the caller closes it), the slot and
+// its consistent point.
+func (r *Replicator) createSlot(ctx context.Context, snapshotAction string) (*pgconn.PgConn, pglogrepl.CreateReplicationSlotResult, pglogrepl.LSN, error) {
+	var none pglogrepl.CreateReplicationSlotResult
+	if err := r.dropSlot(ctx); err != nil {
+		return nil, none, 0, err
+	}
+	rconn, err := connectReplication(ctx, r.opts.Pair.Blue.DSN.Reveal())
+	if err != nil {
+		return nil, none, 0, err
+	}
+	slot, err := pglogrepl.CreateReplicationSlot(ctx, rconn, r.name, "pgoutput", pglogrepl.CreateReplicationSlotOptions{
+		Mode:           pglogrepl.LogicalReplication,
+		SnapshotAction: snapshotAction,
+	})
+	if err != nil {
+		rconn.Close(context.WithoutCancel(ctx))
+		return nil, none, 0, fmt.Errorf("blue: create slot %s: %w", r.name, err)
+	}
+	consistent, err := pglogrepl.ParseLSN(slot.ConsistentPoint)
+	if err != nil {
+		rconn.Close(context.WithoutCancel(ctx))
+		return nil, none, 0, fmt.Errorf("blue: slot consistent point %q: %w", slot.ConsistentPoint, err)
+	}
+	return rconn, slot, consistent, nil
 }
