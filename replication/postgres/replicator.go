@@ -789,7 +789,18 @@ func (r *Replicator) WaitMarker(ctx context.Context, nonce string) (pglogrepl.LS
 				case <-ctx.Done():
 					return 0, ctx.Err()
 				}
-				return pglogrepl.ParseLSN(lsnText)
+				lsn, err := pglogrepl.ParseLSN(lsnText)
+				if err != nil {
+					return 0, err
+				}
+				// The marker predates this run's stream (an earlier run, the
+				// initial copy): breach recording starts here at the latest.
+				// Every transaction applied from now on ends after lsn,
+				// green's applied position, so none is missed.
+				r.mu.Lock()
+				r.breach.marker(lsn)
+				r.mu.Unlock()
+				return lsn, nil
 			}
 		}
 		select {
