@@ -463,6 +463,7 @@ func (r *Replicator) session(ctx context.Context) error {
 		return err
 	}
 	defer rconn.Close(context.WithoutCancel(ctx))
+	r.log.Debug("stream started", zap.Stringer("from", stored))
 
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()

@@ -65,6 +65,7 @@ type receiver struct {
 	handedEnd pglogrepl.LSN // end of the last whole transaction handed over
 	cur       *chunk
 	nextStat  time.Time
+	slab      []byte // see alloc
 }
 
 // run streams until ctx ends or the connection fails. It closes out when it
@@ -73,6 +74,19 @@ func (rc *receiver) run(ctx context.Context, out chan<- *chunk) error {
 	defer close(out)
 	interval := rc.r.opts.StatusInterval
 	rc.nextStat = time.Now().Add(interval)
+	// Reads wait on a socket deadline (the next status update) and ctx
+	// ends them by moving the deadline to now. A context per read instead
+	// (a timer context, and a watcher goroutine inside pgconn) cost most
+	// of the process's CPU while draining a backlog: one per message.
+	nc := rc.conn.Conn()
+	stop := context.AfterFunc(ctx, func() { _ = nc.SetDeadline(time.Now()) })
+	defer func() {
+		if stop() {
+			// Let the session's Close say goodbye to the walsender.
+			_ = nc.SetDeadline(time.Time{})
+		}
+	}()
+	var deadline time.Time
 	for {
 		if rc.r.paused.Load() {
 			// Paused: end the stream (the walsender exits, as for a
@@ -87,9 +101,18 @@ func (rc *receiver) run(ctx context.Context, out chan<- *chunk) error {
 				return err
 			}
 		}
-		rctx, cancel := context.WithDeadline(ctx, rc.nextStat)
-		raw, err := rc.conn.ReceiveMessage(rctx)
-		cancel()
+		if !deadline.Equal(rc.nextStat) {
+			deadline = rc.nextStat
+			if err := nc.SetReadDeadline(deadline); err != nil {
+				return fmt.Errorf("blue: receive: %w", err)
+			}
+		}
+		// Checked after the deadline is set: a cancellation from here on
+		// moves it to now, one before is seen here.
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		raw, err := rc.conn.ReceiveMessage(context.Background())
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
@@ -138,7 +161,7 @@ func (rc *receiver) copyData(ctx context.Context, data []byte, out chan<- *chunk
 		}
 		// pgconn reuses its buffer on the next receive; the decoded
 		// message aliases this copy for as long as the applier needs it.
-		buf := make([]byte, len(x.WALData))
+		buf := rc.alloc(len(x.WALData))
 		copy(buf, x.WALData)
 		m, err := decode(buf)
 		if err != nil {
@@ -154,7 +177,7 @@ func (rc *receiver) message(ctx context.Context, m message, size int, out chan<-
 	switch m.Kind {
 	case msgBegin:
 		rc.inTxn = true
-		rc.cur = &chunk{begin: true, finalLSN: m.FinalLSN, beginTime: m.CommitTime}
+		rc.cur = &chunk{begin: true, finalLSN: m.FinalLSN, beginTime: m.CommitTime, msgs: make([]message, 0, 8)}
 		return nil
 	case msgCommit:
 		if rc.cur == nil {
@@ -186,6 +209,25 @@ func (rc *receiver) message(ctx context.Context, m message, size int, out chan<-
 		rc.cur = &chunk{}
 	}
 	return nil
+}
+
+// slabSize is how much stream data one allocation holds: messages are
+// copied into shared slabs instead of one allocation each (fewer
+// allocations and less for the GC to track; a slab is freed when the last
+// message in it has been applied).
+const slabSize = 256 << 10
+
+// alloc returns n bytes for a message that the applier will hold on to.
+func (rc *receiver) alloc(n int) []byte {
+	if n > slabSize/8 {
+		return make([]byte, n)
+	}
+	if cap(rc.slab)-len(rc.slab) < n {
+		rc.slab = make([]byte, 0, slabSize)
+	}
+	l := len(rc.slab)
+	rc.slab = rc.slab[:l+n]
+	return rc.slab[l : l+n : l+n]
 }
 
 // hand gives the current chunk to the applier, sending status updates
