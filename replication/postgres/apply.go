@@ -47,6 +47,10 @@ type applier struct {
 	inTxn bool
 	// skipping: the current source transaction is already applied.
 	skipping bool
+	// ahead and held: the next batch, gathered while the last one
+	// committed, and the chunk to go on with (see gatherAhead).
+	ahead *batch
+	held  *chunk
 }
 
 // greenSessionSQL prepares the apply session: no triggers or foreign-key
@@ -68,32 +72,49 @@ func (a *applier) applyLoop(ctx context.Context, in <-chan *chunk) error {
 		if err := a.r.waitUnpaused(ctx); err != nil {
 			return err
 		}
-		var c *chunk
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case c = <-in:
+		// Start with what was gathered while the previous batch committed.
+		b, c := a.ahead, a.held
+		a.ahead, a.held = nil, nil
+		if b == nil && c == nil {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case c = <-in:
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if c == nil {
+				return nil
+			}
 		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		if c == nil {
-			return nil
-		}
-		if err := a.applyBatch(ctx, c, in); err != nil {
+		if err := a.applyBatch(ctx, b, c, in); err != nil {
 			return err
 		}
 	}
 }
 
-// applyBatch applies first and as many further transactions as are
-// waiting, up to the batch limits, in one green transaction. It keeps
-// latency low when the stream is thin (a lone transaction commits at once)
-// and batches deeply when there is a backlog.
-func (a *applier) applyBatch(ctx context.Context, first *chunk, in <-chan *chunk) error {
-	b := newBatch()
-	c := first
-	for {
+// full says whether b has reached a batch limit (checked at transaction
+// boundaries).
+func (a *applier) full(b *batch) bool {
+	return b.changes >= a.r.opts.MaxBatchChanges || time.Since(b.started) >= a.r.opts.MaxBatchDelay || a.r.paused.Load()
+}
+
+// applyBatch applies b (nil: a new batch), then c and as many further
+// transactions as are waiting, up to the batch limits, in one green
+// transaction. It keeps latency low when the stream is thin (a lone
+// transaction commits at once) and batches deeply when there is a backlog.
+func (a *applier) applyBatch(ctx context.Context, b *batch, c *chunk, in <-chan *chunk) error {
+	if b == nil {
+		b = newBatch()
+	}
+	if c == nil && !a.full(b) {
+		select {
+		case c = <-in:
+		default:
+		}
+	}
+	for c != nil {
 		if err := a.addChunk(ctx, b, c); err != nil {
 			return a.abort(ctx, err)
 		}
@@ -105,17 +126,12 @@ func (a *applier) applyBatch(ctx context.Context, first *chunk, in <-chan *chunk
 			}
 		}
 		if c.commit {
-			full := b.changes >= a.r.opts.MaxBatchChanges || time.Since(b.started) >= a.r.opts.MaxBatchDelay || a.r.paused.Load()
-			if full {
-				break
-			}
-			var ok bool
-			select {
-			case c, ok = <-in:
-			default:
-			}
-			if !ok || c == nil {
-				break
+			c = nil
+			if !a.full(b) {
+				select {
+				case c = <-in:
+				default:
+				}
 			}
 			continue
 		}
@@ -138,7 +154,27 @@ func (a *applier) applyBatch(ctx context.Context, first *chunk, in <-chan *chunk
 		return a.abort(ctx, err)
 	}
 	flushStart := time.Now()
-	if err := a.flush(ctx, b, true); err != nil {
+	st, err := a.build(ctx, b, true)
+	if err != nil {
+		return a.abort(ctx, err)
+	}
+	// While green applies and commits the batch, gather the next one
+	// here: on a backlog green and this process then work at the same
+	// time instead of taking turns. Only the goroutine uses the
+	// connection until it is done; gathering needs none (gatherAhead
+	// stops before anything that would).
+	type sent struct {
+		results []*pgconn.Result
+		err     error
+	}
+	done := make(chan sent, 1)
+	go func() {
+		results, err := a.conn.PgConn().ExecBatch(ctx, &st.b).ReadAll()
+		done <- sent{results, err}
+	}()
+	ahead, held, gerr := a.gatherAhead(ctx, in)
+	res := <-done
+	if err := a.finish(b, st, true, res.results, res.err); err != nil {
 		return a.abort(ctx, err)
 	}
 	if ce := a.log.Check(zap.DebugLevel, "batch applied"); ce != nil {
@@ -146,7 +182,53 @@ func (a *applier) applyBatch(ctx context.Context, first *chunk, in <-chan *chunk
 			zap.Duration("flush", time.Since(flushStart)), zap.Duration("behind_commit", time.Since(b.lastCommitTime)))
 	}
 	a.r.afterCommit(b)
+	if gerr != nil {
+		return gerr
+	}
+	a.ahead, a.held = ahead, held
 	return nil
+}
+
+// gatherAhead takes whole transactions that are already waiting into a
+// new batch while the previous one is being committed. It stops at a
+// limit, when nothing waits, and before a chunk that is not a whole
+// transaction or that would need green (a changed relation), which it
+// returns for the next batch to start with.
+func (a *applier) gatherAhead(ctx context.Context, in <-chan *chunk) (*batch, *chunk, error) {
+	var b *batch
+	for b == nil || (!a.full(b) && b.pending < a.r.opts.MaxPendingChanges) {
+		var c *chunk
+		select {
+		case c = <-in:
+		default:
+		}
+		if c == nil {
+			// Nothing waits, or the stream ended (the next read sees
+			// that again).
+			break
+		}
+		if !c.begin || !c.commit || a.needsGreen(c) {
+			return b, c, nil
+		}
+		if b == nil {
+			b = newBatch()
+		}
+		if err := a.addChunk(ctx, b, c); err != nil {
+			return nil, nil, err
+		}
+	}
+	return b, nil, nil
+}
+
+// needsGreen says whether adding c would query green: a relation that
+// is new or changed.
+func (a *applier) needsGreen(c *chunk) bool {
+	for i := range c.msgs {
+		if m := &c.msgs[i]; m.Kind == msgRelation && !a.rels[m.Relation.ID].sameShape(m.Relation) {
+			return true
+		}
+	}
+	return false
 }
 
 // abort rolls back an open green transaction (nothing of the batch is
@@ -344,6 +426,17 @@ func (a *applier) truncate(b *batch, m *message) {
 // opening the green transaction (and claiming the batch) first if needed;
 // with final it also stores the applied position and commits.
 func (a *applier) flush(ctx context.Context, b *batch, final bool) error {
+	st, err := a.build(ctx, b, final)
+	if err != nil || st.n == 0 {
+		return err
+	}
+	results, err := a.conn.PgConn().ExecBatch(ctx, &st.b).ReadAll()
+	return a.finish(b, st, final, results, err)
+}
+
+// build renders the statements of a flush (see flush). Preparing a new
+// statement shape is its only use of the connection.
+func (a *applier) build(ctx context.Context, b *batch, final bool) (*statements, error) {
 	st := &statements{conn: a.conn.PgConn(), seq: &a.stmtSeq}
 	if !a.inTxn {
 		st.exec("BEGIN")
@@ -366,7 +459,7 @@ func (a *applier) flush(ctx context.Context, b *batch, final bool) error {
 			continue
 		}
 		if err := st.table(ctx, tb); err != nil {
-			return err
+			return nil, err
 		}
 		tb.reset()
 	}
@@ -375,10 +468,11 @@ func (a *applier) flush(ctx context.Context, b *batch, final bool) error {
 		st.execParams(advanceSQL, [][]byte{[]byte(a.r.name), []byte(b.lastEnd.String()), []byte(b.lastCommitTime.Format(time.RFC3339Nano))})
 		st.exec("COMMIT")
 	}
-	if st.n == 0 {
-		return nil
-	}
-	results, err := a.conn.PgConn().ExecBatch(ctx, &st.b).ReadAll()
+	return st, nil
+}
+
+// finish interprets the results of a flush's round trip.
+func (a *applier) finish(b *batch, st *statements, final bool, results []*pgconn.Result, err error) error {
 	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && pgErr.Code == supersededCode {

@@ -458,20 +458,36 @@ func (s *statements) row(ctx context.Context, rs *relState, o *op) error {
 
 // sortByKey orders ops by their key: numerically for a single integer
 // key, bytewise otherwise (a locality hint only; correctness does not
-// depend on the order within a segment, whose keys are distinct).
+// depend on the order within a segment, whose keys are distinct). Integer
+// keys are parsed once, not at every comparison.
 func sortByKey(rs *relState, ops []*op) {
 	if len(ops) < 2 || len(rs.keyCols) == 0 {
 		return
 	}
-	numeric := len(rs.keyCols) == 1 && isIntegerType(rs.types[rs.keyCols[0]])
-	slices.SortFunc(ops, func(a, b *op) int {
-		if numeric {
-			x, errX := strconv.ParseInt(string(a.key[0].Data), 10, 64)
-			y, errY := strconv.ParseInt(string(b.key[0].Data), 10, 64)
-			if errX == nil && errY == nil {
-				return cmp.Compare(x, y)
-			}
+	if len(rs.keyCols) == 1 && isIntegerType(rs.types[rs.keyCols[0]]) {
+		type keyed struct {
+			k int64
+			o *op
 		}
+		ks := make([]keyed, len(ops))
+		ok := true
+		for i, o := range ops {
+			k, err := strconv.ParseInt(string(o.key[0].Data), 10, 64)
+			if err != nil {
+				ok = false
+				break
+			}
+			ks[i] = keyed{k, o}
+		}
+		if ok {
+			slices.SortFunc(ks, func(a, b keyed) int { return cmp.Compare(a.k, b.k) })
+			for i := range ks {
+				ops[i] = ks[i].o
+			}
+			return
+		}
+	}
+	slices.SortFunc(ops, func(a, b *op) int {
 		for i := range a.key {
 			if c := bytes.Compare(a.key[i].Data, b.key[i].Data); c != 0 {
 				return c
