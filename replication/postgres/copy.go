@@ -3,10 +3,12 @@ package postgres
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -82,12 +84,16 @@ func (r *Replicator) copyAll(ctx context.Context, tables []*tableInfo) error {
 		}
 	}
 
+	pieces, err := r.copyPieces(ctx, tables)
+	if err != nil {
+		return err
+	}
 	cctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	work := make(chan *tableInfo)
+	work := make(chan copyPiece)
 	errs := make(chan error, r.opts.CopyParallel)
 	var wg sync.WaitGroup
-	for i := 0; i < r.opts.CopyParallel && i < len(tables); i++ {
+	for i := 0; i < r.opts.CopyParallel && i < len(pieces); i++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -101,9 +107,9 @@ func (r *Replicator) copyAll(ctx context.Context, tables []*tableInfo) error {
 	defer ticker.Stop()
 	go func() {
 		defer close(work)
-		for _, t := range tables {
+		for _, p := range pieces {
 			select {
-			case work <- t:
+			case work <- p:
 			case <-cctx.Done():
 				return
 			}
@@ -164,7 +170,7 @@ func (r *Replicator) startWithoutCopy(ctx context.Context) error {
 // copyWorker copies tables from work on its own pair of connections. Its
 // blue transaction imports the slot's snapshot once and reads every table
 // it is given inside it.
-func (r *Replicator) copyWorker(ctx context.Context, snapshot string, markers bool, work <-chan *tableInfo, rows, nbytes *atomic.Int64, done *atomic.Int32) error {
+func (r *Replicator) copyWorker(ctx context.Context, snapshot string, markers bool, work <-chan copyPiece, rows, nbytes *atomic.Int64, done *atomic.Int32) error {
 	bconn, err := r.blue.Acquire(ctx)
 	if err != nil {
 		return fmt.Errorf("blue: connect for copy: %w", err)
@@ -195,18 +201,84 @@ func (r *Replicator) copyWorker(ctx context.Context, snapshot string, markers bo
 			return err
 		}
 	}
-	for t := range work {
-		if err := copyTable(ctx, bpg, gpg, t, rows, nbytes); err != nil {
+	for p := range work {
+		if err := copyTable(ctx, bpg, gpg, p, rows, nbytes); err != nil {
 			return err
 		}
-		done.Add(1)
+		if p.left == nil || p.left.Add(-1) == 0 {
+			done.Add(1)
+		}
 	}
 	return nil
 }
 
-// copyTable streams one table from blue's COPY TO into green's COPY FROM,
+// copyPiece is a table, or a range of its blocks, to copy.
+type copyPiece struct {
+	t *tableInfo
+	// from and to are the block range [from, to) of a split table; to < 0
+	// is the table's end. split false: the whole table.
+	split    bool
+	from, to int64
+	bytes    int64
+	left     *atomic.Int32 // pieces of the table not yet copied
+}
+
+// copyPieces lists what to copy, largest first. One COPY FROM on green is
+// CPU-bound on one core, so a table large enough to dominate the copy is
+// split into block ranges (TID range scans, PostgreSQL 14 and up) that
+// the workers copy at once, each inside the same exported snapshot. The
+// last range is open-ended, so rows in blocks added since the size was
+// read are copied too; the ranges are disjoint and cover the table.
+func (r *Replicator) copyPieces(ctx context.Context, tables []*tableInfo) ([]copyPiece, error) {
+	var pieces []copyPiece
+	n := int64(r.opts.CopyParallel)
+	var version int
+	if n > 1 {
+		if err := r.blue.QueryRow(ctx, `SELECT current_setting('server_version_num')::int`).Scan(&version); err != nil {
+			return nil, fmt.Errorf("blue: server version: %w", err)
+		}
+	}
+	for _, t := range tables {
+		if n < 2 || version < 140000 || t.BytesEst < r.opts.copySplitBytes {
+			pieces = append(pieces, copyPiece{t: t, bytes: t.BytesEst})
+			continue
+		}
+		var blocks int64
+		if err := r.blue.QueryRow(ctx, `SELECT pg_relation_size($1::oid::regclass) / current_setting('block_size')::int8`, int64(t.OID)).Scan(&blocks); err != nil {
+			return nil, fmt.Errorf("blue: size of %s: %w", t.Name, err)
+		}
+		left := &atomic.Int32{}
+		left.Store(int32(n))
+		step := blocks / n
+		for i := range n {
+			p := copyPiece{t: t, split: true, from: i * step, to: (i + 1) * step, bytes: t.BytesEst / n, left: left}
+			if i == n-1 {
+				p.to = -1
+			}
+			pieces = append(pieces, p)
+		}
+	}
+	slices.SortStableFunc(pieces, func(a, b copyPiece) int { return cmp.Compare(b.bytes, a.bytes) })
+	return pieces, nil
+}
+
+// source is the COPY TO statement of the piece.
+func (p copyPiece) source() string {
+	cols := strings.Join(p.t.copyColumns(), ", ")
+	if !p.split {
+		return "COPY " + p.t.Name.Quoted() + " (" + cols + ") TO STDOUT"
+	}
+	where := fmt.Sprintf("ctid >= '(%d,0)'::tid", p.from)
+	if p.to >= 0 {
+		where += fmt.Sprintf(" AND ctid < '(%d,0)'::tid", p.to)
+	}
+	return "COPY (SELECT " + cols + " FROM ONLY " + p.t.Name.Quoted() + " WHERE " + where + ") TO STDOUT"
+}
+
+// copyTable streams one piece from blue's COPY TO into green's COPY FROM,
 // in text format (portable between servers whose type OIDs differ).
-func copyTable(ctx context.Context, blue, green *pgconn.PgConn, t *tableInfo, rows, nbytes *atomic.Int64) error {
+func copyTable(ctx context.Context, blue, green *pgconn.PgConn, p copyPiece, rows, nbytes *atomic.Int64) error {
+	t := p.t
 	cols := strings.Join(t.copyColumns(), ", ")
 	pr, pw := io.Pipe()
 	readErr := make(chan error, 1)
@@ -215,7 +287,7 @@ func copyTable(ctx context.Context, blue, green *pgconn.PgConn, t *tableInfo, ro
 		// instead, or each row becomes a message (and a syscall) of its own.
 		bw := bufio.NewWriterSize(pw, 256<<10)
 		w := &countingWriter{w: bw, rows: rows, bytes: nbytes}
-		_, err := blue.CopyTo(ctx, w, "COPY "+t.Name.Quoted()+" ("+cols+") TO STDOUT")
+		_, err := blue.CopyTo(ctx, w, p.source())
 		if err == nil {
 			err = bw.Flush()
 		}

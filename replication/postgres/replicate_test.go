@@ -1,8 +1,11 @@
 package postgres
 
 import (
+	"context"
 	"strings"
 	"testing"
+
+	"github.com/jackc/pgx/v5"
 )
 
 const basicSchema = `
@@ -35,5 +38,42 @@ func TestReplicatesCopyAndStream(t *testing.T) {
 	}
 	if st := r.Status(); st.Phase != PhaseStreaming || !strings.HasPrefix(st.Slot, "cutover_") {
 		t.Errorf("status = %+v", st)
+	}
+}
+
+func TestCopySplitsLargeTablesIntoBlockRanges(t *testing.T) {
+	e := newPairEnv(t, basicSchema)
+	e.exec(t, e.blue, `INSERT INTO accounts SELECT g, 'owner ' || g, g FROM generate_series(1, 20000) g`)
+	// Holes and rows moved to later blocks: the ranges must still cover
+	// every row exactly once.
+	e.exec(t, e.blue, `DELETE FROM accounts WHERE id % 13 = 0`)
+	e.exec(t, e.blue, `UPDATE accounts SET balance = -balance WHERE id % 17 = 0`)
+	e.exec(t, e.blue, `INSERT INTO events (account, note) VALUES (1, 'small')`)
+	opts := e.options(t)
+	opts.CopyParallel = 3
+	opts.copySplitBytes = 1 // split every table
+	r := e.start(t, opts)
+	e.sync(t, r)
+	e.requireSame(t, "accounts", "events")
+
+	var oid uint32
+	var blocks int64
+	conn, err := pgx.Connect(context.Background(), e.blue.DSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	if err := conn.QueryRow(context.Background(), `SELECT 'accounts'::regclass::oid, pg_relation_size('accounts') / 8192`).Scan(&oid, &blocks); err != nil {
+		t.Fatal(err)
+	}
+	pieces, err := r.copyPieces(context.Background(), []*tableInfo{{Name: TableName{"public", "accounts"}, OID: oid, BytesEst: 1 << 30}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pieces) != 3 || pieces[0].from != 0 || pieces[2].to != -1 || pieces[1].from != pieces[0].to || pieces[2].from != pieces[1].to || pieces[1].from == 0 {
+		t.Errorf("accounts (%d blocks) split into %+v", blocks, pieces)
+	}
+	if r.Err() != nil {
+		t.Fatal(r.Err())
 	}
 }

@@ -89,6 +89,9 @@ type Options struct {
 
 	// progressEvery is how often copy progress is reported (tests).
 	progressEvery time.Duration
+	// copySplitBytes: tables at least this large are copied in parallel
+	// block ranges (tests lower it).
+	copySplitBytes int64
 }
 
 func (o *Options) defaults() {
@@ -115,6 +118,9 @@ func (o *Options) defaults() {
 	}
 	if o.MaxBreachRecords <= 0 {
 		o.MaxBreachRecords = 10000
+	}
+	if o.copySplitBytes <= 0 {
+		o.copySplitBytes = 32 << 20
 	}
 	if o.progressEvery <= 0 {
 		o.progressEvery = 2 * time.Second
