@@ -55,6 +55,11 @@ func hashTemplate(base uint32, baseName string, domain, collatable bool) string 
 		ref = "%s::" + baseName
 	}
 	switch {
+	case base == oidInt8:
+		// hashint8extended hashes lo ^ hi (32 bits): 5 and 4294967300
+		// hash alike. The high half, hashed as its own field, tells
+		// them apart.
+		return ref + ", " + ref + " >> 32"
 	case base == oidNumeric:
 		// hash_numeric ignores display scale (1.10 = 1.1); the scale is
 		// part of the value a replica copies, so hash it too.
