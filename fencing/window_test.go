@@ -141,3 +141,30 @@ func TestLagGateOpensOnlyAfterHoldUnderThreshold(t *testing.T) {
 		t.Errorf("stale sample: ready=%v %q", ok, why)
 	}
 }
+
+func TestLagGateWithDipWaitsForASmallSampleAfterTheHold(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	g := &LagGate{MaxBytes: 1000, MaxDelay: time.Second, Hold: time.Second, Dip: 100}
+	steps := []struct {
+		at    time.Duration
+		bytes int64
+		ready bool
+		why   string
+	}{
+		{0, 50, false, "holding"}, // a dip before the hold is met is not enough
+		{time.Second, 500, false, "waiting for a dip"},
+		{1100 * time.Millisecond, 900, false, "waiting for a dip"},
+		{1200 * time.Millisecond, 100, true, ""},
+		{1300 * time.Millisecond, 101, false, "waiting for a dip"},
+		{1400 * time.Millisecond, 2000, false, "over the threshold"},
+		{1500 * time.Millisecond, 10, false, "holding"}, // the hold starts again
+	}
+	for _, s := range steps {
+		now := t0.Add(s.at)
+		g.Observe(LagSample{Bytes: s.bytes, At: now})
+		ok, why := g.Ready(now)
+		if ok != s.ready || !strings.Contains(why, s.why) {
+			t.Errorf("at %s: ready=%v %q, want %v %q", s.at, ok, why, s.ready, s.why)
+		}
+	}
+}

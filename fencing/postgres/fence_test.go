@@ -342,6 +342,12 @@ func TestStaleEpochIsRefusedAndANewAgentUnfencesAfterACrash(t *testing.T) {
 	if err := next.Fence(ctx, 5); !errors.Is(err, fencing.ErrStaleEpoch) {
 		t.Errorf("fence with a lower epoch: err = %v, want ErrStaleEpoch", err)
 	}
+	if _, err := next.FenceDrain(ctx, 5, time.Millisecond); !errors.Is(err, fencing.ErrStaleEpoch) {
+		t.Errorf("fence and drain with a lower epoch: err = %v, want ErrStaleEpoch", err)
+	}
+	if _, err := next.Drain(ctx, 6, time.Millisecond); !errors.Is(err, fencing.ErrStaleEpoch) {
+		t.Errorf("drain with a lower epoch: err = %v, want ErrStaleEpoch", err)
+	}
 	if privileges(t, e.agent) == before {
 		t.Error("a refused unfence restored privileges")
 	}
