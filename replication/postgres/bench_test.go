@@ -29,10 +29,12 @@ import (
 //
 //  1. Initial copy: native initial sync, then cutover's copy (one after
 //     the other, so they do not share the CPU).
-//  2. Steady-state lag: pgbench runs against blue while both replicate;
-//     a probe row updated on blue every 50 ms is read on both greens every
-//     50 ms, and lag is how old the newest visible probe is (the same
-//     measure for both).
+//  2. Steady-state lag: pgbench runs against blue while both replicate,
+//     first flat out (on two cores, lag is then mostly who gets CPU), then
+//     rate-limited to CUTOVER_BENCH_RATE tps (default 1000, which both
+//     sustain); a probe row updated on blue every 50 ms is read on both
+//     greens every 50 ms, and lag is how old the newest visible probe is
+//     (the same measure for both; the 50 ms cadence is in both figures).
 //  3. Apply ceiling: both are held back (subscription disabled, replicator
 //     paused; both walsenders exit), pgbench builds a backlog, a final row
 //     is written, and each in turn is let go and timed, from ENABLE or
@@ -46,8 +48,9 @@ import (
 //	go test -run '^$' -bench ReplicationVsNative -benchtime 1x -timeout 30m ./replication/postgres/
 //
 // CUTOVER_BENCH_SCALE (pgbench scale, default 10), CUTOVER_BENCH_SECONDS
-// (each load phase, default 20), CUTOVER_BENCH_CLIENTS (default 8) and
-// CUTOVER_BENCH_ROUNDS tune it.
+// (each load phase, default 20), CUTOVER_BENCH_CLIENTS (default 8),
+// CUTOVER_BENCH_RATE and CUTOVER_BENCH_ROUNDS tune it. The initial copies
+// run once, native first.
 func BenchmarkReplicationVsNative(b *testing.B) {
 	pgbench := findPgbench(b)
 	scale := envInt("CUTOVER_BENCH_SCALE", 10)
@@ -92,8 +95,8 @@ func runPgbench(b *testing.B, bin string, pg *integration.Postgres, args ...stri
 var processedRe = regexp.MustCompile(`number of transactions actually processed: (\d+)`)
 var tpsRe = regexp.MustCompile(`tps = ([0-9.]+)`)
 
-func pgbenchLoad(b *testing.B, bin string, pg *integration.Postgres, clients, seconds int) (txns int, tps float64) {
-	out := runPgbench(b, bin, pg, "-n", "-c", strconv.Itoa(clients), "-j", "2", "-T", strconv.Itoa(seconds))
+func pgbenchLoad(b *testing.B, bin string, pg *integration.Postgres, clients, seconds int, extra ...string) (txns int, tps float64) {
+	out := runPgbench(b, bin, pg, append([]string{"-n", "-c", strconv.Itoa(clients), "-j", "2", "-T", strconv.Itoa(seconds)}, extra...)...)
 	if m := processedRe.FindStringSubmatch(out); m != nil {
 		txns, _ = strconv.Atoi(m[1])
 	}
@@ -207,50 +210,57 @@ func runReplicationBench(b *testing.B, pgbench string, scale, seconds, clients, 
 	waitFor(b, "cutover initial copy", 10*time.Minute, func() bool { return r.Status().Phase == PhaseStreaming })
 	oursCopy := time.Since(start)
 
-	// 2. Steady-state lag under the same load.
+	// 2. Steady-state lag under the same load, both replicating at once.
 	opool, err := pgxpool.New(ctx, ours.DSN())
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer opool.Close()
-	probeCtx, stopProbe := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for probeCtx.Err() == nil {
-			_, _ = bpool.Exec(probeCtx, `UPDATE bench_probe SET at = clock_timestamp() WHERE id = 1`)
-			time.Sleep(50 * time.Millisecond)
-		}
-	}()
-	sample := func(pool *pgxpool.Pool, out *[]time.Duration) {
-		defer wg.Done()
-		for probeCtx.Err() == nil {
-			var at time.Time
-			if err := pool.QueryRow(probeCtx, `SELECT at FROM bench_probe WHERE id = 1`).Scan(&at); err == nil {
-				*out = append(*out, time.Since(at))
+	lagPhase := func(extra ...string) (int, float64, lagStats, lagStats) {
+		probeCtx, stopProbe := context.WithCancel(ctx)
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for probeCtx.Err() == nil {
+				_, _ = bpool.Exec(probeCtx, `UPDATE bench_probe SET at = clock_timestamp() WHERE id = 1`)
+				time.Sleep(50 * time.Millisecond)
 			}
-			time.Sleep(50 * time.Millisecond)
+		}()
+		sample := func(pool *pgxpool.Pool, out *[]time.Duration) {
+			defer wg.Done()
+			for probeCtx.Err() == nil {
+				var at time.Time
+				if err := pool.QueryRow(probeCtx, `SELECT at FROM bench_probe WHERE id = 1`).Scan(&at); err == nil {
+					*out = append(*out, time.Since(at))
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
 		}
+		var nativeLag, oursLag []time.Duration
+		// Sample only once both greens show a probe written after this point
+		// (the copied probe row is as old as the copy).
+		probeStart := time.Now()
+		for _, pool := range []*pgxpool.Pool{npool, opool} {
+			waitFor(b, "a fresh probe", time.Minute, func() bool {
+				var at time.Time
+				err := pool.QueryRow(ctx, `SELECT at FROM bench_probe WHERE id = 1`).Scan(&at)
+				return err == nil && at.After(probeStart)
+			})
+		}
+		wg.Add(2)
+		go sample(npool, &nativeLag)
+		go sample(opool, &oursLag)
+		txns, tps := pgbenchLoad(b, pgbench, blue, clients, seconds, extra...)
+		stopProbe()
+		wg.Wait()
+		return txns, tps, stats(nativeLag), stats(oursLag)
 	}
-	var nativeLag, oursLag []time.Duration
-	// Sample only once both greens show a probe written after this point
-	// (the copied probe row is as old as the copy).
-	probeStart := time.Now()
-	for _, pool := range []*pgxpool.Pool{npool, opool} {
-		waitFor(b, "a fresh probe", time.Minute, func() bool {
-			var at time.Time
-			err := pool.QueryRow(ctx, `SELECT at FROM bench_probe WHERE id = 1`).Scan(&at)
-			return err == nil && at.After(probeStart)
-		})
-	}
-	wg.Add(2)
-	go sample(npool, &nativeLag)
-	go sample(opool, &oursLag)
-	steadyTxns, steadyTPS := pgbenchLoad(b, pgbench, blue, clients, seconds)
-	stopProbe()
-	wg.Wait()
-	ns, os_ := stats(nativeLag), stats(oursLag)
+	// Flat out (pgbench takes what CPU it can, both replicators compete for
+	// the rest), then at a fixed rate both can sustain.
+	steadyTxns, steadyTPS, ns, os_ := lagPhase()
+	rate := envInt("CUTOVER_BENCH_RATE", 1000)
+	rateTxns, rateTPS, nsR, osR := lagPhase("-R", strconv.Itoa(rate))
 
 	// 3. Apply ceiling: the same backlog drained by each alone, in several
 	// rounds whose order alternates (who drains first finds blue's WAL
@@ -347,6 +357,8 @@ func runReplicationBench(b *testing.B, pgbench string, scale, seconds, clients, 
 	b.ReportMetric(nativeCopy.Seconds()/oursCopy.Seconds(), "copy-speedup")
 	b.ReportMetric(float64(ns.p99.Milliseconds()), "native-lag-p99-ms")
 	b.ReportMetric(float64(os_.p99.Milliseconds()), "cutover-lag-p99-ms")
+	b.ReportMetric(float64(nsR.p50.Milliseconds()), "native-rate-lag-p50-ms")
+	b.ReportMetric(float64(osR.p50.Milliseconds()), "cutover-rate-lag-p50-ms")
 	b.ReportMetric(nativeDrain, "native-drain-s")
 	b.ReportMetric(oursDrain, "cutover-drain-s")
 	b.ReportMetric(median(ratios), "apply-ceiling-ratio")
@@ -354,7 +366,10 @@ func runReplicationBench(b *testing.B, pgbench string, scale, seconds, clients, 
 	// first lines of a benchmark's log.
 	summary := fmt.Sprintf(`pgbench scale %d (%.0f MiB of tables), %d clients, %d s per load phase
 initial copy:     native %6.2f s (%.1f MiB/s)   cutover %6.2f s (%.1f MiB/s)   cutover is %.2fx native
-steady lag:       pgbench %d txns (%.0f tps) with both replicating
+steady lag:       pgbench flat out, %d txns (%.0f tps) with both replicating
+                  native  mean %s p50 %s p99 %s max %s (%d samples)
+                  cutover mean %s p50 %s p99 %s max %s (%d samples)
+                  pgbench at -R %d, %d txns (%.0f tps)
                   native  mean %s p50 %s p99 %s max %s (%d samples)
                   cutover mean %s p50 %s p99 %s max %s (%d samples)
 apply ceiling:    %d rounds, order alternating; backlog per round %d txns (%.0f tps, %.1f MiB of WAL)
@@ -366,6 +381,9 @@ status: %+v`,
 		steadyTxns, steadyTPS,
 		ns.mean.Round(time.Millisecond), ns.p50.Round(time.Millisecond), ns.p99.Round(time.Millisecond), ns.mx.Round(time.Millisecond), ns.n,
 		os_.mean.Round(time.Millisecond), os_.p50.Round(time.Millisecond), os_.p99.Round(time.Millisecond), os_.mx.Round(time.Millisecond), os_.n,
+		rate, rateTxns, rateTPS,
+		nsR.mean.Round(time.Millisecond), nsR.p50.Round(time.Millisecond), nsR.p99.Round(time.Millisecond), nsR.mx.Round(time.Millisecond), nsR.n,
+		osR.mean.Round(time.Millisecond), osR.p50.Round(time.Millisecond), osR.p99.Round(time.Millisecond), osR.mx.Round(time.Millisecond), osR.n,
 		rounds, backlogTxns, backlogTPS, float64(backlogBytes)/(1<<20),
 		fmtList(nativeDrains), fmtList(oursDrains), fmtList(ratios),
 		nativeDrain, float64(backlogTxns)/nativeDrain, oursDrain, float64(backlogTxns)/oursDrain, median(ratios),

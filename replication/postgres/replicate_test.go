@@ -2,6 +2,7 @@ package postgres
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -73,6 +74,50 @@ func TestCopySplitsLargeTablesIntoBlockRanges(t *testing.T) {
 	if len(pieces) != 3 || pieces[0].from != 0 || pieces[2].to != -1 || pieces[1].from != pieces[0].to || pieces[2].from != pieces[1].to || pieces[1].from == 0 {
 		t.Errorf("accounts (%d blocks) split into %+v", blocks, pieces)
 	}
+	if r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+}
+
+// A backlog of many small transactions with a table's definition changed
+// in the middle: batches are gathered while the previous one commits, and
+// the changed relation (which needs green's catalog) must wait for that
+// commit and apply in order.
+func TestBacklogAcrossASchemaChangeAppliesInOrder(t *testing.T) {
+	e := newPairEnv(t, basicSchema)
+	opts := e.options(t)
+	// Small batches: many commits for the changed relations to arrive
+	// during.
+	opts.MaxBatchChanges = 5
+	r := e.start(t, opts)
+	e.sync(t, r)
+	r.Pause()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, e.blue.DSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	id := 0
+	for round := 0; round < 5; round++ {
+		col := fmt.Sprint("note", round)
+		for i := 0; i < 100; i++ {
+			id++
+			if _, err := conn.Exec(ctx, `INSERT INTO accounts (id, owner, balance) VALUES ($1, 'o', $2)`, id, id); err != nil {
+				t.Fatal(err)
+			}
+			if round > 0 {
+				if _, err := conn.Exec(ctx, `UPDATE accounts SET note`+fmt.Sprint(round-1)+` = $2 WHERE id = $1`, id-1, fmt.Sprint("n", id)); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		e.exec(t, e.green, `ALTER TABLE accounts ADD COLUMN `+col+` text`)
+		e.exec(t, e.blue, `ALTER TABLE accounts ADD COLUMN `+col+` text`)
+	}
+	r.Resume()
+	e.sync(t, r)
+	e.requireSame(t, "accounts")
 	if r.Err() != nil {
 		t.Fatal(r.Err())
 	}
