@@ -254,7 +254,7 @@ func BenchmarkOutage(b *testing.B) {
 			l := load.Start(ctx, load.Options{Run: "bench", Target: func() string { return e.appDSN }, Writers: writers, Accounts: 10000})
 			time.Sleep(time.Second)
 			var outages, drains, servers, revokes, waits, catchups, lags, backlogs []time.Duration
-			terminated := 0
+			terminated, autovacuums := 0, 0
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
 				epoch := uint64(2*i + 2)
@@ -283,6 +283,8 @@ func BenchmarkOutage(b *testing.B) {
 					f := entries[len(entries)-1].ContextMap()
 					server, _ = f["server_time"].(time.Duration)
 					revoke, _ = f["revoke_committed_after"].(time.Duration)
+					n, _ := f["autovacuum_cancelled"].(int64)
+					autovacuums += int(n)
 				}
 				if testing.Verbose() {
 					b.Logf("outage %6.1fms: fence+drain %5.1f (server %5.1f: revoke committed %5.1f, lock wait %5.1f) catch-up %5.1f; lag before %6d B; backlog at marker %6d B",
@@ -315,6 +317,7 @@ func BenchmarkOutage(b *testing.B) {
 			b.ReportMetric(pct(lags, 0.99)*1e6, "lag_p99_B")
 			b.ReportMetric(pct(backlogs, 0.99)*1e6, "backlog_p99_B")
 			b.ReportMetric(float64(terminated)/float64(b.N), "terminated/op")
+			b.ReportMetric(float64(autovacuums), "autovacuums_cancelled")
 			b.ReportMetric(float64(len(receipts)), "acked_writes")
 			b.ReportMetric(float64(refused["42501"]), "refused_writes")
 			// No acknowledged write may be lost across all those fences.

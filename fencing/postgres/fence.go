@@ -154,6 +154,7 @@ DECLARE
 	v_waited_us bigint := 0;
 	v_locks text;
 	v_called timestamptz := clock_timestamp();
+	v_autovacuum int := 0;
 BEGIN
 	IF p_fence THEN
 		INSERT INTO cutover.fence_state (plan, pair, epoch, fenced) VALUES (p_plan, p_pair, 0, false) ON CONFLICT DO NOTHING;
@@ -238,6 +239,17 @@ BEGIN
 	SELECT 'LOCK TABLE ' || string_agg(c.oid::regclass::text, ', ' ORDER BY c.oid) || ' IN SHARE MODE'
 	INTO v_locks FROM pg_class c WHERE c.oid = ANY(p_tables);
 	v_start := clock_timestamp();
+	-- An autovacuum or autoanalyze of a table in scope holds SHARE UPDATE
+	-- EXCLUSIVE, which conflicts with SHARE, for as long as it runs (tens
+	-- to hundreds of ms on a table taking thousands of inserts a second);
+	-- PostgreSQL itself cancels it only after deadlock_timeout (1 s). Cancel
+	-- it now, as PostgreSQL would: it retries later, and a worker started
+	-- after this skips tables it cannot lock. Not one that prevents
+	-- wraparound, which PostgreSQL never cancels either.
+	SELECT count(pg_cancel_backend(a.pid)) INTO v_autovacuum
+	FROM pg_stat_activity a
+	WHERE a.backend_type = 'autovacuum worker' AND a.query NOT LIKE '%to prevent wraparound%'
+	  AND a.pid IN (SELECT l.pid FROM pg_locks l WHERE l.granted AND l.relation = ANY(p_tables));
 	LOOP
 		v_wait := p_grace_ms - (extract(epoch FROM clock_timestamp() - v_start) * 1000)::int;
 		IF v_attempt > 0 OR v_wait < 1 THEN
@@ -276,7 +288,7 @@ BEGIN
 	COMMIT;
 	-- Read after the marker's commit, so after the last lock and the last
 	-- termination.
-	result := result || jsonb_build_object('lsn', pg_current_wal_lsn()::text, 'waited_us', v_waited_us, 'terminated', v_killed,
+	result := result || jsonb_build_object('lsn', pg_current_wal_lsn()::text, 'waited_us', v_waited_us, 'terminated', v_killed, 'autovacuum_cancelled', v_autovacuum,
 		'total_us', (extract(epoch FROM clock_timestamp() - v_called) * 1e6)::bigint);
 END
 $proc$`
@@ -575,7 +587,7 @@ func (f *Fencer) drain(ctx context.Context, epoch uint64, grace time.Duration, f
 	}
 	out.Marker = fencing.Marker{Nonce: nonce, Epoch: epoch, Position: res.LSN}
 	fields := []zap.Field{zap.Uint64("epoch", epoch), zap.String("marker", nonce), zap.String("lsn", res.LSN), zap.Duration("waited", out.Waited), zap.Int("terminated", len(out.Terminated)),
-		zap.Duration("server_time", time.Duration(res.TotalUS)*time.Microsecond)}
+		zap.Duration("server_time", time.Duration(res.TotalUS)*time.Microsecond), zap.Int("autovacuum_cancelled", res.AutovacuumCancelled)}
 	if fence {
 		fields = append(fields, zap.Int("revokes", res.Revoked), zap.Duration("revoke_committed_after", time.Duration(res.FenceUS)*time.Microsecond))
 	}
@@ -592,11 +604,14 @@ type procResult struct {
 	// FenceUS and TotalUS are the server's time from the call to the
 	// REVOKE's commit and to the marker's (the rest is network and
 	// scheduling).
-	FenceUS    int64  `json:"fence_us"`
-	TotalUS    int64  `json:"total_us"`
-	LSN        string `json:"lsn"`
-	WaitedUS   int64  `json:"waited_us"`
-	Terminated []struct {
+	FenceUS int64 `json:"fence_us"`
+	// AutovacuumCancelled counts autovacuum workers cancelled on the
+	// tables before the drain's lock.
+	AutovacuumCancelled int    `json:"autovacuum_cancelled"`
+	TotalUS             int64  `json:"total_us"`
+	LSN                 string `json:"lsn"`
+	WaitedUS            int64  `json:"waited_us"`
+	Terminated          []struct {
 		PID         int32  `json:"pid"`
 		User        string `json:"user"`
 		Application string `json:"application"`
