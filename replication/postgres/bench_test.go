@@ -3,6 +3,7 @@ package postgres
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -32,9 +33,11 @@ import (
 //  2. Steady-state lag: pgbench runs against blue while both replicate,
 //     first flat out (on two cores, lag is then mostly who gets CPU), then
 //     rate-limited to CUTOVER_BENCH_RATE tps (default 1000, which both
-//     sustain); a probe row updated on blue every 50 ms is read on both
-//     greens every 50 ms, and lag is how old the newest visible probe is
-//     (the same measure for both; the 50 ms cadence is in both figures).
+//     sustain); a probe row updated on blue every 25-75 ms is read on both
+//     greens every 25-75 ms (random pauses, so that neither sampler stays
+//     in phase with the writer), and lag is how old the newest visible
+//     probe is (the same measure for both; the probe's own cadence, ~25 ms
+//     on average, is in both figures).
 //  3. Apply ceiling: both are held back (subscription disabled, replicator
 //     paused; both walsenders exit), pgbench builds a backlog, a final row
 //     is written, and each in turn is let go and timed, from ENABLE or
@@ -224,7 +227,7 @@ func runReplicationBench(b *testing.B, pgbench string, scale, seconds, clients, 
 			defer wg.Done()
 			for probeCtx.Err() == nil {
 				_, _ = bpool.Exec(probeCtx, `UPDATE bench_probe SET at = clock_timestamp() WHERE id = 1`)
-				time.Sleep(50 * time.Millisecond)
+				time.Sleep(probePause())
 			}
 		}()
 		sample := func(pool *pgxpool.Pool, out *[]time.Duration) {
@@ -234,7 +237,7 @@ func runReplicationBench(b *testing.B, pgbench string, scale, seconds, clients, 
 				if err := pool.QueryRow(probeCtx, `SELECT at FROM bench_probe WHERE id = 1`).Scan(&at); err == nil {
 					*out = append(*out, time.Since(at))
 				}
-				time.Sleep(50 * time.Millisecond)
+				time.Sleep(probePause())
 			}
 		}
 		var nativeLag, oursLag []time.Duration
@@ -390,6 +393,13 @@ status: %+v`,
 		r.Status())
 	b.Log(summary)
 	fmt.Fprintln(os.Stderr, summary)
+}
+
+// probePause is 25 to 75 ms, at random: with fixed pauses a sampler keeps
+// its phase against the probe writer for long stretches, and whichever
+// happens to read just before each update shows ~50 ms more lag.
+func probePause() time.Duration {
+	return 25*time.Millisecond + rand.N(50*time.Millisecond)
 }
 
 func median(xs []float64) float64 {
