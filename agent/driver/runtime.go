@@ -81,8 +81,10 @@ type pairRT struct {
 	fwd   *rpg.Replicator // blue -> green
 	rev   *rpg.Replicator // green -> blue, after the flip
 
-	marker    fencing.Marker
-	markerLSN pglogrepl.LSN
+	marker fencing.Marker
+	// terminated: sessions the drain ended (said in the log and audit).
+	terminated []fencing.Session
+	markerLSN  pglogrepl.LSN
 
 	blueDB, greenDB *cpg.DB
 	verifier        *consistency.Verifier
