@@ -60,6 +60,30 @@ func hashTemplate(base uint32, baseName string, domain, collatable bool) string 
 		// hash alike. The high half, hashed as its own field, tells
 		// them apart.
 		return ref + ", " + ref + " >> 32"
+	case base == oidTimestamp || base == oidTimestamptz:
+		// Their hash is hashint8extended of the int64 microseconds, folded
+		// the same way: 2024-01-01 00:00:00 and 2023-12-31
+		// 22:48:25.032705 hash alike. date_part('epoch') is a float8
+		// (hashed over all 8 bytes), computed from the microseconds
+		// alone: no TimeZone, no text. It is exact to the microsecond
+		// for years 1698 to 2242; beyond, two values can share it only
+		// within a few milliseconds, while two that fold alike are at
+		// least 2^31 us apart, so the pair is exact over the whole range
+		// (and +-infinity). Cheaper than any exact integer or numeric
+		// form at hand.
+		return ref + ", date_part('epoch', " + ref + ")"
+	case base == oidTime:
+		// Also hashed as folded int64 microseconds. Under 2^37 of them
+		// (a day), microseconds / 10^6 is exact as a float8: that field
+		// alone is the value, so it replaces the type's hash.
+		return "date_part('epoch', " + ref + ")"
+	case base == oidTimetz:
+		// Its hash XORs the folded hash of the local time's microseconds
+		// with a full 64-bit hash of the zone offset. The local time
+		// (::time drops the zone, no TimeZone involved), exact as for
+		// time above, closes the fold; the type's hash still covers the
+		// zone (12:00+02 and 11:00+01 are different values).
+		return ref + ", date_part('epoch', " + ref + "::time)"
 	case base == oidNumeric:
 		// hash_numeric ignores display scale (1.10 = 1.1); the scale is
 		// part of the value a replica copies, so hash it too.

@@ -50,6 +50,11 @@ INSERT INTO zoo SELECT 2 * g,
 FROM generate_series(1, 3000) g;
 $$;
 SELECT reset_zoo();
+-- fold_twin(us) is the shift from int64 microseconds us to another value
+-- whose 32-bit halves xor alike (us # 0x100000001, for us >= 0): the
+-- types hashed through such microseconds hash both alike.
+CREATE FUNCTION fold_twin(us int8) RETURNS interval LANGUAGE sql AS
+$$ SELECT ((us # 4294967297) - us) * interval '1 microsecond' $$;
 `
 
 // zooPositions are rows in the first, a middle and the last chunk.
@@ -229,6 +234,11 @@ func TestEverySingleRowDifferenceIsFoundForEveryType(t *testing.T) {
 		{"jsonb numbers keep their scale", `UPDATE zoo SET jb = ('{"b": ' || id / 2 || ', "a": [1.1, "x"]}')::jsonb WHERE id = 3000`, 3000, []string{"jb"}},
 		{"interval fields are significant: 1 day and 24 hours differ", "UPDATE zoo SET iv = iv - interval '1 day' + interval '24 hours' WHERE id = 3000", 3000, []string{"iv"}},
 		{"bigints whose halves xor alike differ (hashint8 folds them to 32 bits)", "UPDATE zoo SET i8 = i8 # 4294967297 WHERE id = 3000", 3000, []string{"i8"}},
+		{"timestamps whose microseconds' halves xor alike differ", "UPDATE zoo SET ts = ts + fold_twin((extract(epoch FROM ts) * 1000000)::int8 - 946684800000000) WHERE id = 3000", 3000, []string{"ts"}},
+		{"timestamptzs whose microseconds' halves xor alike differ", "UPDATE zoo SET tstz = tstz + fold_twin((extract(epoch FROM tstz) * 1000000)::int8 - 946684800000000) WHERE id = 3000", 3000, []string{"tstz"}},
+		{"times whose microseconds' halves xor alike differ", "UPDATE zoo SET tm = tm + fold_twin((extract(epoch FROM tm) * 1000000)::int8) WHERE id = 3000", 3000, []string{"tm"}},
+		{"timetzs whose local microseconds' halves xor alike differ", "UPDATE zoo SET ttz = ttz + fold_twin((extract(epoch FROM ttz::time) * 1000000)::int8) WHERE id = 3000", 3000, []string{"ttz"}},
+		{"a timetz in another zone at the same local time differs", "UPDATE zoo SET ttz = (ttz::time::text || '+03')::timetz WHERE id = 3000", 3000, []string{"ttz"}},
 		{"a value swapped between two rows is seen", "UPDATE zoo SET i4 = CASE id WHEN 3000 THEN 10507 ELSE 10500 END WHERE id IN (3000, 3002)", 0, []string{"i4"}},
 		{"jsonb with keys written in another order is the same value", `UPDATE zoo SET jb = ('{"a": [1.10, "x"], "b": ' || id / 2 || '}')::jsonb WHERE id = 3000`, 3000, nil},
 		{"float -0 and 0 are the same value", "UPDATE zoo SET f8 = 0 WHERE id = 8", 8, nil},
