@@ -271,6 +271,9 @@ func TestDirtyPassFindsAChangeLostAfterTheOnlinePass(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	f.stop()
+	// Writers may issue a few more after the count is read: the bound
+	// below is what was issued in the end, not 1,000.
+	issued := f.issued.Load()
 	f.changes = make(chan change, 1)
 	f.drop.Store(true)
 	f.write(ctx, -1, 4321)
@@ -286,8 +289,8 @@ func TestDirtyPassFindsAChangeLostAfterTheOnlinePass(t *testing.T) {
 		t.Fatalf("differences %+v, errors %v", ds, tableErrors(rep))
 	}
 	t.Logf("dirty pass over %d keys took %v", rep.Totals.RowsBlue, time.Since(start))
-	if rep.Totals.RowsBlue > 1001 {
-		t.Errorf("the dirty pass compared %d rows for 1,000 changes", rep.Totals.RowsBlue)
+	if rep.Totals.RowsBlue > issued+1 {
+		t.Errorf("the dirty pass compared %d rows for %d changes", rep.Totals.RowsBlue, issued+1)
 	}
 }
 
