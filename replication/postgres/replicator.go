@@ -727,7 +727,10 @@ func (r *Replicator) afterCommit(b *batch) {
 		r.breach.marker(m.end)
 	}
 	var after []replication.Change
-	for _, c := range b.appChanges {
+	// Until the first marker nothing is recorded: skip building records
+	// while holding the mutex that Lag and Status also take.
+	for i := 0; r.breach.started && i < len(b.appChanges); i++ {
+		c := b.appChanges[i]
 		ch := replication.Change{Table: c.table, Kind: replication.ChangeKind(c.kind), Key: c.key, Position: c.end.String(), CommitTime: c.commitTime}
 		if r.breach.add(c.end, ch, r.opts.MaxBreachRecords) && r.opts.OnChangeAfterMarker != nil {
 			after = append(after, ch)
