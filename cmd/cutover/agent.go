@@ -7,7 +7,9 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
@@ -124,6 +126,7 @@ func agentConfig(c *config.Config, log *zap.Logger) (agent.Config, error) {
 			Logger:     log,
 			Registerer: reg,
 			ReportDir:  filepath.Join(a.DataDir, "reports"),
+			Fault:      testHold(log),
 		}),
 	}
 	for _, p := range a.Raft.Peers {
@@ -140,4 +143,29 @@ func agentConfig(c *config.Config, log *zap.Logger) (agent.Config, error) {
 		return agent.Config{}, errors.New("agent.api.tokens.operator is required")
 	}
 	return ac, nil
+}
+
+// testHold reads CUTOVER_TEST_HOLD ("point=duration", a driver fault point
+// such as "before catch-up"): the driver then waits that long there. It
+// exists so that tests can kill an agent inside a phase that otherwise
+// lasts milliseconds; it is never needed in production, and the agent says
+// loudly when it is set.
+func testHold(log *zap.Logger) func(string) error {
+	v := os.Getenv("CUTOVER_TEST_HOLD")
+	point, dur, ok := strings.Cut(v, "=")
+	if !ok {
+		return nil
+	}
+	d, err := time.ParseDuration(dur)
+	if err != nil || d <= 0 {
+		log.Warn("CUTOVER_TEST_HOLD ignored: want point=duration", zap.String("value", v))
+		return nil
+	}
+	log.Warn("test hook set: the plan driver will wait at a fault point", zap.String("point", point), zap.Duration("for", d))
+	return func(p string) error {
+		if p == point {
+			time.Sleep(d)
+		}
+		return nil
+	}
 }

@@ -82,6 +82,7 @@ type Agent struct {
 	API    string
 	Config string
 	Log    string
+	env    []string // added to the agent's environment
 	cmd    *exec.Cmd
 	exited chan struct{}
 }
@@ -155,7 +156,13 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 
 	// Agents.
 	token := randomToken()
-	agents, err := startAgents(ctx, opts.Binary, dir, token, blue, green, rds)
+	var env []string
+	if opts.KillLeaderAt == agent.PhaseFenced {
+		// Fenced lasts a few milliseconds: too short to be seen by
+		// polling and killed in. The agents hold there for a while.
+		env = append(env, holdEnv+"=before catch-up=1500ms")
+	}
+	agents, err := startAgents(ctx, opts.Binary, dir, token, env, blue, green, rds)
 	if err != nil {
 		return nil, err
 	}
@@ -488,7 +495,11 @@ func freePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-func startAgents(ctx context.Context, binary, dir, token string, blue, green *integration.Postgres, rds *integration.Redis) ([]*Agent, error) {
+// holdEnv names the agent's test hook (cmd/cutover): "point=duration"
+// makes the plan driver wait that long at the named point.
+const holdEnv = "CUTOVER_TEST_HOLD"
+
+func startAgents(ctx context.Context, binary, dir, token string, env []string, blue, green *integration.Postgres, rds *integration.Redis) ([]*Agent, error) {
 	type ports struct{ raft, api int }
 	ps := make([]ports, 3)
 	for i := range ps {
@@ -543,7 +554,7 @@ plans:
 		if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 			return nil, err
 		}
-		a := &Agent{ID: id, API: fmt.Sprintf("http://127.0.0.1:%d", ps[i].api), Config: path, Log: filepath.Join(dir, id+".log")}
+		a := &Agent{ID: id, API: fmt.Sprintf("http://127.0.0.1:%d", ps[i].api), Config: path, Log: filepath.Join(dir, id+".log"), env: env}
 		if err := a.start(binary, token); err != nil {
 			for _, b := range agents {
 				b.Kill()
@@ -561,7 +572,7 @@ func (a *Agent) start(binary, token string) error {
 		return err
 	}
 	cmd := exec.Command(binary, "agent", "--config", a.Config)
-	cmd.Env = append(os.Environ(), "CUTOVER_DEMO_TOKEN="+token)
+	cmd.Env = append(append(os.Environ(), "CUTOVER_DEMO_TOKEN="+token), a.env...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// The agents die with the demo, even if it is killed.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
