@@ -45,9 +45,15 @@ type Fencer interface {
 	// returns it with the position taken after it. It must be called after
 	// Fence with the same epoch.
 	Drain(ctx context.Context, epoch uint64, grace time.Duration) (Drained, error)
-	// Unfence restores exactly the state that Fence changed. Calling it when
-	// not fenced is a no-op that still records the epoch.
+	// Unfence restores exactly the state that Fence changed, and releases
+	// any hold. Calling it when not fenced is a no-op that still records
+	// the epoch.
 	Unfence(ctx context.Context, epoch uint64) error
+	// Release lets go of the writers that the drain kept waiting
+	// (Drained.Held): they fail on the fence, or go on if it was lifted. A
+	// no-op when nothing is held. It changes no fence state, so it cannot
+	// fail in a way the caller could act on.
+	Release(ctx context.Context)
 	// State reports whether the side is fenced and at which epoch.
 	State(ctx context.Context) (State, error)
 }
@@ -63,6 +69,10 @@ type Drained struct {
 	Terminated []Session
 	// Waited is how long the drain waited for in-flight writers.
 	Waited time.Duration
+	// Held says the fenced writers are kept waiting, not refused, until
+	// Release (or Unfence): the engine can hold them at no cost to the
+	// catch-up that follows.
+	Held bool
 }
 
 // Marker is a unique row written on the fenced side.

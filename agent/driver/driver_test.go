@@ -15,6 +15,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/agent/agenttest"
@@ -179,7 +181,8 @@ func TestCutoverUnderLoadFlipsAndLosesNothing(t *testing.T) {
 	defer cancel()
 	s := newScenario(t, 1000)
 	s.followRoute(ctx)
-	c := newCluster(t, Options{})
+	core, observed := observer.New(zap.InfoLevel)
+	c := newCluster(t, Options{Logger: zap.New(core)})
 	l := load.Start(ctx, load.Options{Run: "e2e", Target: s.appDSN, Writers: 8, Accounts: 1000})
 	createAndStart(t, c, s.spec)
 	// Green is fenced from the first step of the plan on; from then on the
@@ -217,6 +220,26 @@ func TestCutoverUnderLoadFlipsAndLosesNothing(t *testing.T) {
 	}
 	if onGreen == 0 {
 		t.Errorf("no write was acknowledged on green after the flip (refused %v)", refused)
+	}
+	// The fenced writers were held on the drain's lock, and the hold was
+	// let go once caught up: nothing holds blue's tables now.
+	drains := observed.FilterMessage("drained").All()
+	for _, d := range drains {
+		if d.ContextMap()["holding"] != true {
+			t.Errorf("a drain did not hold the fenced writers: %v", d.ContextMap())
+		}
+	}
+	if released := observed.FilterMessage("released the hold on the tables").Len(); len(drains) == 0 || released == 0 {
+		t.Errorf("%d drains, %d releases of the hold", len(drains), released)
+	}
+	blue, err := pgxConnect(s.blue.DSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer blue.Close(context.Background())
+	var share int
+	if err := blue.QueryRow(context.Background(), `SELECT count(*) FROM pg_locks WHERE mode = 'ShareLock' AND relation = 'load_accounts'::regclass`).Scan(&share); err != nil || share != 0 {
+		t.Errorf("%d SHARE locks still held on blue's load_accounts after the flip (%v)", share, err)
 	}
 	t.Logf("acknowledged %d (%d on green), refused %v, %d samples", len(receipts), onGreen, refused, len(samples))
 }

@@ -314,6 +314,11 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 					if err != nil {
 						return err
 					}
+					// Caught up: the writers held since the drain now fail
+					// on the fence. Released before the breach checks, so
+					// that a write by a role outside the fence, held until
+					// now, can still be seen by the one in verify.
+					pr.blueFence.Release(ctx)
 					pr.markerLSN = lsn
 					if err := breachCheck(pr); err != nil {
 						return err

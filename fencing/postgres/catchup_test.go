@@ -109,8 +109,18 @@ func (e *pairEnv) cutoverWindow(ctx context.Context, epoch uint64, grace time.Du
 }
 
 func TestEveryWriteAcknowledgedBeforeTheFenceIsOnGreenAfterCatchUp(t *testing.T) {
+	t.Run("refused", func(t *testing.T) { everyWriteAcknowledgedIsOnGreen(t, false) })
+	t.Run("held", func(t *testing.T) { everyWriteAcknowledgedIsOnGreen(t, true) })
+}
+
+// everyWriteAcknowledgedIsOnGreen fences under load; with hold, the fenced
+// writers wait from the drain until catch-up is proven (Options.Hold).
+func everyWriteAcknowledgedIsOnGreen(t *testing.T, hold bool) {
 	ctx := context.Background()
 	e := newPairEnv(t, 1000)
+	if hold {
+		e.fencer.opts.Hold = 10 * time.Second
+	}
 	l := load.Start(ctx, load.Options{Run: "r1", Target: func() string { return e.appDSN }, Writers: 8, Accounts: 1000, LongEvery: 7, Long: 30 * time.Millisecond})
 	// Idle sessions of the application, one of them idle in a read
 	// transaction: the fence must leave them alone.
@@ -123,6 +133,20 @@ func TestEveryWriteAcknowledgedBeforeTheFenceIsOnGreenAfterCatchUp(t *testing.T)
 	drained, markerLSN, err := e.cutoverWindow(ctx, 1, 200*time.Millisecond)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if drained.Held != hold {
+		t.Errorf("drained.Held = %v, want %v", drained.Held, hold)
+	}
+	if hold {
+		// Held writers wait instead of retrying: over 300 ms, at most one
+		// refusal per writer (a statement past its lock before the hold);
+		// refused writers retrying every millisecond would be hundreds.
+		refusedBefore := l.Refused()["42501"]
+		time.Sleep(300 * time.Millisecond)
+		if n := l.Refused()["42501"] - refusedBefore; n > 8 {
+			t.Errorf("%d writes refused while held, want at most one per writer", n)
+		}
+		e.fencer.Release(ctx)
 	}
 	if err := e.repl.SyncSequences(ctx); err != nil {
 		t.Fatal(err)
@@ -167,8 +191,18 @@ func TestEveryWriteAcknowledgedBeforeTheFenceIsOnGreenAfterCatchUp(t *testing.T)
 }
 
 func TestAWriteSneakedPastTheFenceIsCaughtAsABreach(t *testing.T) {
+	t.Run("refused", func(t *testing.T) { aWriteSneakedPastTheFenceIsCaught(t, false) })
+	t.Run("held", func(t *testing.T) { aWriteSneakedPastTheFenceIsCaught(t, true) })
+}
+
+// aWriteSneakedPastTheFenceIsCaught: with hold, the outsider's write waits
+// for the release like every other write, then lands and is caught.
+func aWriteSneakedPastTheFenceIsCaught(t *testing.T, hold bool) {
 	ctx := context.Background()
 	e := newPairEnv(t, 100)
+	if hold {
+		e.fencer.opts.Hold = 10 * time.Second
+	}
 	_, markerLSN, err := e.cutoverWindow(ctx, 1, 100*time.Millisecond)
 	if err != nil {
 		t.Fatal(err)
@@ -178,7 +212,14 @@ func TestAWriteSneakedPastTheFenceIsCaughtAsABreach(t *testing.T) {
 	}
 	// outsider is not one of the fenced roles: its write lands on blue.
 	outsider := connect(t, e.blue.DSNFor("cutover", "outsider", "outsider-password"))
-	mustExec(t, outsider, "UPDATE load_accounts SET balance = 42 WHERE id = 7")
+	write := startWrite(outsider, "UPDATE load_accounts SET balance = 42 WHERE id = 7")
+	if hold {
+		waitForLock(t, e.fencer.pool, outsider.PgConn().PID(), write)
+		e.fencer.Release(ctx)
+	}
+	if err := result(t, write); err != nil {
+		t.Fatalf("the outsider's write: %v", err)
+	}
 	// Breach detection watches the stream: the change shows up once applied.
 	deadline := time.Now().Add(10 * time.Second)
 	var changes []replication.Change
@@ -244,89 +285,103 @@ func TestMaxFenceWindowExceededUnfencesAndAborts(t *testing.T) {
 // drain as the client saw them and as the server spent them, the drain's
 // lock wait, catch-up) and the backlog, so that what dominates the tail is
 // visible; -v logs every iteration.
+//
+// hold=true is what the driver does (Options.Hold): the fenced writers wait
+// on the drain's lock until the marker is applied on green, then fail;
+// hold=false lets them fail and retry (every millisecond) from the fence on.
 func BenchmarkOutage(b *testing.B) {
 	for _, writers := range []int{8, 32} {
-		b.Run(fmt.Sprintf("writers=%d", writers), func(b *testing.B) {
-			ctx := context.Background()
-			e := newPairEnv(b, 10000)
-			logs, observed := observer.New(zap.InfoLevel)
-			e.fencer.log = zap.New(logs)
-			l := load.Start(ctx, load.Options{Run: "bench", Target: func() string { return e.appDSN }, Writers: writers, Accounts: 10000})
-			time.Sleep(time.Second)
-			var outages, drains, servers, revokes, waits, catchups, lags, backlogs []time.Duration
-			terminated, autovacuums := 0, 0
-			b.ResetTimer()
-			for i := 0; i < b.N; i++ {
-				epoch := uint64(2*i + 2)
-				lag := waitLagUnder(b, e, 256<<10, 100*time.Millisecond, outageDip)
-				start := time.Now()
-				drained, err := e.fencer.FenceDrain(ctx, epoch, 500*time.Millisecond)
-				if err != nil {
-					b.Fatal(err)
-				}
-				drainedAt := time.Now()
-				applied := e.repl.Applied()
-				if _, err := e.repl.WaitMarker(ctx, drained.Marker.Nonce); err != nil {
-					b.Fatal(err)
-				}
-				outage := time.Since(start)
-				pos, err := pglogrepl.ParseLSN(drained.Marker.Position)
-				if err != nil {
-					b.Fatal(err)
-				}
-				backlog := time.Duration(0) // bytes, kept as a Duration to share pct
-				if pos > applied {
-					backlog = time.Duration(pos - applied)
-				}
-				var server, revoke time.Duration
-				if entries := observed.FilterMessage("drained").TakeAll(); len(entries) > 0 {
-					f := entries[len(entries)-1].ContextMap()
-					server, _ = f["server_time"].(time.Duration)
-					revoke, _ = f["revoke_committed_after"].(time.Duration)
-					n, _ := f["autovacuum_cancelled"].(int64)
-					autovacuums += int(n)
-				}
-				if testing.Verbose() {
-					b.Logf("outage %6.1fms: fence+drain %5.1f (server %5.1f: revoke committed %5.1f, lock wait %5.1f) catch-up %5.1f; lag before %6d B; backlog at marker %6d B",
-						ms(outage), ms(drainedAt.Sub(start)), ms(server), ms(revoke), ms(drained.Waited), ms(time.Since(drainedAt)), lag.Bytes, backlog)
-				}
-				outages = append(outages, outage)
-				drains = append(drains, drainedAt.Sub(start))
-				servers = append(servers, server)
-				revokes = append(revokes, revoke)
-				waits = append(waits, drained.Waited)
-				catchups = append(catchups, time.Since(drainedAt))
-				lags = append(lags, time.Duration(lag.Bytes))
-				backlogs = append(backlogs, backlog)
-				terminated += len(drained.Terminated)
-				if err := e.fencer.Unfence(ctx, epoch+1); err != nil {
-					b.Fatal(err)
-				}
-				time.Sleep(200 * time.Millisecond) // writers resume between cutovers
-			}
-			b.StopTimer()
-			receipts, refused := l.Stop()
-			b.ReportMetric(pct(outages, 0.50), "p50_ms")
-			b.ReportMetric(pct(outages, 0.90), "p90_ms")
-			b.ReportMetric(pct(outages, 0.99), "p99_ms")
-			b.ReportMetric(pct(drains, 0.99), "fencedrain_p99_ms")
-			b.ReportMetric(pct(servers, 0.99), "server_p99_ms")
-			b.ReportMetric(pct(revokes, 0.99), "revoke_p99_ms")
-			b.ReportMetric(pct(waits, 0.99), "lockwait_p99_ms")
-			b.ReportMetric(pct(catchups, 0.99), "catchup_p99_ms")
-			b.ReportMetric(pct(lags, 0.99)*1e6, "lag_p99_B")
-			b.ReportMetric(pct(backlogs, 0.99)*1e6, "backlog_p99_B")
-			b.ReportMetric(float64(terminated)/float64(b.N), "terminated/op")
-			b.ReportMetric(float64(autovacuums), "autovacuums_cancelled")
-			b.ReportMetric(float64(len(receipts)), "acked_writes")
-			b.ReportMetric(float64(refused["42501"]), "refused_writes")
-			// No acknowledged write may be lost across all those fences.
-			waitApplied(b, e)
-			missing, err := load.Missing(ctx, e.green.DSN(), "bench", receipts)
-			if err != nil || len(missing) > 0 {
-				b.Fatalf("%d acknowledged writes missing on green (%v)", len(missing), err)
-			}
-		})
+		for _, hold := range []bool{true, false} {
+			b.Run(fmt.Sprintf("writers=%d/hold=%v", writers, hold), func(b *testing.B) {
+				benchmarkOutage(b, writers, hold)
+			})
+		}
+	}
+}
+
+func benchmarkOutage(b *testing.B, writers int, hold bool) {
+	ctx := context.Background()
+	e := newPairEnv(b, 10000)
+	if hold {
+		e.fencer.opts.Hold = 5 * time.Second
+	}
+	logs, observed := observer.New(zap.InfoLevel)
+	e.fencer.log = zap.New(logs)
+	l := load.Start(ctx, load.Options{Run: "bench", Target: func() string { return e.appDSN }, Writers: writers, Accounts: 10000})
+	time.Sleep(time.Second)
+	var outages, drains, servers, revokes, waits, catchups, lags, backlogs []time.Duration
+	terminated, autovacuums := 0, 0
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		epoch := uint64(2*i + 2)
+		lag := waitLagUnder(b, e, 256<<10, 100*time.Millisecond, outageDip)
+		start := time.Now()
+		drained, err := e.fencer.FenceDrain(ctx, epoch, 500*time.Millisecond)
+		if err != nil {
+			b.Fatal(err)
+		}
+		drainedAt := time.Now()
+		applied := e.repl.Applied()
+		if _, err := e.repl.WaitMarker(ctx, drained.Marker.Nonce); err != nil {
+			b.Fatal(err)
+		}
+		outage := time.Since(start)
+		e.fencer.Release(ctx) // as the driver does once the marker is applied
+		pos, err := pglogrepl.ParseLSN(drained.Marker.Position)
+		if err != nil {
+			b.Fatal(err)
+		}
+		backlog := time.Duration(0) // bytes, kept as a Duration to share pct
+		if pos > applied {
+			backlog = time.Duration(pos - applied)
+		}
+		var server, revoke time.Duration
+		if entries := observed.FilterMessage("drained").TakeAll(); len(entries) > 0 {
+			f := entries[len(entries)-1].ContextMap()
+			server, _ = f["server_time"].(time.Duration)
+			revoke, _ = f["revoke_committed_after"].(time.Duration)
+			n, _ := f["autovacuum_cancelled"].(int64)
+			autovacuums += int(n)
+		}
+		if testing.Verbose() {
+			b.Logf("outage %6.1fms: fence+drain %5.1f (server %5.1f: revoke committed %5.1f, lock wait %5.1f) catch-up %5.1f; lag before %6d B; backlog at marker %6d B",
+				ms(outage), ms(drainedAt.Sub(start)), ms(server), ms(revoke), ms(drained.Waited), ms(time.Since(drainedAt)), lag.Bytes, backlog)
+		}
+		outages = append(outages, outage)
+		drains = append(drains, drainedAt.Sub(start))
+		servers = append(servers, server)
+		revokes = append(revokes, revoke)
+		waits = append(waits, drained.Waited)
+		catchups = append(catchups, time.Since(drainedAt))
+		lags = append(lags, time.Duration(lag.Bytes))
+		backlogs = append(backlogs, backlog)
+		terminated += len(drained.Terminated)
+		if err := e.fencer.Unfence(ctx, epoch+1); err != nil {
+			b.Fatal(err)
+		}
+		time.Sleep(200 * time.Millisecond) // writers resume between cutovers
+	}
+	b.StopTimer()
+	receipts, refused := l.Stop()
+	b.ReportMetric(pct(outages, 0.50), "p50_ms")
+	b.ReportMetric(pct(outages, 0.90), "p90_ms")
+	b.ReportMetric(pct(outages, 0.99), "p99_ms")
+	b.ReportMetric(pct(drains, 0.99), "fencedrain_p99_ms")
+	b.ReportMetric(pct(servers, 0.99), "server_p99_ms")
+	b.ReportMetric(pct(revokes, 0.99), "revoke_p99_ms")
+	b.ReportMetric(pct(waits, 0.99), "lockwait_p99_ms")
+	b.ReportMetric(pct(catchups, 0.99), "catchup_p99_ms")
+	b.ReportMetric(pct(lags, 0.99)*1e6, "lag_p99_B")
+	b.ReportMetric(pct(backlogs, 0.99)*1e6, "backlog_p99_B")
+	b.ReportMetric(float64(terminated)/float64(b.N), "terminated/op")
+	b.ReportMetric(float64(autovacuums), "autovacuums_cancelled")
+	b.ReportMetric(float64(len(receipts)), "acked_writes")
+	b.ReportMetric(float64(refused["42501"]), "refused_writes")
+	// No acknowledged write may be lost across all those fences.
+	waitApplied(b, e)
+	missing, err := load.Missing(ctx, e.green.DSN(), "bench", receipts)
+	if err != nil || len(missing) > 0 {
+		b.Fatalf("%d acknowledged writes missing on green (%v)", len(missing), err)
 	}
 }
 

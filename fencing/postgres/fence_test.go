@@ -401,3 +401,169 @@ func mustExec(t *testing.T, c *pgx.Conn, sql string) {
 		t.Fatalf("%s: %v", sql, err)
 	}
 }
+
+// waitForLock waits until the session pid waits on a heavyweight lock.
+func waitForLock(t *testing.T, pool *pgxpool.Pool, pid uint32, returned <-chan error) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var waiting bool
+		if err := pool.QueryRow(context.Background(), `SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1`, pid).Scan(&waiting); err != nil {
+			t.Fatal(err)
+		}
+		if waiting {
+			return
+		}
+		select {
+		case err := <-returned:
+			t.Fatalf("the write returned instead of waiting for the hold: %v", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the write never waited for the hold")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// startWrite runs sql on c in the background and reports its error.
+func startWrite(c *pgx.Conn, sql string) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Exec(context.Background(), sql)
+		done <- err
+	}()
+	return done
+}
+
+func result(t *testing.T, done <-chan error) error {
+	t.Helper()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(10 * time.Second):
+		t.Fatal("the write is still waiting")
+		return nil
+	}
+}
+
+// shareLocks counts the SHARE locks held on the tables in scope.
+func shareLocks(t *testing.T, pool *pgxpool.Pool) int {
+	t.Helper()
+	var n int
+	err := pool.QueryRow(context.Background(), `SELECT count(*) FROM pg_locks WHERE mode = 'ShareLock' AND granted
+		AND relation IN ('public.accounts'::regclass, 'public.history'::regclass, 'public.notes'::regclass)`).Scan(&n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func TestHeldWritersWaitThenFailOnReleaseAndGoOnAfterUnfence(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	appDSN := e.pg.DSNFor("cutover", "app", "app-password")
+	before := privileges(t, e.agent)
+	f := New(newPool(t, e.pg.DSN()), Options{Plan: "p1", Pair: "db", Tables: []string{"public.accounts", "public.history", "public.notes"}, Roles: []string{"app"}, Hold: 5 * time.Second})
+	if err := f.Prepare(ctx); err != nil {
+		t.Fatal(err)
+	}
+	idleWriter := connect(t, appDSN)
+	mustExec(t, idleWriter, "BEGIN")
+	mustExec(t, idleWriter, "UPDATE accounts SET balance = balance + 1 WHERE id = 1")
+	writer, reader := connect(t, appDSN), connect(t, appDSN)
+
+	drained, err := f.FenceDrain(ctx, 3, 100*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !drained.Held || len(drained.Terminated) != 1 || drained.Terminated[0].PID != int32(idleWriter.PgConn().PID()) {
+		t.Fatalf("drained = %+v: want held, the idle writer terminated", drained)
+	}
+	if n := shareLocks(t, e.agent); n != 3 {
+		t.Errorf("%d SHARE locks held on the 3 tables in scope", n)
+	}
+	// While held, a write waits (it neither fails nor lands) and reads go on.
+	write := startWrite(writer, "UPDATE accounts SET balance = 7 WHERE id = 2")
+	waitForLock(t, e.agent, writer.PgConn().PID(), write)
+	var n int
+	if err := reader.QueryRow(ctx, "SELECT count(*) FROM accounts").Scan(&n); err != nil || n != 100 {
+		t.Errorf("read while held: n=%d err=%v", n, err)
+	}
+	f.Release(ctx)
+	if err := result(t, write); sqlState(err) != "42501" {
+		t.Errorf("held write after the release: err = %v, want 42501", err)
+	}
+	if n := shareLocks(t, e.agent); n != 0 {
+		t.Errorf("%d SHARE locks left after the release", n)
+	}
+	f.Release(ctx) // twice is a no-op
+
+	// Held again, then lifted: the waiting write goes through.
+	if _, err := f.FenceDrain(ctx, 4, 100*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	write = startWrite(writer, "UPDATE accounts SET balance = 8 WHERE id = 2")
+	waitForLock(t, e.agent, writer.PgConn().PID(), write)
+	if err := f.Unfence(ctx, 5); err != nil {
+		t.Fatal(err)
+	}
+	if err := result(t, write); err != nil {
+		t.Errorf("held write after the unfence: %v", err)
+	}
+	if after := privileges(t, e.agent); after != before {
+		t.Errorf("privileges after the unfence differ:\n%s\n---\n%s", before, after)
+	}
+	if n := shareLocks(t, e.agent); n != 0 {
+		t.Errorf("%d SHARE locks left after the unfence", n)
+	}
+
+	// A refused fence leaves nothing held.
+	if _, err := f.FenceDrain(ctx, 2, 100*time.Millisecond); !errors.Is(err, fencing.ErrStaleEpoch) {
+		t.Errorf("stale fence and drain while holding: err = %v, want ErrStaleEpoch", err)
+	}
+	if n := shareLocks(t, e.agent); n != 0 {
+		t.Errorf("%d SHARE locks left after a refused fence", n)
+	}
+	if _, err := writer.Exec(ctx, "UPDATE accounts SET balance = 9 WHERE id = 2"); err != nil {
+		t.Errorf("write after a refused fence: %v", err)
+	}
+}
+
+func TestAHoldNobodyReleasesEndsOnTheServerAfterItsBound(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	const hold = 300 * time.Millisecond
+	f := New(newPool(t, e.pg.DSN()), Options{Plan: "p1", Pair: "db", Tables: []string{"public.accounts", "public.history", "public.notes"}, Roles: []string{"app"}, Hold: hold})
+	if err := f.Prepare(ctx); err != nil {
+		t.Fatal(err)
+	}
+	writer := connect(t, e.pg.DSNFor("cutover", "app", "app-password"))
+	start := time.Now()
+	if _, err := f.FenceDrain(ctx, 1, 100*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	// The agent "vanishes" without releasing: the server ends the hold.
+	write := startWrite(writer, "UPDATE accounts SET balance = 7 WHERE id = 2")
+	err := result(t, write)
+	if sqlState(err) != "42501" {
+		t.Errorf("write after the hold's bound: err = %v, want 42501", err)
+	}
+	if took := time.Since(start); took < hold {
+		t.Errorf("the hold ended after %s, before its bound %s", took, hold)
+	}
+	if n := shareLocks(t, e.agent); n != 0 {
+		t.Errorf("%d SHARE locks left after the hold's bound", n)
+	}
+	st, err := f.State(ctx)
+	if err != nil || !st.Fenced {
+		t.Errorf("the fence must outlive the hold: state %+v, %v", st, err)
+	}
+	f.Release(ctx) // the session is gone: still no error, no hang
+	if err := f.Unfence(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := writer.Exec(ctx, "UPDATE accounts SET balance = 8 WHERE id = 2"); err != nil {
+		t.Errorf("write after the unfence: %v", err)
+	}
+}

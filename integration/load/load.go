@@ -125,6 +125,13 @@ func Start(ctx context.Context, opts Options) *Load {
 // Acked is how many writes have been acknowledged so far.
 func (l *Load) Acked() int64 { return l.acked.Load() }
 
+// Refused is how many writes have been refused so far, by SQLSTATE.
+func (l *Load) Refused() map[string]int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return copyMap(l.errs)
+}
+
 // Stop ends the load, waits for every writer, and returns the receipts of
 // the acknowledged writes and the count of refused ones by SQLSTATE.
 func (l *Load) Stop() ([]Receipt, map[string]int) {
