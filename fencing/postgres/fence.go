@@ -166,6 +166,7 @@ RETURNS jsonb LANGUAGE plpgsql AS $drain$
 DECLARE
 	v_killed jsonb := '[]';
 	v_attempt int := 0;
+	v_deadlocks int := 0;
 	v_wait int;
 	v_start timestamptz := clock_timestamp();
 	v_locks text;
@@ -201,10 +202,22 @@ BEGIN
 			-- transaction begun before the fence is open.
 			EXECUTE v_locks;
 			EXIT;
-		EXCEPTION WHEN lock_not_available THEN
-			IF v_attempt >= 20 THEN
-				RAISE;
-			END IF;
+		EXCEPTION
+			WHEN deadlock_detected THEN
+				-- Holding one table while waiting for another, we blocked
+				-- a writer that holds the other and wants the first (a
+				-- deadlock_timeout shorter than the grace). The rollback
+				-- of this block let go of what we held, so the writer goes
+				-- on: try again, within the grace.
+				v_deadlocks := v_deadlocks + 1;
+				IF v_deadlocks >= 20 THEN
+					RAISE;
+				END IF;
+				CONTINUE;
+			WHEN lock_not_available THEN
+				IF v_attempt >= 20 THEN
+					RAISE;
+				END IF;
 		END;
 		-- Terminate the sessions still holding a lock that conflicts with
 		-- SHARE on a table in scope (writers, DDL, vacuum); nobody else.
@@ -221,7 +234,7 @@ BEGIN
 		v_attempt := v_attempt + 1;
 	END LOOP;
 	RETURN jsonb_build_object('waited_us', (extract(epoch FROM clock_timestamp() - v_start) * 1e6)::bigint,
-		'terminated', v_killed, 'autovacuum_cancelled', v_autovacuum);
+		'terminated', v_killed, 'autovacuum_cancelled', v_autovacuum, 'deadlocks', v_deadlocks);
 END
 $drain$`
 
@@ -669,7 +682,7 @@ func (f *Fencer) drain(ctx context.Context, epoch uint64, grace time.Duration, f
 	}
 	out.Marker = fencing.Marker{Nonce: nonce, Epoch: epoch, Position: res.LSN}
 	fields := []zap.Field{zap.Uint64("epoch", epoch), zap.String("marker", nonce), zap.String("lsn", res.LSN), zap.Duration("waited", out.Waited), zap.Int("terminated", len(out.Terminated)),
-		zap.Duration("server_time", time.Duration(res.TotalUS)*time.Microsecond), zap.Int("autovacuum_cancelled", res.AutovacuumCancelled), zap.Bool("holding", out.Held)}
+		zap.Duration("server_time", time.Duration(res.TotalUS)*time.Microsecond), zap.Int("autovacuum_cancelled", res.AutovacuumCancelled), zap.Int("deadlocks_retried", res.Deadlocks), zap.Bool("holding", out.Held)}
 	if fence {
 		fields = append(fields, zap.Int("revokes", res.Revoked), zap.Duration("revoke_committed_after", time.Duration(res.FenceUS)*time.Microsecond))
 	}
@@ -789,11 +802,14 @@ type procResult struct {
 	FenceUS int64 `json:"fence_us"`
 	// AutovacuumCancelled counts autovacuum workers cancelled on the
 	// tables before the drain's lock.
-	AutovacuumCancelled int    `json:"autovacuum_cancelled"`
-	TotalUS             int64  `json:"total_us"`
-	LSN                 string `json:"lsn"`
-	WaitedUS            int64  `json:"waited_us"`
-	Terminated          []struct {
+	AutovacuumCancelled int `json:"autovacuum_cancelled"`
+	// Deadlocks counts the drain's lock attempts that a writer deadlocked
+	// with (and that were retried).
+	Deadlocks  int    `json:"deadlocks"`
+	TotalUS    int64  `json:"total_us"`
+	LSN        string `json:"lsn"`
+	WaitedUS   int64  `json:"waited_us"`
+	Terminated []struct {
 		PID         int32  `json:"pid"`
 		User        string `json:"user"`
 		Application string `json:"application"`

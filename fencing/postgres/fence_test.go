@@ -567,3 +567,68 @@ func TestAHoldNobodyReleasesEndsOnTheServerAfterItsBound(t *testing.T) {
 		t.Errorf("write after the unfence: %v", err)
 	}
 }
+
+// A writer that holds one table in scope and wants another that the drain
+// has already locked deadlocks with the drain; the drain must get out of
+// the way and try again, not fail the cutover (nor wait for the grace to
+// terminate the writer).
+func TestTheDrainRetriesWhenAWriterDeadlocksWithIt(t *testing.T) {
+	for _, hold := range []time.Duration{0, 5 * time.Second} {
+		t.Run(fmt.Sprintf("hold=%s", hold), func(t *testing.T) {
+			ctx := context.Background()
+			e := newEnv(t)
+			f := New(newPool(t, e.pg.DSN()), Options{Plan: "p1", Pair: "db", Tables: []string{"public.accounts", "public.history", "public.notes"}, Roles: []string{"app"}, Hold: hold})
+			if err := f.Prepare(ctx); err != nil {
+				t.Fatal(err)
+			}
+			writer := connect(t, e.pg.DSNFor("cutover", "app", "app-password"))
+			mustExec(t, writer, "BEGIN")
+			mustExec(t, writer, "INSERT INTO history (account, delta) VALUES (1, 1)")
+
+			type drainedErr struct {
+				d   fencing.Drained
+				err error
+			}
+			done := make(chan drainedErr, 1)
+			go func() {
+				d, err := f.FenceDrain(ctx, 1, 5*time.Second)
+				done <- drainedErr{d, err}
+			}()
+			// The drain holds accounts (locked first) and waits for history.
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				var waiting bool
+				if err := e.agent.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%drain_v2%' OR query LIKE '%fence_v2%' AND wait_event_type = 'Lock')`).Scan(&waiting); err != nil {
+					t.Fatal(err)
+				}
+				if waiting {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("the drain never waited for the writer")
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			// The writer now wants accounts: a deadlock, which PostgreSQL
+			// finds after deadlock_timeout (1 s).
+			_, werr := writer.Exec(ctx, "UPDATE accounts SET balance = balance + 1 WHERE id = 1")
+			if werr != nil && sqlState(werr) != "42501" {
+				t.Errorf("the writer's second write: %v (want it to go on, or to be refused by the fence)", werr)
+			}
+			mustExec(t, writer, "ROLLBACK")
+			var got drainedErr
+			select {
+			case got = <-done:
+			case <-time.After(15 * time.Second):
+				t.Fatal("the drain did not return")
+			}
+			if got.err != nil {
+				t.Fatalf("drain after a deadlock: %v", got.err)
+			}
+			if len(got.d.Terminated) != 0 {
+				t.Errorf("terminated %+v: the writer ended by itself", got.d.Terminated)
+			}
+			f.Release(ctx)
+		})
+	}
+}
