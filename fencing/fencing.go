@@ -54,6 +54,10 @@ type Fencer interface {
 	// no-op when nothing is held. It changes no fence state, so it cannot
 	// fail in a way the caller could act on.
 	Release(ctx context.Context)
+	// HeldBreaches lists the sessions that wait on the hold to write and
+	// that the fence would not stop once released (roles outside it): a
+	// breach caught before it lands. Empty when nothing is held.
+	HeldBreaches(ctx context.Context) ([]Session, error)
 	// State reports whether the side is fenced and at which epoch.
 	State(ctx context.Context) (State, error)
 }

@@ -98,7 +98,7 @@ func (s *scenario) followRoute(ctx context.Context) {
 	}()
 }
 
-func newCluster(t *testing.T, opts Options) *agenttest.Cluster {
+func newCluster(t testing.TB, opts Options) *agenttest.Cluster {
 	t.Helper()
 	if opts.ReportDir == "" {
 		opts.ReportDir = t.TempDir()
@@ -110,7 +110,7 @@ func newCluster(t *testing.T, opts Options) *agenttest.Cluster {
 	}})
 }
 
-func createAndStart(t *testing.T, c *agenttest.Cluster, spec config.Plan) {
+func createAndStart(t testing.TB, c *agenttest.Cluster, spec config.Plan) {
 	t.Helper()
 	ctx := agenttest.Ctx(t, 30*time.Second)
 	raw, err := json.Marshal(specForAPI(spec))
@@ -150,7 +150,7 @@ func specForAPI(spec config.Plan) map[string]any {
 	}
 }
 
-func waitPhase(t *testing.T, c *agenttest.Cluster, plan string, timeout time.Duration, want ...agent.Phase) agent.PlanInfo {
+func waitPhase(t testing.TB, c *agenttest.Cluster, plan string, timeout time.Duration, want ...agent.Phase) agent.PlanInfo {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	var last agent.PlanInfo
@@ -383,5 +383,60 @@ func createAndStartWithHealth(t *testing.T, c *agenttest.Cluster, spec config.Pl
 	}
 	if _, err := c.Client(0).Start(ctx, spec.Name, "test"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A role the plan does not fence writes during the window: held on the
+// drain's lock, it is caught before its write lands, the plan aborts, and
+// the write then lands on blue, which is the primary again.
+func TestAWriterOutsideTheFenceHeldInTheWindowAbortsThePlan(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := newScenario(t, 200)
+	if err := s.blue.Exec(ctx, `CREATE ROLE batch LOGIN PASSWORD 'batch-password'; GRANT SELECT, UPDATE ON load_accounts TO batch`); err != nil {
+		t.Fatal(err)
+	}
+	batch, err := pgxConnect(s.blue.DSNFor("cutover", "batch", "batch-password"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer batch.Close(context.Background())
+	written := make(chan error, 1)
+	var started atomic.Bool
+	c := newCluster(t, Options{Fault: func(point string) error {
+		if point == "before catch-up" && started.CompareAndSwap(false, true) {
+			go func() {
+				_, err := batch.Exec(context.Background(), "UPDATE load_accounts SET balance = 4242 WHERE id = 7")
+				written <- err
+			}()
+			time.Sleep(100 * time.Millisecond) // the write reaches the hold
+		}
+		return nil
+	}})
+	l := load.Start(ctx, load.Options{Run: "outside", Target: s.appDSN, Writers: 2, Accounts: 200, Think: 5 * time.Millisecond})
+	createAndStart(t, c, s.spec)
+	p := waitPhase(t, c, "shop", 90*time.Second, agent.PhaseAborted, agent.PhaseAuthorized, agent.PhaseSwitched)
+	receipts, _ := l.Stop()
+	if p.Phase != agent.PhaseAborted {
+		t.Fatalf("plan reached %s with a writer outside the fence", p.Phase)
+	}
+	if !strings.Contains(p.Reason, "fence breach") || !strings.Contains(p.Reason, "user batch") {
+		t.Errorf("abort reason does not name the breach: %s", p.Reason)
+	}
+	select {
+	case err := <-written:
+		if err != nil {
+			t.Errorf("the held write, once the fence was lifted: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the held write never ended")
+	}
+	var balance int64
+	if err := batch.QueryRow(context.Background(), "SELECT balance FROM load_accounts WHERE id = 7").Scan(&balance); err != nil || balance != 4242 {
+		t.Errorf("the held write is not on blue: balance %d, %v", balance, err)
+	}
+	missing, err := load.Missing(context.Background(), s.blue.DSN(), "outside", receipts)
+	if err != nil || len(missing) > 0 {
+		t.Errorf("acknowledged writes missing on blue: %d (%v)", len(missing), err)
 	}
 }

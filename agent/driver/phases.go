@@ -310,20 +310,29 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 					return err
 				}
 				err := rt.forEach(func(pr *pairRT) error {
+					// Sequences are not in the stream: blue's are final
+					// once drained (inserts are fenced), so they are
+					// synced while the marker travels, off the outage's
+					// critical path.
+					began := time.Now()
+					synced := make(chan error, 1)
+					var syncTook time.Duration
+					go func() {
+						err := pr.fwd.SyncSequences(ctx)
+						syncTook = time.Since(began)
+						synced <- err
+					}()
 					lsn, err := pr.fwd.WaitMarker(ctx, pr.marker.Nonce)
-					if err != nil {
-						return err
+					markerTook := time.Since(began)
+					if err == nil {
+						pr.markerLSN = lsn
+						err = breachCheck(pr)
 					}
-					// Caught up: the writers held since the drain now fail
-					// on the fence. Released before the breach checks, so
-					// that a write by a role outside the fence, held until
-					// now, can still be seen by the one in verify.
-					pr.blueFence.Release(ctx)
-					pr.markerLSN = lsn
-					if err := breachCheck(pr); err != nil {
-						return err
+					if serr := <-synced; err == nil && serr != nil {
+						err = fmt.Errorf("sync sequences: %w", serr)
 					}
-					return pr.fwd.SyncSequences(ctx)
+					log.Info("caught up", zap.String("pair", pr.cfg.Name), zap.Duration("marker_applied_after", markerTook), zap.Duration("sequences_synced_after", syncTook), zap.Error(err))
+					return err
 				})
 				if err != nil {
 					return err
@@ -341,6 +350,8 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 						if err != nil {
 							return err
 						}
+						log.Info("verified in the fence", zap.String("pair", pr.cfg.Name), zap.Int64("rows_blue", rep.Totals.RowsBlue), zap.Int64("rows_green", rep.Totals.RowsGreen),
+							zap.Int64("chunks", rep.Totals.Chunks), zap.Float64("seconds", rep.DurationSeconds))
 						if rep.Verdict != consistency.Equal {
 							return fmt.Errorf("verification in the fence found %s", describe(rep))
 						}
@@ -355,6 +366,23 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 				return err
 			}},
 			{Name: "authorize", Run: func(ctx context.Context) error {
+				// Writers held since the drain that the fence would not
+				// stop (roles outside it) would land on blue once the hold
+				// is released: a breach, caught before it lands.
+				err := rt.forEach(func(pr *pairRT) error {
+					held, err := pr.blueFence.HeldBreaches(ctx)
+					if err != nil {
+						return err
+					}
+					if len(held) > 0 {
+						s := held[0]
+						return fmt.Errorf("%w: %d session(s) of roles outside the fence wait to write on blue of %s, first pid %d user %s application %q; add their roles to fence_roles", errBreach, len(held), pr.cfg.Name, s.PID, s.User, s.Application)
+					}
+					return nil
+				})
+				if err != nil {
+					return err
+				}
 				e, err := p.Transition(ctx, plan.Name, agent.PhaseAuthorized, latest.Load(), "caught up and verified: the gate opens")
 				latest.Store(e)
 				return err
@@ -365,6 +393,12 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 		},
 	}
 	out, err := w.Run(ctx)
+	// The fenced writers were held on the drain's lock through the whole
+	// window (the CPU they would spend retrying is what the window's steps
+	// need); the gate is open, or the window failed and the lift let them
+	// go already. They fail on the fence from here, before anything (the
+	// reverse replication) writes to blue.
+	rt.forEach(func(pr *pairRT) error { pr.blueFence.Release(ctx); return nil })
 	rt.fenceStart.Store(0)
 	outageSeconds.WithLabelValues(plan.Name).Set(out.Outage.Seconds())
 	if err == nil {

@@ -136,10 +136,11 @@ func newPlanRT(ctx context.Context, d *Driver, spec config.Plan) (*planRT, error
 			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
 		}
 		log := d.log.With(zap.String("plan", spec.Name))
-		// Blue's fenced writers wait on the drain's lock until catch-up is
-		// proven instead of retrying against the fence, which on a busy
-		// server takes the CPU catch-up needs; the hold never outlives the
-		// window (the server ends it by itself if the agent goes away).
+		// Blue's fenced writers wait on the drain's lock until the gate
+		// opens instead of retrying against the fence, which on a busy
+		// server takes the CPU the window's steps need; the hold never
+		// outlives the window (the server ends it by itself if the agent
+		// goes away).
 		pr.blueFence = fpg.New(pr.bluePool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.tables, Roles: pc.FenceRoles, Hold: maxWindow(spec), Logger: log.With(zap.String("side", "blue"))})
 		pr.greenFence = fpg.New(pr.greenPool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.tables, Roles: pc.FenceRoles, Logger: log.With(zap.String("side", "green"))})
 		// Everything that can happen before the fence happens here.

@@ -30,13 +30,16 @@
 //
 // Hold (Options.Hold, what the driver uses): the drain's lock is taken by a
 // session of its own, in a transaction kept open after the marker until
-// catch-up is proven (Release), so that fenced writers queue on the lock
-// and use no CPU instead of failing and retrying. Measured with 32 writers
-// retrying every millisecond on two cores: catch-up p99 208 ms refused,
-// 26 ms held (BenchmarkOutage). The REVOKE and the lock request then go
-// out at once, and the marker follows in a second round trip. The server
-// ends the holding session by itself after Options.Hold idle, and the lock
-// also blocks writers outside the fence until the release.
+// the caller releases it (the driver: when the gate opens), so that fenced
+// writers queue on the lock and use no CPU instead of failing and
+// retrying. Measured with 32 writers retrying every millisecond on two
+// cores: catch-up p99 208 ms refused, 26 ms held (BenchmarkOutage); the
+// whole window, fence to gate open, about 125 ms released at catch-up and
+// 50 ms held to the end (agent/driver BenchmarkCutoverWindow). The REVOKE
+// and the lock request go out at once, and the marker follows in a second
+// round trip. The server ends the holding session by itself after
+// Options.Hold idle. The lock also holds back writers outside the fence:
+// HeldBreaches finds them while they wait.
 //
 // Cost: one catalog update per table and privilege holder to fence, the same
 // to unfence; no table rewrite, no restart, no connection churn. The
@@ -90,11 +93,11 @@ type Options struct {
 	// keep the tables locked. While held, fenced writers wait for the lock
 	// instead of failing, and fail (or, after Unfence, succeed) once it is
 	// released; readers are not affected. On a busy server this is what
-	// keeps catch-up short: refused writers retrying in a loop take the
-	// CPU that the replication's decoding and apply need. It also holds
-	// back writes by roles outside the fence, which breach detection
-	// then sees only after the release. Zero: the lock ends with the
-	// marker's transaction.
+	// keeps the window short: refused writers retrying in a loop take the
+	// CPU that decoding, apply, verification and Raft need. It also holds
+	// back writes by roles outside the fence: HeldBreaches lists them while
+	// they wait, so that the cutover can abort before they land. Zero: the
+	// lock ends with the marker's transaction.
 	Hold time.Duration
 }
 
@@ -779,6 +782,51 @@ func (f *Fencer) Release(ctx context.Context) {
 		releaseHold(ctx, conn)
 		f.log.Info("released the hold on the tables")
 	}
+}
+
+// HeldBreaches lists the sessions waiting on the hold to write to a table in
+// scope whose role the fence does not stop: a superuser, or a role that
+// still holds a write privilege on that table. Once released, their writes
+// would land on blue after the marker (a breach); seen now, while held, the
+// cutover can abort before any of them lands. Sessions of fenced roles
+// waiting on the hold are not listed: their writes fail once released.
+// Empty when nothing is held.
+func (f *Fencer) HeldBreaches(ctx context.Context) ([]fencing.Session, error) {
+	f.mu.Lock()
+	held := f.held != nil
+	f.mu.Unlock()
+	if !held {
+		return nil, nil
+	}
+	rows, err := f.pool.Query(ctx, `
+		SELECT a.pid, coalesce(a.usename::text, ''), coalesce(a.application_name, ''), coalesce(a.state, ''),
+		       coalesce((extract(epoch FROM now() - a.xact_start) * 1e6)::bigint, 0)
+		FROM pg_stat_activity a
+		WHERE a.backend_type = 'client backend' AND EXISTS (
+			SELECT 1 FROM pg_locks l
+			WHERE l.pid = a.pid AND NOT l.granted AND l.relation = ANY($1::oid[])
+			  AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')
+			  AND (has_table_privilege(a.usesysid, l.relation, 'INSERT') OR has_table_privilege(a.usesysid, l.relation, 'UPDATE')
+			       OR has_table_privilege(a.usesysid, l.relation, 'DELETE') OR has_table_privilege(a.usesysid, l.relation, 'TRUNCATE')))
+		ORDER BY a.pid`, f.tableOIDs)
+	if err != nil {
+		return nil, fmt.Errorf("held breaches: %w", err)
+	}
+	defer rows.Close()
+	var out []fencing.Session
+	for rows.Next() {
+		var s fencing.Session
+		var ageUS int64
+		if err := rows.Scan(&s.PID, &s.User, &s.Application, &s.State, &ageUS); err != nil {
+			return nil, fmt.Errorf("held breaches: %w", err)
+		}
+		s.XactAge = time.Duration(ageUS) * time.Microsecond
+		out = append(out, s)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("held breaches: %w", err)
+	}
+	return out, nil
 }
 
 // releaseHold rolls back the holding transaction and gives the session

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -630,5 +631,58 @@ func TestTheDrainRetriesWhenAWriterDeadlocksWithIt(t *testing.T) {
 			}
 			f.Release(ctx)
 		})
+	}
+}
+
+func TestHeldBreachesListsWaitingWritersTheFenceWouldNotStop(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	f := New(newPool(t, e.pg.DSN()), Options{Plan: "p1", Pair: "db", Tables: []string{"public.accounts", "public.history", "public.notes"}, Roles: []string{"app"}, Hold: 5 * time.Second})
+	if err := f.Prepare(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if held, err := f.HeldBreaches(ctx); err != nil || len(held) != 0 {
+		t.Fatalf("before any hold: %v, %v", held, err)
+	}
+	if _, err := f.FenceDrain(ctx, 1, 100*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	app := connect(t, e.pg.DSNFor("cutover", "app", "app-password"))
+	outsider := connect(t, e.pg.DSNFor("cutover", "outsider", "outsider-password"))
+	reporting := connect(t, e.pg.DSNFor("cutover", "reporting", "reporting-password"))
+	appWrite := startWrite(app, "UPDATE accounts SET balance = 1 WHERE id = 1")
+	outsiderWrite := startWrite(outsider, "INSERT INTO history (account, delta) VALUES (1, 1)")
+	// reporting may update notes (granted to it, outside the fence's roles).
+	reportingWrite := startWrite(reporting, "UPDATE notes SET body = 'x'")
+	for _, w := range []struct {
+		c    *pgx.Conn
+		done <-chan error
+	}{{app, appWrite}, {outsider, outsiderWrite}, {reporting, reportingWrite}} {
+		waitForLock(t, e.agent, w.c.PgConn().PID(), w.done)
+	}
+	held, err := f.HeldBreaches(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pids []uint32
+	for _, s := range held {
+		pids = append(pids, uint32(s.PID))
+	}
+	want := []uint32{outsider.PgConn().PID(), reporting.PgConn().PID()}
+	sort.Slice(want, func(i, j int) bool { return want[i] < want[j] })
+	if fmt.Sprint(pids) != fmt.Sprint(want) {
+		t.Errorf("held breaches %v (%+v), want the outsider and reporting sessions %v, not the fenced app %d", pids, held, want, app.PgConn().PID())
+	}
+	f.Release(ctx)
+	if err := result(t, appWrite); sqlState(err) != "42501" {
+		t.Errorf("the fenced write after the release: %v, want 42501", err)
+	}
+	for _, done := range []<-chan error{outsiderWrite, reportingWrite} {
+		if err := result(t, done); err != nil {
+			t.Errorf("a write outside the fence after the release: %v", err)
+		}
+	}
+	if held, err := f.HeldBreaches(ctx); err != nil || len(held) != 0 {
+		t.Errorf("after the release: %v, %v", held, err)
 	}
 }
