@@ -43,7 +43,7 @@ func BenchmarkCutoverWindow(b *testing.B) {
 	blue := integration.NewPostgres(b, integration.PostgresOptions{})
 	green := integration.NewPostgres(b, integration.PostgresOptions{})
 	rds := integration.NewRedis(b, integration.RedisOptions{})
-	core, observed := observer.New(zap.InfoLevel)
+	core, observed := observer.New(zap.DebugLevel)
 	c := newCluster(b, Options{Logger: zap.New(core)})
 
 	var outages []time.Duration
@@ -87,7 +87,7 @@ func BenchmarkCutoverWindow(b *testing.B) {
 			line += fmt.Sprintf(" %s %.1f", step, ms(took))
 		}
 		if testing.Verbose() {
-			for _, msg := range []string{"caught up", "verified in the fence"} {
+			for _, msg := range []string{"drain round trips", "caught up", "verified in the fence"} {
 				for _, e := range ofPlan.FilterMessage(msg).All() {
 					f := e.ContextMap()
 					delete(f, "plan")

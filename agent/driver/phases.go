@@ -258,6 +258,11 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	if err := rt.lagGate(ctx, 0, log); err != nil {
 		return err
 	}
+	// The fence's sessions, compiled and planned: on a cold session the
+	// first fence costs the outage 10-20 ms more under load.
+	if err := rt.forEach(func(pr *pairRT) error { return pr.blueFence.Warm(ctx) }); err != nil {
+		return err
+	}
 	rt.lagDip(ctx, log)
 	if err := rt.d.fault("before fence"); err != nil {
 		return err
@@ -671,7 +676,7 @@ func finalizePair(ctx context.Context, d *Driver, spec config.Plan, pair config.
 }
 
 func unfenceSide(ctx context.Context, d *Driver, spec config.Plan, pair config.Pair, side string, dsn config.DSN, epoch uint64) error {
-	pool, err := openPool(ctx, dsn, side)
+	pool, err := openPool(ctx, dsn, side, 6)
 	if err != nil {
 		return err
 	}

@@ -74,6 +74,9 @@ type pairRT struct {
 	tables []string
 
 	bluePool, greenPool *pgxpool.Pool
+	// fencePool is blue's fence's own: its sessions are warmed for the
+	// fence (fpg.Fencer.Warm) and never busy with other work.
+	fencePool *pgxpool.Pool
 	blueFence           *fpg.Fencer
 	greenFence          *fpg.Fencer
 
@@ -123,11 +126,11 @@ func newPlanRT(ctx context.Context, d *Driver, spec config.Plan) (*planRT, error
 		pr := &pairRT{cfg: pc, dirty: consistency.NewDirtySet(0)}
 		rt.pairs = append(rt.pairs, pr)
 		var err error
-		if pr.bluePool, err = openPool(ctx, pc.Blue.DSN, "blue"); err != nil {
+		if pr.bluePool, err = openPool(ctx, pc.Blue.DSN, "blue", 6); err != nil {
 			rt.close()
 			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
 		}
-		if pr.greenPool, err = openPool(ctx, pc.Green.DSN, "green"); err != nil {
+		if pr.greenPool, err = openPool(ctx, pc.Green.DSN, "green", 6); err != nil {
 			rt.close()
 			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
 		}
@@ -141,7 +144,11 @@ func newPlanRT(ctx context.Context, d *Driver, spec config.Plan) (*planRT, error
 		// server takes the CPU the window's steps need; the hold never
 		// outlives the window (the server ends it by itself if the agent
 		// goes away).
-		pr.blueFence = fpg.New(pr.bluePool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.tables, Roles: pc.FenceRoles, Hold: maxWindow(spec), Logger: log.With(zap.String("side", "blue"))})
+		if pr.fencePool, err = openPool(ctx, pc.Blue.DSN, "blue", 3); err != nil {
+			rt.close()
+			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
+		}
+		pr.blueFence = fpg.New(pr.fencePool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.tables, Roles: pc.FenceRoles, Hold: maxWindow(spec), Logger: log.With(zap.String("side", "blue"))})
 		pr.greenFence = fpg.New(pr.greenPool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.tables, Roles: pc.FenceRoles, Logger: log.With(zap.String("side", "green"))})
 		// Everything that can happen before the fence happens here.
 		if err := pr.blueFence.Prepare(ctx); err != nil {
@@ -156,12 +163,12 @@ func newPlanRT(ctx context.Context, d *Driver, spec config.Plan) (*planRT, error
 	return rt, nil
 }
 
-func openPool(ctx context.Context, dsn config.DSN, side string) (*pgxpool.Pool, error) {
+func openPool(ctx context.Context, dsn config.DSN, side string, maxConns int32) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(dsn.Reveal())
 	if err != nil {
 		return nil, fmt.Errorf("%s: %s", side, redact.Text(err.Error()))
 	}
-	cfg.MaxConns = 6
+	cfg.MaxConns = maxConns
 	cfg.ConnConfig.RuntimeParams["application_name"] = "cutover-driver"
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
@@ -249,7 +256,7 @@ func (rt *planRT) close() {
 			// A held session is out of the pool, and Close waits for it.
 			pr.blueFence.Release(ctx)
 		}
-		for _, p := range []*pgxpool.Pool{pr.bluePool, pr.greenPool} {
+		for _, p := range []*pgxpool.Pool{pr.bluePool, pr.greenPool, pr.fencePool} {
 			if p != nil {
 				p.Close()
 			}
