@@ -76,9 +76,9 @@ type pairRT struct {
 	bluePool, greenPool *pgxpool.Pool
 	// fencePool is blue's fence's own: its sessions are warmed for the
 	// fence (fpg.Fencer.Warm) and never busy with other work.
-	fencePool *pgxpool.Pool
-	blueFence           *fpg.Fencer
-	greenFence          *fpg.Fencer
+	fencePool  *pgxpool.Pool
+	blueFence  *fpg.Fencer
+	greenFence *fpg.Fencer
 
 	dirty *consistency.DirtySet
 	fwd   *rpg.Replicator // blue -> green
