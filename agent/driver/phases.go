@@ -258,9 +258,16 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	if err := rt.lagGate(ctx, 0, log); err != nil {
 		return err
 	}
-	// The fence's sessions, compiled and planned: on a cold session the
-	// first fence costs the outage 10-20 ms more under load.
-	if err := rt.forEach(func(pr *pairRT) error { return pr.blueFence.Warm(ctx) }); err != nil {
+	// The fence's sessions, compiled and planned (on a cold session the
+	// first fence costs the outage 10-20 ms more under load), and the
+	// sequences to sync resolved, so that the sync inside the window is one
+	// round trip per side.
+	if err := rt.forEach(func(pr *pairRT) error {
+		if err := pr.blueFence.Warm(ctx); err != nil {
+			return err
+		}
+		return pr.fwd.ResolveSequences(ctx)
+	}); err != nil {
 		return err
 	}
 	rt.lagDip(ctx, log)

@@ -3,6 +3,7 @@ package postgres
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -190,11 +191,17 @@ func TestPauseHoldsTheStreamAndResumeDrainsIt(t *testing.T) {
 }
 
 func TestSyncSequencesNeverLowersAndCompareSchemasNamesDrift(t *testing.T) {
-	e := newPairEnv(t, loadSchema+`CREATE SEQUENCE down INCREMENT -1 START 0 MINVALUE -1000000 MAXVALUE 0; CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v int);`)
+	e := newPairEnv(t, loadSchema+`CREATE SEQUENCE down INCREMENT -1 START 0 MINVALUE -1000000 MAXVALUE 0; CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v int); CREATE SEQUENCE lone;`)
 	r := e.start(t, e.options(t))
 	e.exec(t, e.blue, `INSERT INTO hist (acct, delta) SELECT 1, g FROM generate_series(1, 50) g; SELECT nextval('down') FROM generate_series(1, 10); INSERT INTO ident (v) SELECT g FROM generate_series(1, 5) g`)
+	// Set but not called: blue hands out 500 next, which green must too.
+	e.exec(t, e.blue, `SELECT setval('lone', 500, false)`)
 	e.exec(t, e.green, `SELECT setval('ident_id_seq', 1000)`) // green ahead: must stay
 	e.sync(t, r)
+	// Resolved before the outage, as the driver does.
+	if err := r.ResolveSequences(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	res, err := r.SyncSequencesReport(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -212,6 +219,9 @@ func TestSyncSequencesNeverLowersAndCompareSchemasNamesDrift(t *testing.T) {
 	if s := got["public.ident_id_seq"]; s.Set || s.Green != 1001 {
 		t.Errorf("ident_id_seq (green ahead): %+v", s)
 	}
+	if s := got["public.lone"]; !s.Set || s.Blue != 500 {
+		t.Errorf("lone (set, not called): %+v", s)
+	}
 	ctx := context.Background()
 	conn, err := pgx.Connect(ctx, e.green.DSN())
 	if err != nil {
@@ -222,8 +232,19 @@ func TestSyncSequencesNeverLowersAndCompareSchemasNamesDrift(t *testing.T) {
 	if err := conn.QueryRow(ctx, `SELECT nextval('hist_id_seq')`).Scan(&next); err != nil || next != 51 {
 		t.Errorf("green's hist_id_seq hands out %d (%v), want 51", next, err)
 	}
+	if err := conn.QueryRow(ctx, `SELECT nextval('lone')`).Scan(&next); err != nil || next != 500 {
+		t.Errorf("green's lone hands out %d (%v), want 500", next, err)
+	}
 	if err := r.SyncSequences(ctx); err != nil { // idempotent
 		t.Fatal(err)
+	}
+	e.exec(t, e.green, `DROP SEQUENCE lone`)
+	if err := r.SyncSequences(ctx); err == nil || !strings.Contains(err.Error(), "green lacks sequence(s) public.lone") {
+		t.Errorf("a sequence missing on green: err = %v", err)
+	}
+	e.exec(t, e.blue, `DROP SEQUENCE lone`)
+	if err := r.SyncSequences(ctx); err != nil { // dropped on blue since resolved: skipped
+		t.Errorf("a sequence dropped on blue since it was resolved: %v", err)
 	}
 
 	diffs, err := r.CompareSchemas(ctx)

@@ -170,6 +170,9 @@ type Replicator struct {
 
 	paused   atomic.Bool
 	resumeMu sync.Mutex
+	// seqs are the sequences in scope, once ResolveSequences has run.
+	seqMu    sync.Mutex
+	seqs     []sequence
 	resumeCh chan struct{}
 
 	appliedEnd    atomic.Uint64 // pglogrepl.LSN of the last applied transaction end

@@ -30,7 +30,65 @@ CREATE TABLE IF NOT EXISTS cutover.markers (
 	plan       text        NOT NULL,
 	epoch      bigint      NOT NULL,
 	written_at timestamptz NOT NULL DEFAULT now()
-);`
+);
+-- read_sequences and sync_sequences sync sequences at cutover (the stream
+-- does not carry them) in one round trip per side, however many there
+-- are: the sync runs inside the write outage. A name that does not
+-- resolve comes back with present false.
+CREATE OR REPLACE FUNCTION cutover.read_sequences(p_names text[])
+RETURNS TABLE (name text, present boolean, last_value bigint, is_called boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+	r regclass;
+BEGIN
+	FOREACH name IN ARRAY p_names LOOP
+		r := to_regclass(name);
+		present := r IS NOT NULL;
+		last_value := NULL;
+		is_called := NULL;
+		IF present THEN
+			EXECUTE format('SELECT last_value, is_called FROM %s', r) INTO last_value, is_called;
+		END IF;
+		RETURN NEXT;
+	END LOOP;
+END
+$$;
+-- sync_sequences moves each sequence forward to the source's state (last
+-- value, is_called) unless it is already there or beyond; it never moves
+-- one backwards (the target may have handed out values of its own).
+-- next_before is the value it would have handed out before.
+CREATE OR REPLACE FUNCTION cutover.sync_sequences(p_names text[], p_last bigint[], p_called boolean[], p_inc bigint[])
+RETURNS TABLE (name text, present boolean, next_before bigint, moved boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+	r regclass;
+	v_last bigint;
+	v_called boolean;
+	v_source_next bigint;
+BEGIN
+	-- LOCK TABLE refuses sequences (42809): an advisory lock keeps two
+	-- syncs from racing each other. Nothing else calls setval before the
+	-- flip.
+	PERFORM pg_advisory_xact_lock(hashtext('cutover.sequence_sync'), 0);
+	FOR i IN 1 .. coalesce(array_length(p_names, 1), 0) LOOP
+		name := p_names[i];
+		r := to_regclass(name);
+		present := r IS NOT NULL;
+		next_before := NULL;
+		moved := false;
+		IF present THEN
+			EXECUTE format('SELECT last_value, is_called FROM %s', r) INTO v_last, v_called;
+			next_before := CASE WHEN v_called THEN v_last + p_inc[i] ELSE v_last END;
+			v_source_next := CASE WHEN p_called[i] THEN p_last[i] + p_inc[i] ELSE p_last[i] END;
+			IF (p_inc[i] > 0 AND next_before < v_source_next) OR (p_inc[i] < 0 AND next_before > v_source_next) THEN
+				PERFORM setval(r, p_last[i], p_called[i]);
+				moved := true;
+			END IF;
+		END IF;
+		RETURN NEXT;
+	END LOOP;
+END
+$$;`
 
 // targetSchemaSQL is run on green.
 const targetSchemaSQL = sourceSchemaSQL + `

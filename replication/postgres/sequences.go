@@ -84,17 +84,22 @@ func scopedSequences(ctx context.Context, blue *pgxpool.Pool, scope config.Scope
 	return out, rows.Err()
 }
 
-// readSequence returns the next value the sequence would hand out.
-func readSequence(ctx context.Context, q queryer, s sequence) (next, last int64, called bool, err error) {
-	err = q.QueryRow(ctx, `SELECT last_value, is_called FROM `+s.name.Quoted()).Scan(&last, &called)
+// ResolveSequences finds the sequences in scope on blue now, so that a
+// SyncSequences inside the write outage does not spend its catalog
+// queries there. The drift check before the fence has run by then, so the
+// set holds; a sequence dropped since is skipped.
+func (r *Replicator) ResolveSequences(ctx context.Context) error {
+	if r.blue == nil {
+		return fmt.Errorf("resolve sequences: replicator not started")
+	}
+	seqs, err := scopedSequences(ctx, r.blue, r.opts.Pair.Scope)
 	if err != nil {
-		return 0, 0, false, err
+		return err
 	}
-	next = last
-	if called {
-		next = last + s.increment
-	}
-	return next, last, called, nil
+	r.seqMu.Lock()
+	r.seqs = seqs
+	r.seqMu.Unlock()
+	return nil
 }
 
 // SyncSequences sets every sequence in scope on green to at least blue's
@@ -105,60 +110,100 @@ func (r *Replicator) SyncSequences(ctx context.Context) error {
 	return err
 }
 
-// SyncSequencesReport is SyncSequences, saying what it did.
+// SyncSequencesReport is SyncSequences, saying what it did. It costs one
+// round trip to each side whatever the number of sequences (plus the
+// catalog queries of ResolveSequences, unless that ran before).
 func (r *Replicator) SyncSequencesReport(ctx context.Context) ([]SequenceSync, error) {
 	if r.blue == nil || r.green == nil {
 		return nil, fmt.Errorf("sync sequences: replicator not started")
 	}
-	seqs, err := scopedSequences(ctx, r.blue, r.opts.Pair.Scope)
-	if err != nil {
-		return nil, err
+	r.seqMu.Lock()
+	seqs := r.seqs
+	r.seqMu.Unlock()
+	if seqs == nil {
+		var err error
+		if seqs, err = scopedSequences(ctx, r.blue, r.opts.Pair.Scope); err != nil {
+			return nil, err
+		}
 	}
-	var out []SequenceSync
+	if len(seqs) == 0 {
+		return nil, nil
+	}
+	byName := make(map[string]sequence, len(seqs))
+	names := make([]string, len(seqs))
+	for i, s := range seqs {
+		names[i] = s.name.Quoted()
+		byName[names[i]] = s
+	}
+	rows, err := r.blue.Query(ctx, `SELECT name, present, last_value, is_called FROM cutover.read_sequences($1::text[])`, pgx.QueryExecModeSimpleProtocol, names)
+	if err != nil {
+		return nil, fmt.Errorf("blue: read sequences: %w", err)
+	}
+	var (
+		syncNames []string
+		lasts     []int64
+		calleds   []bool
+		incs      []int64
+		out       []SequenceSync
+	)
+	blueNext := map[string]int64{}
+	for rows.Next() {
+		var name string
+		var present bool
+		var last *int64
+		var called *bool
+		if err := rows.Scan(&name, &present, &last, &called); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("blue: read sequences: %w", err)
+		}
+		if !present || last == nil || called == nil {
+			continue // dropped since it was resolved: nothing to sync
+		}
+		s := byName[name]
+		next := *last
+		if *called {
+			next += s.increment
+		}
+		blueNext[name] = next
+		syncNames = append(syncNames, name)
+		lasts = append(lasts, *last)
+		calleds = append(calleds, *called)
+		incs = append(incs, s.increment)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("blue: read sequences: %w", err)
+	}
+	rows, err = r.green.Query(ctx, `SELECT name, present, next_before, moved FROM cutover.sync_sequences($1::text[], $2::bigint[], $3::boolean[], $4::bigint[])`,
+		pgx.QueryExecModeSimpleProtocol, syncNames, lasts, calleds, incs)
+	if err != nil {
+		return nil, fmt.Errorf("green: sync sequences: %w", err)
+	}
 	var missing []string
-	for _, s := range seqs {
-		bnext, blast, bcalled, err := readSequence(ctx, r.blue, s)
-		if err != nil {
-			return out, fmt.Errorf("blue: read sequence %s: %w", s.name, err)
+	for rows.Next() {
+		var name string
+		var present, moved bool
+		var before *int64
+		if err := rows.Scan(&name, &present, &before, &moved); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("green: sync sequences: %w", err)
 		}
-		res := SequenceSync{Sequence: s.name, Blue: bnext}
-		err = pgx.BeginFunc(ctx, r.green, func(tx pgx.Tx) error {
-			// LOCK TABLE refuses sequences (42809), so a transaction-scoped
-			// advisory lock keeps two syncs from racing each other. Nothing
-			// else calls setval on green before the flip.
-			if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtext('cutover.sequence_sync'), hashtext($1))`, s.name.String()); err != nil {
-				return err
-			}
-			gnext, _, _, err := readSequence(ctx, tx, s)
-			if err != nil {
-				return err
-			}
-			res.Green = gnext
-			behind := gnext < bnext
-			if s.increment < 0 {
-				behind = gnext > bnext
-			}
-			if !behind {
-				return nil
-			}
-			if _, err := tx.Exec(ctx, `SELECT setval($1::regclass, $2, $3)`, s.name.Quoted(), blast, bcalled); err != nil {
-				return err
-			}
-			res.Set = true
-			res.Green = bnext
-			return nil
-		})
-		if err != nil {
-			if undefinedTable(err) {
-				missing = append(missing, s.name.String())
-				continue
-			}
-			return out, fmt.Errorf("green: sync sequence %s: %w", s.name, err)
+		s := byName[name]
+		if !present {
+			missing = append(missing, s.name.String())
+			continue
 		}
-		if res.Set {
+		res := SequenceSync{Sequence: s.name, Blue: blueNext[name], Set: moved}
+		if before != nil {
+			res.Green = *before
+		}
+		if moved {
+			res.Green = res.Blue
 			r.log.Info("sequence synced", zap.Stringer("sequence", s.name), zap.Int64("next", res.Green))
 		}
 		out = append(out, res)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("green: sync sequences: %w", err)
 	}
 	if len(missing) > 0 {
 		return out, fmt.Errorf("green lacks sequence(s) %s that blue's tables in scope use", strings.Join(missing, ", "))
