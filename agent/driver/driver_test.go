@@ -336,7 +336,16 @@ func TestAFailingHealthCheckAfterTheFlipRollsBackAutomatically(t *testing.T) {
 	defer srv.Close()
 	s.spec.Rollback = config.Rollback{Window: config.Duration(time.Hour), Watch: config.Duration(time.Minute), Interval: config.Duration(100 * time.Millisecond), Failures: 3,
 		Checks: []config.HealthCheck{{Type: "http", URL: srv.URL, MaxLatency: config.Duration(time.Second)}}}
-	c := newCluster(t, Options{})
+	// The first attempt's catch-up outlasts max_fence_window: green must be
+	// unfenced within the window (traffic stays on green) and the next
+	// attempt completes the rollback.
+	var slowed atomic.Bool
+	c := newCluster(t, Options{Fault: func(point string) error {
+		if point == "before rollback catch-up" && slowed.CompareAndSwap(false, true) {
+			time.Sleep(s.spec.Fence.MaxFenceWindow.D() + time.Second)
+		}
+		return nil
+	}})
 	l := load.Start(ctx, load.Options{Run: "auto", Target: s.appDSN, Writers: 2, Accounts: 300, Think: 5 * time.Millisecond})
 	createAndStartWithHealth(t, c, s.spec, srv.URL)
 	p := waitPhase(t, c, "shop", 90*time.Second, agent.PhaseRolledBack, agent.PhaseAborted, agent.PhaseDone)
@@ -358,11 +367,32 @@ func TestAFailingHealthCheckAfterTheFlipRollsBackAutomatically(t *testing.T) {
 		t.Fatal(err)
 	}
 	found := false
+	var failedAt, rolledBackAt time.Time
 	for _, e := range audit {
 		found = found || (e.To == agent.PhaseRollingBack && strings.Contains(e.Reason, "automatic rollback"))
+		if strings.Contains(e.Detail, "rollback window failed") && strings.Contains(e.Detail, "fence window exceeded") && strings.Contains(e.Detail, "green unfenced: true") {
+			failedAt = e.At
+		}
+		if e.To == agent.PhaseRolledBack {
+			rolledBackAt = e.At
+		}
 	}
 	if !found {
 		t.Error("the audit log does not say the rollback was automatic")
+	}
+	if failedAt.IsZero() {
+		t.Fatalf("the audit log does not show the rollback attempt that outlasted the window: %+v", audit)
+	}
+	// Between the failed attempt and the rollback, the application wrote
+	// on green: the failed window lifted green's fence.
+	onGreen := 0
+	for _, r := range receipts {
+		if strings.Contains(r.DSN, fmt.Sprint(s.green.Port)) && r.At.After(failedAt) && r.At.Before(rolledBackAt) {
+			onGreen++
+		}
+	}
+	if onGreen == 0 {
+		t.Errorf("no write acknowledged on green between the failed rollback attempt (%s) and the rollback (%s)", failedAt, rolledBackAt)
 	}
 }
 

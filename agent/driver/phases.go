@@ -381,17 +381,7 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 				// Writers held since the drain that the fence would not
 				// stop (roles outside it) would land on blue once the hold
 				// is released: a breach, caught before it lands.
-				err := rt.forEach(func(pr *pairRT) error {
-					held, err := pr.blueFence.HeldBreaches(ctx)
-					if err != nil {
-						return err
-					}
-					if len(held) > 0 {
-						s := held[0]
-						return fmt.Errorf("%w: %d session(s) of roles outside the fence wait to write on blue of %s, first pid %d user %s application %q; add their roles to fence_roles", errBreach, len(held), pr.cfg.Name, s.PID, s.User, s.Application)
-					}
-					return nil
-				})
+				err := rt.forEach(func(pr *pairRT) error { return heldBreachCheck(ctx, pr.blueFence, "blue", pr.cfg.Name) })
 				if err != nil {
 					return err
 				}
@@ -427,13 +417,31 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 // breachCheck fails when the stream carried an application change after
 // the fence marker: a write got past the fence.
 func breachCheck(pr *pairRT) error {
-	changes, complete := pr.fwd.ChangesAfter(pr.markerLSN)
+	return breachCheckOn(pr.fwd, pr.markerLSN)
+}
+
+func breachCheckOn(r *rpg.Replicator, markerLSN pglogrepl.LSN) error {
+	changes, complete := r.ChangesAfter(markerLSN)
 	if len(changes) > 0 {
 		c := changes[0]
 		return fmt.Errorf("%w: %d application change(s) after the fence marker, first %s on %s key %v at %s", errBreach, len(changes), c.Kind, c.Table, c.Key, c.Position)
 	}
 	if !complete {
 		return fmt.Errorf("%w: cannot tell: changes after the marker were not all recorded", errBreach)
+	}
+	return nil
+}
+
+// heldBreachCheck fails when writers of roles outside the fence wait on
+// the hold of the side's fence.
+func heldBreachCheck(ctx context.Context, f *fpg.Fencer, side, pair string) error {
+	held, err := f.HeldBreaches(ctx)
+	if err != nil {
+		return err
+	}
+	if len(held) > 0 {
+		s := held[0]
+		return fmt.Errorf("%w: %d session(s) of roles outside the fence wait to write on %s of %s, first pid %d user %s application %q; add their roles to fence_roles", errBreach, len(held), side, pair, s.PID, s.User, s.Application)
 	}
 	return nil
 }
@@ -623,6 +631,12 @@ func healthChecks(cs []config.HealthCheck) []health.Check {
 
 // rollback: fence green, prove through the reverse stream that blue has
 // every write green acknowledged, flip back, unfence blue.
+//
+// The way back has the same bounded outage as the way forward: fence,
+// drain, catch-up through the reverse stream, sequences and the held
+// breach check run in a fencing.Window of max_fence_window. When it fails,
+// green is unfenced (traffic stays on green, nothing is lost), the failed
+// attempt is audited, and the driver tries again later.
 func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
 	epoch, err := p.Intent(ctx, plan.Name, "rollback", plan.Epoch)
 	if err != nil {
@@ -633,23 +647,66 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 			return err
 		}
 	}
-	grace := rt.spec.Fence.DrainGrace.D()
-	err = rt.forEach(func(pr *pairRT) error {
-		if err := pr.greenFence.Fence(ctx, epoch); err != nil {
+	if err := rt.forEach(func(pr *pairRT) error {
+		if err := pr.greenFence.Warm(ctx); err != nil {
 			return err
 		}
-		d, err := pr.greenFence.Drain(ctx, epoch, grace)
-		if err != nil {
-			return err
-		}
-		if _, err := pr.rev.WaitMarker(ctx, d.Marker.Nonce); err != nil {
-			return err
-		}
-		return pr.rev.SyncSequences(ctx)
-	})
-	if err != nil {
+		return pr.rev.ResolveSequences(ctx)
+	}); err != nil {
 		return err
 	}
+	grace := rt.spec.Fence.DrainGrace.D()
+	markers := make([]fencing.Marker, len(rt.pairs))
+	w := fencing.Window{
+		Max: maxWindow(rt.spec),
+		Fence: func(ctx context.Context) error {
+			return rt.forEachIndexed(func(i int, pr *pairRT) error {
+				d, err := pr.greenFence.FenceDrain(ctx, epoch, grace)
+				markers[i] = d.Marker
+				return err
+			})
+		},
+		Lift: func(ctx context.Context) error {
+			return rt.forEach(func(pr *pairRT) error { return pr.greenFence.Unfence(ctx, epoch) })
+		},
+		Steps: []fencing.Step{
+			{Name: "catch_up", Run: func(ctx context.Context) error {
+				if err := rt.d.fault("before rollback catch-up"); err != nil {
+					return err
+				}
+				return rt.forEachIndexed(func(i int, pr *pairRT) error {
+					synced := make(chan error, 1)
+					go func() { synced <- pr.rev.SyncSequences(ctx) }()
+					lsn, err := pr.rev.WaitMarker(ctx, markers[i].Nonce)
+					if err == nil {
+						err = breachCheckOn(pr.rev, lsn)
+					}
+					if serr := <-synced; err == nil && serr != nil {
+						err = fmt.Errorf("sync sequences: %w", serr)
+					}
+					return err
+				})
+			}},
+			{Name: "held_writers", Run: func(ctx context.Context) error {
+				return rt.forEach(func(pr *pairRT) error { return heldBreachCheck(ctx, pr.greenFence, "green", pr.cfg.Name) })
+			}},
+		},
+		OnStep: func(name string, took time.Duration, err error) {
+			log.Info("rollback window step", zap.String("step", name), zap.Duration("took", took), zap.Error(err))
+		},
+	}
+	out, err := w.Run(ctx)
+	if err != nil {
+		rt.forEach(func(pr *pairRT) error { pr.greenFence.Release(ctx); return nil })
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		detail := fmt.Sprintf("rollback window failed after %s (green unfenced: %v), traffic stays on green; will try again: %v", out.Outage.Round(time.Millisecond), out.Lifted, err)
+		log.Warn("rollback attempt failed", zap.String("detail", detail))
+		p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: false, Detail: detail})
+		return errors.New(detail)
+	}
+	log.Info("rollback caught up", zap.Duration("outage_so_far", out.Outage))
 	targets, err := buildTargets(rt.spec)
 	if err != nil {
 		return err
@@ -661,6 +718,8 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 	if err := rt.forEach(func(pr *pairRT) error { return pr.blueFence.Unfence(ctx, epoch) }); err != nil {
 		return err
 	}
+	// Green's writers, held since the drain, now fail on its fence.
+	rt.forEach(func(pr *pairRT) error { pr.greenFence.Release(ctx); return nil })
 	return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseRolledBack, Detail: "traffic back on blue; nothing written on green is lost", Reason: "rolled back", Facts: map[string]string{"route": "blue", "rolled_back_at": f.At.Format(time.RFC3339Nano)}})
 }
 

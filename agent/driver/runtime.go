@@ -74,11 +74,11 @@ type pairRT struct {
 	tables []string
 
 	bluePool, greenPool *pgxpool.Pool
-	// fencePool is blue's fence's own: its sessions are warmed for the
-	// fence (fpg.Fencer.Warm) and never busy with other work.
-	fencePool  *pgxpool.Pool
-	blueFence  *fpg.Fencer
-	greenFence *fpg.Fencer
+	// The fences' own pools: their sessions are warmed for the fence
+	// (fpg.Fencer.Warm) and never busy with other work.
+	blueFencePool, greenFencePool *pgxpool.Pool
+	blueFence                     *fpg.Fencer
+	greenFence                    *fpg.Fencer
 
 	dirty *consistency.DirtySet
 	fwd   *rpg.Replicator // blue -> green
@@ -144,12 +144,17 @@ func newPlanRT(ctx context.Context, d *Driver, spec config.Plan) (*planRT, error
 		// server takes the CPU the window's steps need; the hold never
 		// outlives the window (the server ends it by itself if the agent
 		// goes away).
-		if pr.fencePool, err = openPool(ctx, pc.Blue.DSN, "blue", 3); err != nil {
+		if pr.blueFencePool, err = openPool(ctx, pc.Blue.DSN, "blue", 3); err != nil {
 			rt.close()
 			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
 		}
-		pr.blueFence = fpg.New(pr.fencePool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.tables, Roles: pc.FenceRoles, Hold: maxWindow(spec), Logger: log.With(zap.String("side", "blue"))})
-		pr.greenFence = fpg.New(pr.greenPool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.tables, Roles: pc.FenceRoles, Logger: log.With(zap.String("side", "green"))})
+		if pr.greenFencePool, err = openPool(ctx, pc.Green.DSN, "green", 3); err != nil {
+			rt.close()
+			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
+		}
+		pr.blueFence = fpg.New(pr.blueFencePool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.tables, Roles: pc.FenceRoles, Hold: maxWindow(spec), Logger: log.With(zap.String("side", "blue"))})
+		// Green's, the same for the way back (rollback).
+		pr.greenFence = fpg.New(pr.greenFencePool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.tables, Roles: pc.FenceRoles, Hold: maxWindow(spec), Logger: log.With(zap.String("side", "green"))})
 		// Everything that can happen before the fence happens here.
 		if err := pr.blueFence.Prepare(ctx); err != nil {
 			rt.close()
@@ -252,11 +257,13 @@ func (rt *planRT) close() {
 				r.Stop(ctx)
 			}
 		}
-		if pr.blueFence != nil {
-			// A held session is out of the pool, and Close waits for it.
-			pr.blueFence.Release(ctx)
+		// A held session is out of its pool, and Close waits for it.
+		for _, f := range []*fpg.Fencer{pr.blueFence, pr.greenFence} {
+			if f != nil {
+				f.Release(ctx)
+			}
 		}
-		for _, p := range []*pgxpool.Pool{pr.bluePool, pr.greenPool, pr.fencePool} {
+		for _, p := range []*pgxpool.Pool{pr.bluePool, pr.greenPool, pr.blueFencePool, pr.greenFencePool} {
 			if p != nil {
 				p.Close()
 			}
@@ -336,13 +343,18 @@ func (rt *planRT) ensureReverse(ctx context.Context, pr *pairRT, epoch uint64) e
 
 // forEach runs fn for every pair at once and joins the errors.
 func (rt *planRT) forEach(fn func(pr *pairRT) error) error {
+	return rt.forEachIndexed(func(_ int, pr *pairRT) error { return fn(pr) })
+}
+
+// forEachIndexed is forEach, telling fn the pair's index in rt.pairs.
+func (rt *planRT) forEachIndexed(fn func(i int, pr *pairRT) error) error {
 	errs := make([]error, len(rt.pairs))
 	var wg sync.WaitGroup
 	for i, pr := range rt.pairs {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := fn(pr); err != nil {
+			if err := fn(i, pr); err != nil {
 				errs[i] = fmt.Errorf("pair %s: %w", pr.cfg.Name, err)
 			}
 		}()
