@@ -236,9 +236,21 @@ func aWriteSneakedPastTheFenceIsCaught(t *testing.T, hold bool) {
 }
 
 func TestMaxFenceWindowExceededUnfencesAndAborts(t *testing.T) {
+	t.Run("refused", func(t *testing.T) { maxFenceWindowExceeded(t, false) })
+	t.Run("held", func(t *testing.T) { maxFenceWindowExceeded(t, true) })
+}
+
+// maxFenceWindowExceeded: with hold, a writer waiting on the hold when the
+// window runs out goes on once the fence is lifted.
+func maxFenceWindowExceeded(t *testing.T, hold bool) {
 	ctx := context.Background()
 	e := newPairEnv(t, 100)
+	if hold {
+		e.fencer.opts.Hold = 10 * time.Second
+	}
 	before := privileges(t, e.fencer.pool)
+	waiting := connect(t, e.appDSN)
+	written := make(chan error, 1)
 	const max = 500 * time.Millisecond
 	w := fencing.Window{
 		Max:   max,
@@ -251,6 +263,12 @@ func TestMaxFenceWindowExceededUnfencesAndAborts(t *testing.T) {
 			d, err := e.fencer.Drain(ctx, 2, 100*time.Millisecond)
 			if err != nil {
 				return err
+			}
+			if hold {
+				go func() {
+					_, err := waiting.Exec(context.Background(), "UPDATE load_accounts SET balance = 2 WHERE id = 2")
+					written <- err
+				}()
 			}
 			_, err = e.repl.WaitMarker(ctx, d.Marker.Nonce)
 			return err
@@ -271,6 +289,11 @@ func TestMaxFenceWindowExceededUnfencesAndAborts(t *testing.T) {
 	app := connect(t, e.appDSN)
 	if _, err := app.Exec(ctx, "UPDATE load_accounts SET balance = 1 WHERE id = 1"); err != nil {
 		t.Errorf("application write after the abort: %v", err)
+	}
+	if hold {
+		if err := result(t, written); err != nil {
+			t.Errorf("the write held when the window ran out: %v", err)
+		}
 	}
 }
 

@@ -133,13 +133,21 @@ func TestBreachLogKeepsChangesAfterTheFirstMarker(t *testing.T) {
 	if _, complete := l.after(10); complete {
 		t.Error("after(10) claims to be complete before the first marker")
 	}
-	l.add(50, c, 3)
-	l.add(60, c, 3) // drops the change at 30
+	for _, end := range []pglogrepl.LSN{50, 60, 70, 80} {
+		l.add(end, c, 3)
+	}
+	if got, complete := l.after(20); len(got) != 6 || !complete {
+		t.Errorf("up to twice the bound, nothing is dropped: %d, complete %v", len(got), complete)
+	}
+	l.add(90, c, 3) // over twice the bound: back to the newest 3 (70, 80, 90)
 	if got, complete := l.after(20); len(got) != 3 || complete {
 		t.Errorf("after overflow: %d, complete %v", len(got), complete)
 	}
-	if got, complete := l.after(30); len(got) != 3 || !complete {
-		t.Errorf("after(30): %d, complete %v", len(got), complete)
+	if got, complete := l.after(60); len(got) != 3 || !complete {
+		t.Errorf("after(60): %d, complete %v", len(got), complete)
+	}
+	if got, _ := l.after(75); len(got) != 2 {
+		t.Errorf("after(75): %d changes, want 2", len(got))
 	}
 }
 
@@ -166,5 +174,21 @@ func TestHeartbeatDelayIsTimeSinceGreenWasCurrent(t *testing.T) {
 	h.wrote(3, t0) // the write's reply arrived after it was applied
 	if d := h.delay(t0.Add(time.Second)); d != 0 {
 		t.Errorf("late reply counted: %s", d)
+	}
+}
+
+// BenchmarkBreachLogAdd is the cost of recording one applied change after
+// a marker, with the log full at the default bound (afterCommit does it
+// for every change, holding the mutex that Lag and Status take).
+func BenchmarkBreachLogAdd(b *testing.B) {
+	var l breachLog
+	l.marker(1)
+	c := replication.Change{Table: "public.t", Key: []string{"42"}, Position: "0/1"}
+	for i := 0; i < 10000; i++ {
+		l.add(pglogrepl.LSN(i+2), c, 10000)
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		l.add(pglogrepl.LSN(i+20000), c, 10000)
 	}
 }

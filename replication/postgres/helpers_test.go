@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"slices"
@@ -90,17 +91,37 @@ func (e *pairEnv) exec(t testing.TB, s *integration.Postgres, sql string, args .
 }
 
 // sync writes a marker on blue and waits until green has applied it.
+//
+// A backlog left by a load on a starved machine (the race detector, other
+// packages' tests beside) can take long to apply: it waits as long as green
+// keeps applying, and fails after 60 s without progress (a stall) or 5 min
+// in all.
 func (e *pairEnv) sync(t testing.TB, r *Replicator) pglogrepl.LSN {
 	t.Helper()
 	nonce := randomNonce()
 	e.exec(t, e.blue, `INSERT INTO cutover.markers (nonce, plan, epoch) VALUES ($1, $2, 1)`, nonce, e.plan)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	lsn, err := r.WaitMarker(ctx, nonce)
-	if err != nil {
-		t.Fatalf("wait marker: %v (replicator err: %v)", err, r.Err())
+	start := time.Now()
+	progressAt, applied := start, r.Applied()
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		lsn, err := r.WaitMarker(ctx, nonce)
+		cancel()
+		if err == nil {
+			if took := time.Since(start); took > 5*time.Second {
+				t.Logf("green took %s to apply the backlog", took.Round(time.Millisecond))
+			}
+			return lsn
+		}
+		if !errors.Is(err, context.DeadlineExceeded) || r.Err() != nil {
+			t.Fatalf("wait marker: %v (replicator err: %v)", err, r.Err())
+		}
+		if now := r.Applied(); now > applied {
+			progressAt, applied = time.Now(), now
+		}
+		if time.Since(progressAt) > 60*time.Second || time.Since(start) > 5*time.Minute {
+			t.Fatalf("wait marker: green applied nothing for %s (at %s after %s; status %+v)", time.Since(progressAt).Round(time.Second), applied, time.Since(start).Round(time.Second), r.Status())
+		}
 	}
-	return lsn
 }
 
 func randomNonce() string {
