@@ -258,16 +258,7 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	if err := rt.lagGate(ctx, 0, log); err != nil {
 		return err
 	}
-	// The fence's sessions, compiled and planned (on a cold session the
-	// first fence costs the outage 10-20 ms more under load), and the
-	// sequences to sync resolved, so that the sync inside the window is one
-	// round trip per side.
-	if err := rt.forEach(func(pr *pairRT) error {
-		if err := pr.blueFence.Warm(ctx); err != nil {
-			return err
-		}
-		return pr.fwd.ResolveSequences(ctx)
-	}); err != nil {
+	if err := rt.readyWindow(ctx, func(pr *pairRT) (*fpg.Fencer, *rpg.Replicator) { return pr.blueFence, pr.fwd }); err != nil {
 		return err
 	}
 	rt.lagDip(ctx, log)
@@ -412,6 +403,21 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	}
 	reason := fmt.Sprintf("cutover window failed after %s (fence lifted: %v): %v", out.Outage.Round(time.Millisecond), out.Lifted, err)
 	return rt.abort(ctx, plan.Name, p, latest.Load(), reason)
+}
+
+// readyWindow does, right before a window and outside it, what would
+// otherwise cost the outage: the fence's sessions compiled and planned (on
+// a cold session the first fence costs 10-20 ms more under load), and the
+// sequences to sync resolved, so that the sync inside the window is one
+// round trip per side. sides picks each pair's fence and stream.
+func (rt *planRT) readyWindow(ctx context.Context, sides func(pr *pairRT) (*fpg.Fencer, *rpg.Replicator)) error {
+	return rt.forEach(func(pr *pairRT) error {
+		f, r := sides(pr)
+		if err := f.Warm(ctx); err != nil {
+			return err
+		}
+		return r.ResolveSequences(ctx)
+	})
 }
 
 // breachCheck fails when the stream carried an application change after
@@ -647,12 +653,7 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 			return err
 		}
 	}
-	if err := rt.forEach(func(pr *pairRT) error {
-		if err := pr.greenFence.Warm(ctx); err != nil {
-			return err
-		}
-		return pr.rev.ResolveSequences(ctx)
-	}); err != nil {
+	if err := rt.readyWindow(ctx, func(pr *pairRT) (*fpg.Fencer, *rpg.Replicator) { return pr.greenFence, pr.rev }); err != nil {
 		return err
 	}
 	grace := rt.spec.Fence.DrainGrace.D()
