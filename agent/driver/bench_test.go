@@ -87,7 +87,7 @@ func BenchmarkCutoverWindow(b *testing.B) {
 			line += fmt.Sprintf(" %s %.1f", step, ms(took))
 		}
 		if testing.Verbose() {
-			for _, msg := range []string{"drain round trips", "caught up", "verified in the fence"} {
+			for _, msg := range []string{"drain round trips", "caught up", "verified in the fence", "traffic flipped"} {
 				for _, e := range ofPlan.FilterMessage(msg).All() {
 					f := e.ContextMap()
 					delete(f, "plan")

@@ -280,7 +280,9 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 		// (FenceDrain): on a busy server every round trip inside the
 		// outage costs milliseconds while refused writers pile up.
 		Fence: func(ctx context.Context) error {
-			rt.fenceStart.Store(time.Now().UnixNano())
+			now := time.Now().UnixNano()
+			rt.fenceStart.Store(now)
+			rt.lastFenceStart.Store(now)
 			return rt.forEach(func(pr *pairRT) error {
 				d, err := pr.blueFence.FenceDrain(ctx, epoch, grace)
 				pr.marker = d.Marker
@@ -496,6 +498,7 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 	if err := rt.d.fault("before flip"); err != nil {
 		return err
 	}
+	began := time.Now()
 	// Reverse replication starts while green is still fenced, so that it
 	// begins exactly where blue and green are equal.
 	for _, pr := range rt.pairs {
@@ -503,6 +506,7 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 			return err
 		}
 	}
+	reverseReady := time.Since(began)
 	targets, err := buildTargets(rt.spec)
 	if err != nil {
 		return err
@@ -516,6 +520,7 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 	if err := rt.forEach(func(pr *pairRT) error { return pr.greenFence.Unfence(ctx, epoch) }); err != nil {
 		return err
 	}
+	greenUnfenced := time.Since(began)
 	outcomes, err := flipWithRetry(ctx, targets, f, log)
 	if err != nil && !anyOK(outcomes) && !errors.Is(err, target.ErrStaleEpoch) && ctx.Err() == nil {
 		// Nothing flipped: close green again and abort cleanly.
@@ -525,6 +530,13 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 	if err != nil {
 		return err
 	}
+	fields := []zap.Field{zap.Duration("reverse_ready_after", reverseReady), zap.Duration("green_unfenced_after", greenUnfenced), zap.Duration("targets_flipped_after", time.Since(began))}
+	if at := rt.lastFenceStart.Load(); at != 0 {
+		// The application's whole write outage: from the fence on blue
+		// to traffic on a writable green.
+		fields = append(fields, zap.Duration("write_outage", time.Since(time.Unix(0, at))))
+	}
+	log.Info("traffic flipped", fields...)
 	if err := rt.d.fault("after flip"); err != nil {
 		return err
 	}

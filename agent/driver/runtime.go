@@ -33,6 +33,10 @@ type planRT struct {
 	// fenceStart is when the current cutover window's fence began (unix
 	// nanoseconds), 0 when no window runs.
 	fenceStart atomic.Int64
+	// lastFenceStart is when this term's last window began (0: none), so
+	// that the flip can tell the whole write outage: fence to traffic on
+	// green.
+	lastFenceStart atomic.Int64
 
 	// Background work of the switched phase (health watch, window timer);
 	// bgMu orders starting it with close waiting for it.
