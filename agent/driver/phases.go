@@ -261,6 +261,9 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	if err := rt.readyWindow(ctx, func(pr *pairRT) (*fpg.Fencer, *rpg.Replicator) { return pr.blueFence, pr.fwd }); err != nil {
 		return err
 	}
+	if err := rt.forEach(func(pr *pairRT) error { return rt.prepareReverse(ctx, pr, plan.Epoch) }); err != nil {
+		return err
+	}
 	rt.lagDip(ctx, log)
 	if err := rt.d.fault("before fence"); err != nil {
 		return err

@@ -383,11 +383,103 @@ BEGIN
 END
 $proc$`
 
+// unfenceFuncName restores what the fence took away.
+const unfenceFuncName = "cutover.unfence_v2"
+
+// unfenceFuncSQL gives back every saved privilege, each granted by its
+// original grantor, and records the unfence, in one round trip: on green
+// it stands between the flip and the application's first write, and
+// client-driven it took two round trips per privilege (40-400 ms under
+// load). Privileges are granted per grantor, table, column, grantee and
+// grant option in one statement. A grant made by a role that itself holds
+// the privilege WITH GRANT OPTION from another can only be restored after
+// that one, so it loops until no more progress is made. The saved state
+// is checked against the catalogs before anything runs (tables, columns,
+// roles, privileges), so that a tampered state row cannot run other SQL.
+// Called with a NULL plan it only compiles (Warm). Errors: CU001 stale
+// epoch.
+const unfenceFuncSQL = `
+CREATE OR REPLACE FUNCTION ` + unfenceFuncName + `(p_plan text, p_pair text, p_epoch bigint)
+RETURNS jsonb LANGUAGE plpgsql AS $unfence$
+DECLARE
+	v_epoch bigint;
+	v_fenced boolean;
+	v_saved jsonb;
+	v_pending jsonb;
+	v_next jsonb;
+	v_g record;
+	v_restored int := 0;
+	v_err text;
+BEGIN
+	IF p_plan IS NULL THEN
+		RETURN '{}';
+	END IF;
+	INSERT INTO cutover.fence_state (plan, pair, epoch, fenced) VALUES (p_plan, p_pair, 0, false) ON CONFLICT DO NOTHING;
+	SELECT epoch, fenced, saved INTO v_epoch, v_fenced, v_saved FROM cutover.fence_state WHERE plan = p_plan AND pair = p_pair FOR UPDATE;
+	IF v_epoch > p_epoch THEN
+		RAISE EXCEPTION 'presented %, %/% has seen %', p_epoch, p_plan, p_pair, v_epoch USING ERRCODE = 'CU001';
+	END IF;
+	IF v_fenced THEN
+		-- Checked against the catalogs first: what runs below is built
+		-- from catalog names only.
+		IF EXISTS (SELECT 1 FROM jsonb_array_elements(v_saved) g
+		           WHERE (SELECT c.oid::regclass FROM pg_class c WHERE c.oid::regclass::text = g->>'table' AND c.relkind IN ('r', 'p')) IS NULL
+		              OR NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = g->>'grantor')
+		              OR (g->>'grantee' <> 'PUBLIC' AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE quote_ident(r.rolname) = g->>'grantee'))
+		              OR g->>'privilege' NOT IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')
+		              OR (g ? 'column' AND NOT EXISTS (SELECT 1 FROM pg_attribute a
+		                  WHERE a.attrelid = (SELECT c.oid::regclass FROM pg_class c WHERE c.oid::regclass::text = g->>'table' AND c.relkind IN ('r', 'p')) AND quote_ident(a.attname) = g->>'column' AND NOT a.attisdropped))) THEN
+			RAISE EXCEPTION 'saved privileges of %/% name tables, columns or roles that no longer exist, or unknown privileges: %', p_plan, p_pair, v_saved;
+		END IF;
+		SELECT coalesce(jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
+			'grantor', (SELECT r.rolname::text FROM pg_roles r WHERE r.rolname = g->>'grantor'),
+			'table', (SELECT c.oid::regclass FROM pg_class c WHERE c.oid::regclass::text = g->>'table' AND c.relkind IN ('r', 'p'))::text,
+			'column', (SELECT quote_ident(a.attname) FROM pg_attribute a
+				WHERE g ? 'column' AND a.attrelid = (SELECT c.oid::regclass FROM pg_class c WHERE c.oid::regclass::text = g->>'table' AND c.relkind IN ('r', 'p')) AND quote_ident(a.attname) = g->>'column'),
+			'grantee', CASE WHEN g->>'grantee' = 'PUBLIC' THEN 'PUBLIC' ELSE (SELECT quote_ident(r.rolname) FROM pg_roles r WHERE quote_ident(r.rolname) = g->>'grantee') END,
+			'privilege', g->>'privilege',
+			'grantable', coalesce((g->>'grantable')::boolean, false)))), '[]')
+		INTO v_pending FROM jsonb_array_elements(v_saved) g;
+		LOOP
+			v_next := '[]';
+			FOR v_g IN
+				SELECT g->>'grantor' AS grantor, g->>'table' AS tbl, g->>'column' AS col, g->>'grantee' AS grantee,
+				       (g->>'grantable')::boolean AS grantable, string_agg(g->>'privilege', ', ' ORDER BY g->>'privilege') AS privs,
+				       jsonb_agg(g) AS grants
+				FROM jsonb_array_elements(v_pending) g
+				GROUP BY 1, 2, 3, 4, 5
+			LOOP
+				BEGIN
+					EXECUTE format('SET LOCAL ROLE %I', v_g.grantor);
+					EXECUTE format('GRANT %s%s ON %s TO %s%s', v_g.privs, coalesce(' (' || v_g.col || ')', ''), v_g.tbl, v_g.grantee,
+						CASE WHEN v_g.grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+					RESET ROLE;
+					v_restored := v_restored + jsonb_array_length(v_g.grants);
+				EXCEPTION WHEN OTHERS THEN
+					GET STACKED DIAGNOSTICS v_err = MESSAGE_TEXT;
+					v_next := v_next || v_g.grants;
+				END;
+			END LOOP;
+			EXIT WHEN jsonb_array_length(v_next) = 0;
+			IF jsonb_array_length(v_next) = jsonb_array_length(v_pending) THEN
+				RAISE EXCEPTION 'cannot restore % privilege(s) of %/%: %', jsonb_array_length(v_next), p_plan, p_pair, v_err;
+			END IF;
+			v_pending := v_next;
+		END LOOP;
+	END IF;
+	UPDATE cutover.fence_state
+	SET epoch = p_epoch, fenced = false, saved = '[]', unfenced_at = CASE WHEN fenced THEN now() ELSE unfenced_at END
+	WHERE plan = p_plan AND pair = p_pair;
+	RETURN jsonb_build_object('restored', v_restored);
+END
+$unfence$`
+
 // serverObjects are created at Prepare unless already there with the same
 // body (pg_proc.prosrc is the text between the dollar quotes).
 var serverObjects = []struct{ name, sql, body string }{
 	{drainFuncName, drainFuncSQL, strings.Split(drainFuncSQL, "$drain$")[1]},
 	{fenceProcName, fenceProcSQL, strings.Split(fenceProcSQL, "$proc$")[1]},
+	{unfenceFuncName, unfenceFuncSQL, strings.Split(unfenceFuncSQL, "$unfence$")[1]},
 }
 
 // createFenceProc creates the drain function and the fence procedure unless
@@ -549,40 +641,8 @@ func (f *Fencer) warmSession(ctx context.Context, conn *pgx.Conn) error {
 	if _, err := f.callOn(ctx, conn, 0, 0, 0, ""); err != nil {
 		return err
 	}
-	_, err := conn.PgConn().Exec(ctx, fmt.Sprintf("SELECT %s('{}'::oid[], 1, 0)", drainFuncName)).ReadAll()
+	_, err := conn.PgConn().Exec(ctx, fmt.Sprintf("SELECT %s('{}'::oid[], 1, 0); SELECT %s(NULL, NULL, NULL)", drainFuncName, unfenceFuncName)).ReadAll()
 	return err
-}
-
-// grant is one write privilege held on a table or column, as aclexplode
-// shows it. It is what Fence takes away and Unfence gives back.
-type grant struct {
-	Table     string `json:"table"` // regclass text, quoted as needed
-	Column    string `json:"column,omitempty"`
-	Grantor   string `json:"grantor"`
-	Grantee   string `json:"grantee"` // "PUBLIC" for the public pseudo-role
-	Privilege string `json:"privilege"`
-	Grantable bool   `json:"grantable"`
-}
-
-// lockState reads and locks the fence's state row, creating it if needed,
-// and refuses an epoch lower than the stored one.
-func (f *Fencer) lockState(ctx context.Context, tx pgx.Tx, epoch uint64) (fenced bool, saved []grant, err error) {
-	if _, err := tx.Exec(ctx, `INSERT INTO cutover.fence_state (plan, pair, epoch, fenced) VALUES ($1, $2, 0, false) ON CONFLICT DO NOTHING`, f.opts.Plan, f.opts.Pair); err != nil {
-		return false, nil, fmt.Errorf("create fence state: %w", err)
-	}
-	var stored int64
-	var raw []byte
-	err = tx.QueryRow(ctx, `SELECT epoch, fenced, saved FROM cutover.fence_state WHERE plan = $1 AND pair = $2 FOR UPDATE`, f.opts.Plan, f.opts.Pair).Scan(&stored, &fenced, &raw)
-	if err != nil {
-		return false, nil, fmt.Errorf("read fence state: %w", err)
-	}
-	if uint64(stored) > epoch {
-		return false, nil, fmt.Errorf("%w: presented %d, %s/%s has seen %d", fencing.ErrStaleEpoch, epoch, f.opts.Plan, f.opts.Pair, stored)
-	}
-	if err := json.Unmarshal(raw, &saved); err != nil {
-		return false, nil, fmt.Errorf("decode saved privileges: %w", err)
-	}
-	return fenced, saved, nil
 }
 
 // Fence revokes the write privileges of the fenced roles on the tables in
@@ -607,8 +667,8 @@ func (f *Fencer) FenceDrain(ctx context.Context, epoch uint64, grace time.Durati
 	return f.drain(ctx, epoch, grace, true)
 }
 
-// Unfence gives back every saved privilege that is missing, each granted by
-// its original grantor.
+// Unfence gives back every saved privilege, each granted by its original
+// grantor, in one round trip (see unfenceFuncSQL).
 //
 // It also ends this Fencer's hold on the tables (Options.Hold), after the
 // privileges are back so that the writers it kept waiting go on, and
@@ -618,87 +678,21 @@ func (f *Fencer) Unfence(ctx context.Context, epoch uint64) error {
 		return errors.New("unfence: Prepare has not run")
 	}
 	defer f.Release(ctx)
-	var restored int
-	err := pgx.BeginFunc(ctx, f.pool, func(tx pgx.Tx) error {
-		fenced, saved, err := f.lockState(ctx, tx, epoch)
-		if err != nil {
-			return err
-		}
-		if fenced {
-			if restored, err = restore(ctx, tx, saved); err != nil {
-				return err
-			}
-		}
-		_, err = tx.Exec(ctx, `UPDATE cutover.fence_state
-			SET epoch = $3, fenced = false, saved = '[]', unfenced_at = CASE WHEN fenced THEN now() ELSE unfenced_at END
-			WHERE plan = $1 AND pair = $2`, f.opts.Plan, f.opts.Pair, int64(epoch))
-		return err
-	})
+	start := time.Now()
+	var raw []byte
+	err := f.pool.QueryRow(ctx, "SELECT "+unfenceFuncName+"($1::text, $2::text, $3::bigint)", pgx.QueryExecModeSimpleProtocol,
+		f.opts.Plan, f.opts.Pair, int64(epoch)).Scan(&raw)
 	if err != nil {
-		return fmt.Errorf("unfence %s/%s: %w", f.opts.Plan, f.opts.Pair, err)
+		return fmt.Errorf("unfence %s/%s: %w", f.opts.Plan, f.opts.Pair, lockErr(err))
 	}
-	f.log.Info("unfenced", zap.Uint64("epoch", epoch), zap.Int("privileges_restored", restored))
+	var res struct {
+		Restored int `json:"restored"`
+	}
+	if err := json.Unmarshal(raw, &res); err != nil {
+		return fmt.Errorf("unfence %s/%s: result: %w", f.opts.Plan, f.opts.Pair, err)
+	}
+	f.log.Info("unfenced", zap.Uint64("epoch", epoch), zap.Int("privileges_restored", res.Restored), zap.Duration("took", time.Since(start)))
 	return nil
-}
-
-// restore grants saved privileges back. A grant made by a role that itself
-// received the privilege WITH GRANT OPTION can only be restored after that
-// one, so it loops until no more progress is made.
-func restore(ctx context.Context, tx pgx.Tx, saved []grant) (int, error) {
-	pending := append([]grant(nil), saved...)
-	restored := 0
-	for len(pending) > 0 {
-		var next []grant
-		var lastErr error
-		for i, g := range pending {
-			sp := fmt.Sprintf("restore_%d", i)
-			if _, err := tx.Exec(ctx, "SAVEPOINT "+sp); err != nil {
-				return restored, err
-			}
-			if err := execAs(ctx, tx, g.Grantor, g.grantSQL()); err != nil {
-				lastErr = fmt.Errorf("grant %s on %s to %s: %w", g.Privilege, g.Table, g.Grantee, err)
-				if _, err := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT "+sp); err != nil {
-					return restored, err
-				}
-				next = append(next, g)
-				continue
-			}
-			restored++
-		}
-		if len(next) == len(pending) {
-			return restored, lastErr
-		}
-		pending = next
-	}
-	return restored, nil
-}
-
-// asRole wraps sql so that it runs as role, so that REVOKE and GRANT act on
-// the grant made by that role (a superuser's GRANT or REVOKE acts as the
-// owner).
-func asRole(role, sql string) string {
-	return "SET LOCAL ROLE " + pgx.Identifier{role}.Sanitize() + "; " + sql + "; RESET ROLE;\n"
-}
-
-// execAs runs sql as role inside tx.
-func execAs(ctx context.Context, tx pgx.Tx, role, sql string) error {
-	_, err := tx.Exec(ctx, asRole(role, sql), pgx.QueryExecModeSimpleProtocol)
-	return err
-}
-
-func (g grant) target() string {
-	if g.Column != "" {
-		return fmt.Sprintf("%s (%s) ON %s", g.Privilege, g.Column, g.Table)
-	}
-	return fmt.Sprintf("%s ON %s", g.Privilege, g.Table)
-}
-
-func (g grant) grantSQL() string {
-	s := fmt.Sprintf("GRANT %s TO %s", g.target(), g.Grantee)
-	if g.Grantable {
-		s += " WITH GRANT OPTION"
-	}
-	return s
 }
 
 // State reports the fence state stored on the database.

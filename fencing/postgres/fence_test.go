@@ -686,3 +686,32 @@ func TestHeldBreachesListsWaitingWritersTheFenceWouldNotStop(t *testing.T) {
 		t.Errorf("after the release: %v, %v", held, err)
 	}
 }
+
+func TestUnfenceRefusesASavedStateThatNamesWhatDoesNotExist(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	if err := e.fencer.Fence(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []string{
+		`[{"table": "accounts; DROP TABLE notes", "grantee": "app", "grantor": "postgres", "privilege": "INSERT"}]`,
+		`[{"table": "accounts", "grantee": "app; DROP TABLE notes", "grantor": "postgres", "privilege": "INSERT"}]`,
+		`[{"table": "accounts", "grantee": "app", "grantor": "postgres", "privilege": "INSERT ON notes TO PUBLIC; DROP TABLE notes; --"}]`,
+		`[{"table": "accounts", "column": "id) ON notes TO PUBLIC; --", "grantee": "app", "grantor": "postgres", "privilege": "INSERT"}]`,
+	} {
+		if _, err := e.agent.Exec(ctx, `UPDATE cutover.fence_state SET saved = $1::jsonb WHERE plan = 'p1' AND pair = 'db'`, bad); err != nil {
+			t.Fatal(err)
+		}
+		err := e.fencer.Unfence(ctx, 2)
+		if err == nil || !strings.Contains(err.Error(), "no longer exist") {
+			t.Errorf("unfence with saved state %s: err = %v", bad, err)
+		}
+	}
+	var notes bool
+	if err := e.agent.QueryRow(ctx, `SELECT to_regclass('public.notes') IS NOT NULL`).Scan(&notes); err != nil || !notes {
+		t.Errorf("table notes is gone (%v)", err)
+	}
+	if st, err := e.fencer.State(ctx); err != nil || !st.Fenced {
+		t.Errorf("a refused unfence changed the state: %+v, %v", st, err)
+	}
+}

@@ -193,6 +193,7 @@ type Replicator struct {
 	progress  replication.Progress
 	lastLag   replication.Lag
 	started   bool
+	prepared  *checked // what Prepare found, for Start
 	cancel    context.CancelFunc
 	done      chan struct{}
 	err       error
@@ -239,6 +240,7 @@ func (r *Replicator) Start(ctx context.Context) (err error) {
 		return errors.New("postgres replicator: already started")
 	}
 	r.started = true
+	chk := r.prepared
 	r.mu.Unlock()
 	defer func() {
 		if err != nil {
@@ -246,19 +248,10 @@ func (r *Replicator) Start(ctx context.Context) (err error) {
 			r.finish(err)
 		}
 	}()
-
-	if r.blue, err = newPool(ctx, r.opts.Pair.Blue.DSN, "blue"); err != nil {
-		return err
-	}
-	if r.green, err = newPool(ctx, r.opts.Pair.Green.DSN, "green"); err != nil {
-		return err
-	}
-	chk, err := r.precheck(ctx)
-	if err != nil {
-		return err
-	}
-	if err := r.prepare(ctx, chk); err != nil {
-		return err
+	if chk == nil {
+		if chk, err = r.connectAndPrepare(ctx); err != nil {
+			return err
+		}
 	}
 	needCopy := chk.applied == nil || !chk.applied.Copied || !chk.slotExists
 	if needCopy && r.opts.SkipCopy {
@@ -282,6 +275,64 @@ func (r *Replicator) Start(ctx context.Context) (err error) {
 		r.finish(err)
 	}()
 	return nil
+}
+
+// Prepare does what Start does before the slot: it connects to both
+// sides, runs the pre-checks, and creates the cutover schema and the
+// publication. Start then only creates the slot (or copies) and streams.
+// The reverse replication uses it: everything but the slot happens before
+// the write outage, and the slot, which must begin where blue and green
+// are equal, at the flip (about 150 ms less outage on a busy server). Stop
+// (or Start) must follow.
+func (r *Replicator) Prepare(ctx context.Context) error {
+	r.mu.Lock()
+	if r.started || r.prepared != nil {
+		r.mu.Unlock()
+		return errors.New("postgres replicator: already prepared or started")
+	}
+	r.mu.Unlock()
+	chk, err := r.connectAndPrepare(ctx)
+	if err != nil {
+		r.closePools()
+		return err
+	}
+	r.mu.Lock()
+	r.prepared = chk
+	r.mu.Unlock()
+	return nil
+}
+
+// SetEpoch sets the epoch the applier presents (Options.Epoch) of a
+// replicator prepared before the step that starts it had its epoch. It
+// must be called before Start.
+func (r *Replicator) SetEpoch(epoch uint64) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.started {
+		return errors.New("postgres replicator: epoch set after Start")
+	}
+	r.opts.Epoch = epoch
+	return nil
+}
+
+// connectAndPrepare opens the pools, runs the pre-checks and creates what
+// the slot needs beside it.
+func (r *Replicator) connectAndPrepare(ctx context.Context) (*checked, error) {
+	var err error
+	if r.blue, err = newPool(ctx, r.opts.Pair.Blue.DSN, "blue"); err != nil {
+		return nil, err
+	}
+	if r.green, err = newPool(ctx, r.opts.Pair.Green.DSN, "green"); err != nil {
+		return nil, err
+	}
+	chk, err := r.precheck(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := r.prepare(ctx, chk); err != nil {
+		return nil, err
+	}
+	return chk, nil
 }
 
 func newPool(ctx context.Context, dsn config.DSN, side string) (*pgxpool.Pool, error) {
@@ -589,9 +640,12 @@ func (r *Replicator) takeOverSlot(ctx context.Context) error {
 // changes stay applied; a new Replicator resumes after them.
 func (r *Replicator) Stop(ctx context.Context) error {
 	r.mu.Lock()
-	started, cancel := r.started, r.cancel
+	started, cancel, prepared := r.started, r.cancel, r.prepared != nil
 	r.mu.Unlock()
 	if !started {
+		if prepared {
+			r.closePools() // prepared, never started
+		}
 		return nil
 	}
 	if cancel != nil {
