@@ -264,6 +264,9 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	if err := rt.forEach(func(pr *pairRT) error { return rt.prepareReverse(ctx, pr, plan.Epoch) }); err != nil {
 		return err
 	}
+	if err := rt.warmTargets(ctx); err != nil {
+		return err
+	}
 	rt.lagDip(ctx, log)
 	if err := rt.d.fault("before fence"); err != nil {
 		return err
@@ -510,7 +513,7 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 		}
 	}
 	reverseReady := time.Since(began)
-	targets, err := buildTargets(rt.spec)
+	targets, err := rt.switchTargets()
 	if err != nil {
 		return err
 	}
@@ -590,6 +593,38 @@ func flipWithRetry(ctx context.Context, targets []target.Target, f target.Flip, 
 			err = &target.PartialFlipError{Outcomes: append(outcomes[:0:0], more...)}
 		}
 	}
+}
+
+// switchTargets returns the plan's flip targets, built once per term (a
+// Redis target keeps its connection), and closed by close.
+func (rt *planRT) switchTargets() ([]target.Target, error) {
+	rt.targetsMu.Lock()
+	defer rt.targetsMu.Unlock()
+	if rt.targets == nil {
+		ts, err := buildTargets(rt.spec)
+		if err != nil {
+			return nil, err
+		}
+		rt.targets = ts
+	}
+	return rt.targets, nil
+}
+
+// warmTargets readies the flip targets before the outage; one that cannot
+// be reached keeps the fence down.
+func (rt *planRT) warmTargets(ctx context.Context) error {
+	targets, err := rt.switchTargets()
+	if err != nil {
+		return err
+	}
+	for _, t := range targets {
+		if w, ok := t.(target.Warmer); ok {
+			if err := w.Warm(ctx); err != nil {
+				return fmt.Errorf("flip target not ready, not fencing: %w", err)
+			}
+		}
+	}
+	return nil
 }
 
 func buildTargets(spec config.Plan) ([]target.Target, error) {
@@ -723,7 +758,7 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 		return errors.New(detail)
 	}
 	log.Info("rollback caught up", zap.Duration("outage_so_far", out.Outage))
-	targets, err := buildTargets(rt.spec)
+	targets, err := rt.switchTargets()
 	if err != nil {
 		return err
 	}

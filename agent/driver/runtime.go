@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -20,6 +21,7 @@ import (
 	"github.com/cutover/cutover/internal/config"
 	"github.com/cutover/cutover/internal/redact"
 	rpg "github.com/cutover/cutover/replication/postgres"
+	"github.com/cutover/cutover/switch/target"
 )
 
 // planRT is what the leader holds for one plan during one term.
@@ -37,6 +39,10 @@ type planRT struct {
 	// that the flip can tell the whole write outage: fence to traffic on
 	// green.
 	lastFenceStart atomic.Int64
+
+	// targets are the flip targets, built once (switchTargets).
+	targetsMu sync.Mutex
+	targets   []target.Target
 
 	// Background work of the switched phase (health watch, window timer);
 	// bgMu orders starting it with close waiting for it.
@@ -259,6 +265,14 @@ func (rt *planRT) close() {
 	rt.bg.Wait()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	rt.targetsMu.Lock()
+	for _, t := range rt.targets {
+		if c, ok := t.(io.Closer); ok {
+			c.Close()
+		}
+	}
+	rt.targets = nil
+	rt.targetsMu.Unlock()
 	for _, pr := range rt.pairs {
 		for _, r := range []*rpg.Replicator{pr.fwd, pr.rev, pr.revPrepared} {
 			if r != nil {

@@ -71,6 +71,14 @@ func (r *Redis) Flip(ctx context.Context, f Flip) error {
 	return nil
 }
 
+// Warm implements Warmer: it connects and loads the flip script.
+func (r *Redis) Warm(ctx context.Context) error {
+	if err := flipScript.Load(ctx, r.client).Err(); err != nil {
+		return fmt.Errorf("%s: %w", r.Name(), err)
+	}
+	return nil
+}
+
 // Route reads the routing key: the active colour and its epoch ("" and 0
 // when never set).
 func (r *Redis) Route(ctx context.Context) (colour string, epoch uint64, err error) {

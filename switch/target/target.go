@@ -45,6 +45,13 @@ type Target interface {
 	Flip(ctx context.Context, f Flip) error
 }
 
+// Warmer is a target that can get ready before the write outage (connect,
+// load its script), so that the flip inside it is one round trip, and an
+// unreachable target is found before the fence rather than after.
+type Warmer interface {
+	Warm(ctx context.Context) error
+}
+
 // New builds the target that cfg describes.
 func New(cfg config.Target) (Target, error) {
 	switch cfg.Type {

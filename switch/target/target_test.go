@@ -32,6 +32,13 @@ func TestRedisTargetSetsRouteRefusesLowerEpochAndPublishes(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { r.Close() })
+	// Warm loads the flip script before the outage: the flip runs it by hash.
+	if err := r.Warm(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := redis.NewClient(&redis.Options{Addr: srv.Addr()}).ScriptExists(ctx, flipScript.Hash()).Result(); err != nil || len(ok) != 1 || !ok[0] {
+		t.Errorf("flip script not loaded by Warm: %v %v", ok, err)
+	}
 	sub := redis.NewClient(&redis.Options{Addr: srv.Addr()})
 	t.Cleanup(func() { sub.Close() })
 	ps := sub.Subscribe(ctx, "cutover:orders:events")
@@ -187,5 +194,23 @@ func TestFlipAllTellsACleanFailureFromAPartialFlip(t *testing.T) {
 				t.Errorf("partial = %v, failed = %v", partial, partial.Failed())
 			}
 		})
+	}
+}
+
+func TestAnUnreachableRedisTargetFailsItsWarmUp(t *testing.T) {
+	srv := integration.NewRedis(t, integration.RedisOptions{})
+	url := srv.URL()
+	if err := srv.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	r, err := NewRedis(url, "cutover:orders:route", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := r.Warm(ctx); err == nil || !strings.Contains(err.Error(), "key cutover:orders:route") {
+		t.Errorf("warm-up of a stopped Redis: err = %v", err)
 	}
 }
