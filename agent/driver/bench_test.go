@@ -32,7 +32,8 @@ import (
 //	go test ./agent/driver -run '^$' -bench CutoverWindow -benchtime 20x -timeout 30m
 //
 // It reports the outage's percentiles (nearest rank: with fewer than 100
-// runs p99 is the worst) and each window step's p99.
+// runs p99 is the worst), each window step's p99, and the application's
+// whole write outage, fence to traffic on a writable green.
 func BenchmarkCutoverWindow(b *testing.B) {
 	writers := 32
 	if v, err := strconv.Atoi(os.Getenv("CUTOVER_BENCH_WRITERS")); err == nil && v > 0 {
@@ -46,7 +47,7 @@ func BenchmarkCutoverWindow(b *testing.B) {
 	core, observed := observer.New(zap.DebugLevel)
 	c := newCluster(b, Options{Logger: zap.New(core)})
 
-	var outages []time.Duration
+	var outages, writeOutages []time.Duration
 	steps := map[string][]time.Duration{}
 	var stepNames []string
 	acked, refused := 0, 0
@@ -75,6 +76,10 @@ func BenchmarkCutoverWindow(b *testing.B) {
 		}
 		outage, _ := gate[0].ContextMap()["outage"].(time.Duration)
 		outages = append(outages, outage)
+		if flips := ofPlan.FilterMessage("traffic flipped").All(); len(flips) == 1 {
+			w, _ := flips[0].ContextMap()["write_outage"].(time.Duration)
+			writeOutages = append(writeOutages, w)
+		}
 		line := fmt.Sprintf("outage %6.1fms:", ms(outage))
 		for _, e := range ofPlan.FilterMessage("window step").All() {
 			f := e.ContextMap()
@@ -104,6 +109,12 @@ func BenchmarkCutoverWindow(b *testing.B) {
 	b.ReportMetric(pct(outages, 0.50), "p50_ms")
 	b.ReportMetric(pct(outages, 0.90), "p90_ms")
 	b.ReportMetric(pct(outages, 0.99), "p99_ms")
+	// What the application sees: from the fence on blue to traffic on a
+	// writable green (the flip: reverse replication's slot, green
+	// unfenced, targets flipped).
+	b.ReportMetric(pct(writeOutages, 0.50), "write_outage_p50_ms")
+	b.ReportMetric(pct(writeOutages, 0.90), "write_outage_p90_ms")
+	b.ReportMetric(pct(writeOutages, 0.99), "write_outage_p99_ms")
 	for _, s := range stepNames {
 		b.ReportMetric(pct(steps[s], 0.99), s+"_p99_ms")
 	}
