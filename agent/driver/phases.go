@@ -282,9 +282,9 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 		Max: maxWindow(rt.spec),
 		// Invariant 4 starts here: from now on no application write lands
 		// on blue.
-		// Fence, drain and marker go in one round trip per pair
-		// (FenceDrain): on a busy server every round trip inside the
-		// outage costs milliseconds while refused writers pile up.
+		// Fence, drain and marker go in two round trips per pair
+		// (FenceDrain, holding the drain's lock): on a busy server every
+		// round trip inside the outage costs milliseconds.
 		Fence: func(ctx context.Context) error {
 			now := time.Now().UnixNano()
 			rt.fenceStart.Store(now)

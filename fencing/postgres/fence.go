@@ -658,11 +658,13 @@ func (f *Fencer) Fence(ctx context.Context, epoch uint64) error {
 	return nil
 }
 
-// FenceDrain is Fence followed by Drain in one round trip to the server:
-// the outage starts with it, and every round trip on a busy server costs
-// milliseconds while writers go on writing. Its outcome is the same as
-// calling both: the REVOKE commits (and is saved) before the drain waits, so
-// when the drain fails the fence stays up and must be lifted with Unfence.
+// FenceDrain is Fence followed by Drain in one round trip to the server
+// (two with Options.Hold: the REVOKE and the holding session's lock at
+// once, then the marker): the outage starts with it, and every round trip
+// on a busy server costs milliseconds while writers go on writing. Its
+// outcome is the same as calling both: the REVOKE is committed (and saved)
+// when it returns, so when the drain fails the fence stays up and must be
+// lifted with Unfence.
 func (f *Fencer) FenceDrain(ctx context.Context, epoch uint64, grace time.Duration) (fencing.Drained, error) {
 	return f.drain(ctx, epoch, grace, true)
 }
