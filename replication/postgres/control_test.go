@@ -3,6 +3,7 @@ package postgres
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -309,4 +310,67 @@ func TestSkipCopyStreamsFromNowOnEqualSides(t *testing.T) {
 	e.exec(t, e.blue, `UPDATE acct SET balance = 8 WHERE id <= 10; INSERT INTO hist (acct, delta) VALUES (1, 1)`)
 	e.sync(t, r)
 	e.requireSame(t, "acct", "hist")
+}
+
+// A slot created ahead (PrepareSlot) streams from the position StartAt is
+// given: what committed on the source before it is not applied, what
+// committed after it is — the reverse replication's start at the flip.
+func TestAPreparedSlotStreamsFromThePositionStartAtGives(t *testing.T) {
+	e := newPairEnv(t, `CREATE TABLE kv (k int PRIMARY KEY, v text);`)
+	ctx := context.Background()
+	opts := e.options(t)
+	opts.SkipCopy = true
+	r, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = r.Stop(context.Background()) })
+	if err := r.StartAt(ctx, 0); err == nil {
+		t.Fatal("StartAt without a prepared slot started")
+	}
+	r, err = New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = r.Stop(context.Background()) })
+	if err := r.Prepare(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.PrepareSlot(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Before the chosen start: on both sides already (as what green
+	// applied from blue is at the flip), so it must not be applied again.
+	for _, side := range []*integration.Postgres{e.blue, e.green} {
+		e.exec(t, side, `INSERT INTO kv VALUES (1, 'both sides already')`)
+	}
+	var pos string
+	if err := pgxQueryRow(t, e.blue, `SELECT pg_current_wal_lsn()::text`, &pos); err != nil {
+		t.Fatal(err)
+	}
+	e.exec(t, e.blue, `INSERT INTO kv VALUES (2, 'after the start')`)
+	start, err := pglogrepl.ParseLSN(pos)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.StartAt(ctx, start); err != nil {
+		t.Fatal(err)
+	}
+	e.sync(t, r) // a duplicate of row 1 would have failed the apply
+	if got := rows(t, e.green, "kv"); fmt.Sprint(got) != fmt.Sprint([]string{`(1,"both sides already")`, `(2,"after the start")`}) {
+		t.Errorf("green has %v", got)
+	}
+	if r.Err() != nil {
+		t.Errorf("replicator: %v", r.Err())
+	}
+}
+
+func pgxQueryRow(t *testing.T, s *integration.Postgres, sql string, dst any) error {
+	t.Helper()
+	conn, err := pgx.Connect(context.Background(), s.DSN())
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	return conn.QueryRow(context.Background(), sql).Scan(dst)
 }

@@ -167,6 +167,34 @@ func (r *Replicator) startWithoutCopy(ctx context.Context) error {
 	return nil
 }
 
+// recordStart makes pos the applied position of a slot created ahead of
+// its start (StartAt), after checking that the slot can stream from there.
+func (r *Replicator) recordStart(ctx context.Context, pos pglogrepl.LSN) error {
+	var confirmed *string
+	if err := r.blue.QueryRow(ctx, `SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1`, r.name).Scan(&confirmed); err != nil {
+		return fmt.Errorf("blue: read slot %s: %w", r.name, err)
+	}
+	if confirmed != nil {
+		from, err := pglogrepl.ParseLSN(*confirmed)
+		if err != nil {
+			return fmt.Errorf("blue: slot %s position %q: %w", r.name, *confirmed, err)
+		}
+		if pos < from {
+			return fmt.Errorf("blue: slot %s streams from %s, after the requested start %s", r.name, from, pos)
+		}
+	}
+	if _, err := r.green.Exec(ctx, beginCopySQL, r.name, int64(r.opts.Epoch)); err != nil {
+		return fmt.Errorf("green: record start: %w", err)
+	}
+	if _, err := r.green.Exec(ctx, finishCopySQL, r.name, pos.String()); err != nil {
+		return fmt.Errorf("green: record start: %w", err)
+	}
+	r.appliedEnd.Store(uint64(pos))
+	r.appliedByMe.Store(uint64(pos))
+	r.log.Info("streaming from a position chosen after the slot was created", zap.Stringer("from", pos))
+	return nil
+}
+
 // copyWorker copies tables from work on its own pair of connections. Its
 // blue transaction imports the slot's snapshot once and reads every table
 // it is given inside it.

@@ -234,6 +234,48 @@ func (r *Replicator) SlotName() string { return r.name }
 // the background until Stop or until ctx ends. Cancelling ctx (loss of
 // leadership) stops everything like Stop.
 func (r *Replicator) Start(ctx context.Context) (err error) {
+	return r.start(ctx, nil)
+}
+
+// StartAt starts a replicator whose slot PrepareSlot created earlier,
+// streaming from pos: source transactions that committed before it are
+// skipped. The reverse replication uses it at the flip, with pos green's
+// position once everything blue wrote is applied there and before the
+// application may write to it; the slot itself was created before the
+// write outage, so the flip only records pos and starts the stream.
+func (r *Replicator) StartAt(ctx context.Context, pos pglogrepl.LSN) error {
+	return r.start(ctx, &pos)
+}
+
+// PrepareSlot creates the slot of a prepared replicator (Prepare) without
+// recording where streaming starts (StartAt does). An existing slot is
+// kept: nothing read from it was applied, since no start was recorded.
+// Only for a replicator without a copy (Options.SkipCopy).
+func (r *Replicator) PrepareSlot(ctx context.Context) error {
+	r.mu.Lock()
+	chk, started := r.prepared, r.started
+	r.mu.Unlock()
+	switch {
+	case chk == nil || started:
+		return errors.New("postgres replicator: PrepareSlot needs a prepared replicator, not started")
+	case !r.opts.SkipCopy:
+		return errors.New("postgres replicator: PrepareSlot is for a replicator without a copy")
+	case chk.slotExists:
+		return nil
+	}
+	rconn, _, consistent, err := r.createSlot(ctx, "NOEXPORT_SNAPSHOT")
+	if err != nil {
+		return err
+	}
+	rconn.Close(context.WithoutCancel(ctx))
+	r.mu.Lock()
+	chk.slotExists = true
+	r.mu.Unlock()
+	r.log.Info("slot created ahead of its start", zap.Stringer("consistent_point", consistent))
+	return nil
+}
+
+func (r *Replicator) start(ctx context.Context, at *pglogrepl.LSN) (err error) {
 	r.mu.Lock()
 	if r.started {
 		r.mu.Unlock()
@@ -254,6 +296,15 @@ func (r *Replicator) Start(ctx context.Context) (err error) {
 		}
 	}
 	needCopy := chk.applied == nil || !chk.applied.Copied || !chk.slotExists
+	if at != nil {
+		if !chk.slotExists || !r.opts.SkipCopy {
+			return errors.New("postgres replicator: StartAt needs the slot of PrepareSlot")
+		}
+		if err := r.recordStart(ctx, *at); err != nil {
+			return err
+		}
+		needCopy = false
+	}
 	if needCopy && r.opts.SkipCopy {
 		if err := r.startWithoutCopy(ctx); err != nil {
 			return err
