@@ -394,12 +394,10 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 		},
 	}
 	out, err := w.Run(ctx)
-	// The fenced writers were held on the drain's lock through the whole
-	// window (the CPU they would spend retrying is what the window's steps
-	// need); the gate is open, or the window failed and the lift let them
-	// go already. They fail on the fence from here, before anything (the
-	// reverse replication) writes to blue.
-	rt.forEach(func(pr *pairRT) error { pr.blueFence.Release(ctx); return nil })
+	// The fenced writers stay held on the drain's lock through the flip
+	// (the CPU they would spend retrying is what the window's steps and
+	// the flip need); the flip releases them, when the traffic is on green
+	// (releaseBlue). A failed window's lift has let them go already.
 	rt.fenceStart.Store(0)
 	outageSeconds.WithLabelValues(plan.Name).Set(out.Outage.Seconds())
 	if err == nil {
@@ -411,6 +409,21 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	}
 	reason := fmt.Sprintf("cutover window failed after %s (fence lifted: %v): %v", out.Outage.Round(time.Millisecond), out.Lifted, err)
 	return rt.abort(ctx, plan.Name, p, latest.Load(), reason)
+}
+
+// releaseBlue lets go of blue's writers held since the drain, once the
+// flip has run: fenced ones fail on the fence (and retry where the traffic
+// now goes); writes of roles outside the fence that arrived after the gate
+// opened are cancelled, so that none lands on blue after the traffic left
+// it (the reverse replication waits for the release too).
+func (rt *planRT) releaseBlue(ctx context.Context, log *zap.Logger) {
+	rt.forEach(func(pr *pairRT) error {
+		cancelled, err := pr.blueFence.ReleaseRefusingAll(ctx)
+		if err != nil || len(cancelled) > 0 {
+			log.Warn("writes of roles outside the fence reached blue after the gate opened; cancelled", zap.String("pair", pr.cfg.Name), zap.Int("sessions", len(cancelled)), zap.Error(err))
+		}
+		return nil
+	})
 }
 
 // readyWindow does, right before a window and outside it, what would
@@ -501,6 +514,9 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 	if err != nil {
 		return err
 	}
+	// Blue's writers held since the drain are let go right after the
+	// targets flip (below), or whenever this step ends before that.
+	defer rt.releaseBlue(ctx, log)
 	if err := rt.d.fault("before flip"); err != nil {
 		return err
 	}
@@ -528,6 +544,7 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 	}
 	greenUnfenced := time.Since(began)
 	outcomes, err := flipWithRetry(ctx, targets, f, log)
+	rt.releaseBlue(ctx, log)
 	if err != nil && !anyOK(outcomes) && !errors.Is(err, target.ErrStaleEpoch) && ctx.Err() == nil {
 		// Nothing flipped: close green again and abort cleanly.
 		rt.forEach(func(pr *pairRT) error { return pr.greenFence.Fence(ctx, epoch) })

@@ -866,6 +866,37 @@ func (f *Fencer) Release(ctx context.Context) {
 	}
 }
 
+// ReleaseRefusingAll ends the hold like Release, but first cancels the
+// statements of the sessions that HeldBreaches lists (roles outside the
+// fence), so that none of their writes lands once released: for the old
+// side after the traffic has left it, where such a write would be lost.
+// They get SQLSTATE 57014 (query_canceled) and stay connected. It returns
+// the sessions cancelled.
+func (f *Fencer) ReleaseRefusingAll(ctx context.Context) ([]fencing.Session, error) {
+	held, err := f.HeldBreaches(ctx)
+	if err == nil && len(held) > 0 {
+		pids := make([]int32, len(held))
+		for i, s := range held {
+			pids[i] = s.PID
+		}
+		// Cancelled while still waiting for the lock, each leaves the
+		// queue before the release; waited for (briefly) to be sure.
+		_, err = f.pool.Exec(ctx, `SELECT pg_cancel_backend(p) FROM unnest($1::int[]) p`, pids)
+		deadline := time.Now().Add(time.Second)
+		for err == nil {
+			var waiting bool
+			err = f.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted AND pid = ANY($1::int[]) AND relation = ANY($2::oid[]))`, pids, f.tableOIDs).Scan(&waiting)
+			if !waiting || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
+		f.log.Warn("cancelled writes of roles outside the fence waiting on the hold", zap.Int("sessions", len(held)), zap.Int32("first_pid", held[0].PID), zap.String("first_user", held[0].User))
+	}
+	f.Release(ctx)
+	return held, err
+}
+
 // HeldBreaches lists the sessions waiting on the hold to write to a table in
 // scope whose role the fence does not stop: a superuser, or a role that
 // still holds a write privilege on that table. Once released, their writes

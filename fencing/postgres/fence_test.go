@@ -715,3 +715,44 @@ func TestUnfenceRefusesASavedStateThatNamesWhatDoesNotExist(t *testing.T) {
 		t.Errorf("a refused unfence changed the state: %+v, %v", st, err)
 	}
 }
+
+func TestReleaseRefusingAllCancelsWritersOutsideTheFence(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	f := New(newPool(t, e.pg.DSN()), Options{Plan: "p1", Pair: "db", Tables: []string{"public.accounts", "public.history", "public.notes"}, Roles: []string{"app"}, Hold: 5 * time.Second})
+	if err := f.Prepare(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.FenceDrain(ctx, 1, 100*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	app := connect(t, e.pg.DSNFor("cutover", "app", "app-password"))
+	outsider := connect(t, e.pg.DSNFor("cutover", "outsider", "outsider-password"))
+	appWrite := startWrite(app, "UPDATE accounts SET balance = 1 WHERE id = 1")
+	outsiderWrite := startWrite(outsider, "UPDATE accounts SET balance = 99 WHERE id = 2")
+	waitForLock(t, e.agent, app.PgConn().PID(), appWrite)
+	waitForLock(t, e.agent, outsider.PgConn().PID(), outsiderWrite)
+	cancelled, err := f.ReleaseRefusingAll(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cancelled) != 1 || cancelled[0].PID != int32(outsider.PgConn().PID()) {
+		t.Errorf("cancelled %+v, want the outsider's session only", cancelled)
+	}
+	if err := result(t, outsiderWrite); sqlState(err) != "57014" {
+		t.Errorf("the outsider's held write: %v, want 57014 (cancelled)", err)
+	}
+	if err := result(t, appWrite); sqlState(err) != "42501" {
+		t.Errorf("the fenced write: %v, want 42501", err)
+	}
+	var balance int64
+	if err := e.agent.QueryRow(ctx, "SELECT balance FROM accounts WHERE id = 2").Scan(&balance); err != nil || balance != 0 {
+		t.Errorf("the cancelled write landed: balance %d, %v", balance, err)
+	}
+	if err := outsider.Ping(ctx); err != nil {
+		t.Errorf("the outsider's session was closed: %v", err)
+	}
+	if n := shareLocks(t, e.agent); n != 0 {
+		t.Errorf("%d SHARE locks left", n)
+	}
+}
