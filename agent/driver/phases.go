@@ -247,6 +247,17 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	if err := rt.checkDrift(ctx); err != nil {
 		return rt.abort(ctx, plan.Name, p, plan.Epoch, err.Error())
 	}
+	// Made ready before the refresh: the rows written while this runs
+	// (a few hundred ms) would otherwise all be re-hashed in the fence.
+	if err := rt.readyWindow(ctx, func(pr *pairRT) (*fpg.Fencer, *rpg.Replicator) { return pr.blueFence, pr.fwd }); err != nil {
+		return err
+	}
+	if err := rt.forEach(func(pr *pairRT) error { return rt.prepareReverse(ctx, pr, plan.Epoch) }); err != nil {
+		return err
+	}
+	if err := rt.warmTargets(ctx); err != nil {
+		return err
+	}
 	// What changed since the online pass would otherwise all be re-hashed
 	// inside the fence: re-check it now, online, so that the pass inside
 	// the fence only covers the last moments' changes.
@@ -256,15 +267,6 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	// The outage never starts on a lagging replica: the latest lag must be
 	// under the thresholds right now.
 	if err := rt.lagGate(ctx, 0, log); err != nil {
-		return err
-	}
-	if err := rt.readyWindow(ctx, func(pr *pairRT) (*fpg.Fencer, *rpg.Replicator) { return pr.blueFence, pr.fwd }); err != nil {
-		return err
-	}
-	if err := rt.forEach(func(pr *pairRT) error { return rt.prepareReverse(ctx, pr, plan.Epoch) }); err != nil {
-		return err
-	}
-	if err := rt.warmTargets(ctx); err != nil {
 		return err
 	}
 	rt.lagDip(ctx, log)
