@@ -158,12 +158,20 @@ func (r *Replicator) startWithoutCopy(ctx context.Context) error {
 		return err
 	}
 	defer rconn.Close(context.WithoutCancel(ctx))
-	if _, err := r.green.Exec(ctx, finishCopySQL, r.name, consistent.String()); err != nil {
+	if err := r.setApplied(ctx, consistent); err != nil {
+		return err
+	}
+	r.log.Info("slot created; streaming without a copy", zap.Stringer("consistent_point", consistent))
+	return nil
+}
+
+// setApplied records pos as green's applied position, the copy done.
+func (r *Replicator) setApplied(ctx context.Context, pos pglogrepl.LSN) error {
+	if _, err := r.green.Exec(ctx, finishCopySQL, r.name, pos.String()); err != nil {
 		return fmt.Errorf("green: record start: %w", err)
 	}
-	r.appliedEnd.Store(uint64(consistent))
-	r.appliedByMe.Store(uint64(consistent))
-	r.log.Info("slot created; streaming without a copy", zap.Stringer("consistent_point", consistent))
+	r.appliedEnd.Store(uint64(pos))
+	r.appliedByMe.Store(uint64(pos))
 	return nil
 }
 
@@ -186,11 +194,9 @@ func (r *Replicator) recordStart(ctx context.Context, pos pglogrepl.LSN) error {
 	if _, err := r.green.Exec(ctx, beginCopySQL, r.name, int64(r.opts.Epoch)); err != nil {
 		return fmt.Errorf("green: record start: %w", err)
 	}
-	if _, err := r.green.Exec(ctx, finishCopySQL, r.name, pos.String()); err != nil {
-		return fmt.Errorf("green: record start: %w", err)
+	if err := r.setApplied(ctx, pos); err != nil {
+		return err
 	}
-	r.appliedEnd.Store(uint64(pos))
-	r.appliedByMe.Store(uint64(pos))
 	r.log.Info("streaming from a position chosen after the slot was created", zap.Stringer("from", pos))
 	return nil
 }
