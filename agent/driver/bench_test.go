@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"sort"
 	"strconv"
 	"testing"
 	"time"
@@ -80,7 +79,7 @@ func BenchmarkCutoverWindow(b *testing.B) {
 			w, _ := flips[0].ContextMap()["write_outage"].(time.Duration)
 			writeOutages = append(writeOutages, w)
 		}
-		line := fmt.Sprintf("outage %6.1fms:", ms(outage))
+		line := fmt.Sprintf("outage %6.1fms:", load.MS(outage))
 		for _, e := range ofPlan.FilterMessage("window step").All() {
 			f := e.ContextMap()
 			step, _ := f["step"].(string)
@@ -89,7 +88,7 @@ func BenchmarkCutoverWindow(b *testing.B) {
 				stepNames = append(stepNames, step)
 			}
 			steps[step] = append(steps[step], took)
-			line += fmt.Sprintf(" %s %.1f", step, ms(took))
+			line += fmt.Sprintf(" %s %.1f", step, load.MS(took))
 		}
 		if testing.Verbose() {
 			for _, msg := range []string{"drain round trips", "caught up", "verified in the fence", "traffic flipped"} {
@@ -106,17 +105,17 @@ func BenchmarkCutoverWindow(b *testing.B) {
 		complete(b, c, name)
 	}
 	b.StopTimer()
-	b.ReportMetric(pct(outages, 0.50), "p50_ms")
-	b.ReportMetric(pct(outages, 0.90), "p90_ms")
-	b.ReportMetric(pct(outages, 0.99), "p99_ms")
+	b.ReportMetric(load.PercentileMS(outages, 0.50), "p50_ms")
+	b.ReportMetric(load.PercentileMS(outages, 0.90), "p90_ms")
+	b.ReportMetric(load.PercentileMS(outages, 0.99), "p99_ms")
 	// What the application sees: from the fence on blue to traffic on a
 	// writable green (the flip: reverse replication's slot, green
 	// unfenced, targets flipped).
-	b.ReportMetric(pct(writeOutages, 0.50), "write_outage_p50_ms")
-	b.ReportMetric(pct(writeOutages, 0.90), "write_outage_p90_ms")
-	b.ReportMetric(pct(writeOutages, 0.99), "write_outage_p99_ms")
+	b.ReportMetric(load.PercentileMS(writeOutages, 0.50), "write_outage_p50_ms")
+	b.ReportMetric(load.PercentileMS(writeOutages, 0.90), "write_outage_p90_ms")
+	b.ReportMetric(load.PercentileMS(writeOutages, 0.99), "write_outage_p99_ms")
 	for _, s := range stepNames {
-		b.ReportMetric(pct(steps[s], 0.99), s+"_p99_ms")
+		b.ReportMetric(load.PercentileMS(steps[s], 0.99), s+"_p99_ms")
 	}
 	b.ReportMetric(float64(acked)/float64(b.N), "acked_writes/op")
 	b.ReportMetric(float64(refused)/float64(b.N), "refused_writes/op")
@@ -177,17 +176,4 @@ func complete(b *testing.B, c *agenttest.Cluster, name string) {
 		b.Fatal(err)
 	}
 	waitPhase(b, c, name, time.Minute, agent.PhaseDone)
-}
-
-func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
-
-// pct is the p-th percentile of ds in milliseconds (nearest rank, rounded
-// up: with fewer than 100 samples p99 is the worst).
-func pct(ds []time.Duration, p float64) float64 {
-	if len(ds) == 0 {
-		return 0
-	}
-	s := append([]time.Duration(nil), ds...)
-	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-	return ms(s[min(len(s)-1, int(p*float64(len(s))))])
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -368,7 +367,7 @@ func benchmarkOutage(b *testing.B, writers int, hold bool) {
 		}
 		if testing.Verbose() {
 			b.Logf("outage %6.1fms: fence+drain %5.1f (server %5.1f: revoke committed %5.1f, lock wait %5.1f) catch-up %5.1f; lag before %6d B; backlog at marker %6d B",
-				ms(outage), ms(drainedAt.Sub(start)), ms(server), ms(revoke), ms(drained.Waited), ms(time.Since(drainedAt)), lag.Bytes, backlog)
+				load.MS(outage), load.MS(drainedAt.Sub(start)), load.MS(server), load.MS(revoke), load.MS(drained.Waited), load.MS(time.Since(drainedAt)), lag.Bytes, backlog)
 		}
 		outages = append(outages, outage)
 		drains = append(drains, drainedAt.Sub(start))
@@ -386,16 +385,16 @@ func benchmarkOutage(b *testing.B, writers int, hold bool) {
 	}
 	b.StopTimer()
 	receipts, refused := l.Stop()
-	b.ReportMetric(pct(outages, 0.50), "p50_ms")
-	b.ReportMetric(pct(outages, 0.90), "p90_ms")
-	b.ReportMetric(pct(outages, 0.99), "p99_ms")
-	b.ReportMetric(pct(drains, 0.99), "fencedrain_p99_ms")
-	b.ReportMetric(pct(servers, 0.99), "server_p99_ms")
-	b.ReportMetric(pct(revokes, 0.99), "revoke_p99_ms")
-	b.ReportMetric(pct(waits, 0.99), "lockwait_p99_ms")
-	b.ReportMetric(pct(catchups, 0.99), "catchup_p99_ms")
-	b.ReportMetric(pct(lags, 0.99)*1e6, "lag_p99_B")
-	b.ReportMetric(pct(backlogs, 0.99)*1e6, "backlog_p99_B")
+	b.ReportMetric(load.PercentileMS(outages, 0.50), "p50_ms")
+	b.ReportMetric(load.PercentileMS(outages, 0.90), "p90_ms")
+	b.ReportMetric(load.PercentileMS(outages, 0.99), "p99_ms")
+	b.ReportMetric(load.PercentileMS(drains, 0.99), "fencedrain_p99_ms")
+	b.ReportMetric(load.PercentileMS(servers, 0.99), "server_p99_ms")
+	b.ReportMetric(load.PercentileMS(revokes, 0.99), "revoke_p99_ms")
+	b.ReportMetric(load.PercentileMS(waits, 0.99), "lockwait_p99_ms")
+	b.ReportMetric(load.PercentileMS(catchups, 0.99), "catchup_p99_ms")
+	b.ReportMetric(load.PercentileMS(lags, 0.99)*1e6, "lag_p99_B")
+	b.ReportMetric(load.PercentileMS(backlogs, 0.99)*1e6, "backlog_p99_B")
 	b.ReportMetric(float64(terminated)/float64(b.N), "terminated/op")
 	b.ReportMetric(float64(autovacuums), "autovacuums_cancelled")
 	b.ReportMetric(float64(len(receipts)), "acked_writes")
@@ -411,16 +410,6 @@ func benchmarkOutage(b *testing.B, writers int, hold bool) {
 // outageDip is the lag, in bytes, that the benchmark's gate waits to dip
 // under right before each fence (fencing.LagGate.Dip).
 const outageDip = 32 << 10
-
-func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
-
-// pct is the p-th percentile of ds in milliseconds (nearest rank: with
-// fewer than 100 samples p99 is the worst).
-func pct(ds []time.Duration, p float64) float64 {
-	s := append([]time.Duration(nil), ds...)
-	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-	return ms(s[min(len(s)-1, int(p*float64(len(s))))])
-}
 
 // waitLagUnder is the lag gate: the driver never fences a lagging replica.
 // With dip > 0 it then waits for a sample at or under dip bytes, polling

@@ -40,3 +40,22 @@ func TestLoadReceiptsMatchTheDatabaseAndMissingFindsALostWrite(t *testing.T) {
 		t.Errorf("prober saw no double-writable moment in %d samples", len(samples))
 	}
 }
+
+func TestPercentileMSIsTheNearestRankRoundedUp(t *testing.T) {
+	var ds []time.Duration
+	for i := 100; i >= 1; i-- {
+		ds = append(ds, time.Duration(i)*time.Millisecond)
+	}
+	if got := PercentileMS(ds, 0.50); got != 51 {
+		t.Errorf("p50 of 1..100 ms = %v", got)
+	}
+	if got := PercentileMS(ds, 0.99); got != 100 {
+		t.Errorf("p99 of 1..100 ms = %v, want the worst", got)
+	}
+	if got := PercentileMS(ds[:10], 0.90); got != 100 {
+		t.Errorf("p90 of 10 samples = %v, want the worst", got)
+	}
+	if PercentileMS(nil, 0.5) != 0 || ds[0] != 100*time.Millisecond {
+		t.Error("empty input, or the input was reordered")
+	}
+}
