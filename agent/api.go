@@ -84,6 +84,11 @@ type PlanSummary struct {
 	// Step is the step in progress, if any.
 	Step     string `json:"step,omitempty"`
 	GateOpen bool   `json:"gate_open"`
+	// Manual: operators drive the plan's phases; the driver leaves it alone.
+	Manual bool `json:"manual,omitempty"`
+	// Driver is how the driver fares: consecutive failures, retries, last
+	// error (replicated: every node shows it).
+	Driver *DriverStatus `json:"driver,omitempty"`
 	// Live is what the leader's driver knows now and the replicated state
 	// does not hold: lag, the outage timer, verification progress. Only
 	// the leader has it.
@@ -128,7 +133,7 @@ func (n *Node) Status() Status {
 		sort.Slice(st.Members, func(i, j int) bool { return st.Members[i].ID < st.Members[j].ID })
 	}
 	for _, p := range n.fsm.Plans() {
-		s := PlanSummary{Name: p.Name, Phase: p.Phase, Epoch: p.Epoch, GateOpen: p.GateOpen()}
+		s := PlanSummary{Name: p.Name, Phase: p.Phase, Epoch: p.Epoch, GateOpen: p.GateOpen(), Manual: p.Manual, Driver: p.Driver}
 		if p.Step != nil {
 			s.Step = p.Step.Name
 		}
@@ -277,8 +282,12 @@ func (n *Node) write(h writeHandler) http.HandlerFunc {
 			return
 		}
 		o := Origin{Actor: actorOf(r), Via: via}
-		if via != "" && r.Header.Get(hdrActor) != "" {
-			o.Actor = clean(r.Header.Get(hdrActor), 200)
+		// A forwarded call names its original caller. The header is the
+		// client's to set, so it is only believed when it names an
+		// operator: it can never pass for the driver (and the command's
+		// origin is OriginOperator whatever it says).
+		if a := clean(r.Header.Get(hdrActor), 200); via != "" && strings.HasPrefix(a, "operator@") {
+			o.Actor = a
 		}
 		ctx, cancel := context.WithTimeout(r.Context(), 15*time.Second)
 		defer cancel()

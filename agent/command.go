@@ -5,12 +5,35 @@ import (
 	"time"
 )
 
-// CommandVersion is the format version of the commands this build writes
-// and understands. The state machine refuses any other version, the same
-// way on every node that runs this build, and records the refusal in the
-// audit log. A future version must only be proposed once every voter runs a
-// build that understands it, or the nodes' states would diverge.
-const CommandVersion = 1
+// CommandVersion is the format version of the commands this build writes.
+// The state machine understands it and every version since
+// minCommandVersion, and refuses any other, the same way on every node that
+// runs this build, recording the refusal in the audit log. A new version
+// must only be proposed once every voter runs a build that understands it,
+// or the nodes' states would diverge.
+//
+// Version 2 added Origin: from version 2 on, the state machine refuses the
+// moves a plan's driver owns (see CheckOrigin) to commands that do not come
+// from the driver. Version 1 commands, found in logs written by older
+// builds, are applied as those builds applied them.
+const CommandVersion = 2
+
+// minCommandVersion is the oldest command version this build applies.
+const minCommandVersion = 1
+
+// CommandOrigin says where a command comes from. It is set by the agent itself,
+// never taken from an API call: the leader's driver proposes with
+// OriginDriver, every API call (forwarded or not) with OriginOperator.
+type CommandOrigin string
+
+// The origins of commands.
+const (
+	// OriginDriver: the leader's plan driver (and the leader loop acting
+	// for it, such as aborting a plan whose error cannot heal).
+	OriginDriver CommandOrigin = "driver"
+	// OriginOperator: an API call.
+	OriginOperator CommandOrigin = "operator"
+)
 
 // Op names what a command does.
 type Op string
@@ -35,6 +58,11 @@ const (
 	OpSetMember Op = "set_member"
 	// OpRemoveMember forgets a member.
 	OpRemoveMember Op = "remove_member"
+	// OpDriverError records how the leader's driver fares with a plan that
+	// fails and is retried: the consecutive failures, the total retries and
+	// the last (redacted) error. It changes neither the phase nor the
+	// epoch, nor the plan's Index: the driver is not called again for it.
+	OpDriverError Op = "driver_error"
 )
 
 // Command is one entry of the replicated log. Everything Apply needs is in
@@ -50,8 +78,12 @@ type Command struct {
 	Node string `json:"node"`
 	// Via is the node that received the API call, when it was forwarded.
 	Via string `json:"via,omitempty"`
-	// Actor says who asked: "driver", or the API caller.
+	// Actor says who asked: "driver", or the API caller. It is for people;
+	// the state machine decides on Origin.
 	Actor string `json:"actor,omitempty"`
+	// Origin says whether the driver or an operator asked (version 2 on).
+	// Empty is an operator.
+	Origin CommandOrigin `json:"origin,omitempty"`
 	// Reason is the free-text why, kept in the audit log.
 	Reason string `json:"reason,omitempty"`
 	// Plan names the plan the command acts on.
@@ -83,6 +115,11 @@ type Command struct {
 
 	// Member is the member to record or forget.
 	Member *Member `json:"member,omitempty"`
+
+	// Failures and Retries are the driver's consecutive failures and total
+	// retries of the plan (driver_error); Detail holds the last error.
+	Failures int `json:"failures,omitempty"`
+	Retries  int `json:"retries,omitempty"`
 }
 
 // Result is what applying a command produced, as returned to the proposer.

@@ -38,7 +38,29 @@ var (
 	ErrInvalidCommand = errors.New("invalid command")
 	// ErrStopped: the agent is shutting down.
 	ErrStopped = errors.New("agent stopped")
+	// ErrPermanent marks a driver error that retrying cannot heal (a
+	// pre-check that refuses the schema, a spec the driver cannot run, a
+	// table it cannot verify): the leader aborts the plan with the error as
+	// its reason instead of retrying it forever. Drivers wrap such errors
+	// with Permanent.
+	ErrPermanent = errors.New("cannot be healed by retrying")
 )
+
+// Permanent marks err as one that retrying cannot heal: a Driver that
+// returns it has its plan aborted (see ErrPermanent). Nil stays nil.
+func Permanent(err error) error {
+	if err == nil || errors.Is(err, ErrPermanent) {
+		return err
+	}
+	return &permanentError{err: err}
+}
+
+type permanentError struct{ err error }
+
+func (e *permanentError) Error() string { return e.err.Error() }
+func (e *permanentError) Unwrap() []error {
+	return []error{e.err, ErrPermanent}
+}
 
 // TransitionError is a phase change the state machine refused, with the
 // reason. It matches ErrIllegalTransition with errors.Is.

@@ -64,7 +64,7 @@ func (s *state) apply(index uint64, data []byte) *Result {
 		return res
 	}
 	entry := AuditEntry{
-		Index: index, At: cmd.At, Node: cmd.Node, Via: cmd.Via, Actor: cmd.Actor,
+		Index: index, At: cmd.At, Node: cmd.Node, Via: cmd.Via, Actor: cmd.Actor, Origin: cmd.Origin,
 		Op: cmd.Op, Plan: cmd.Plan, To: cmd.To, Step: cmd.Step, Reason: cmd.Reason, Detail: cmd.Detail,
 	}
 	if cmd.Member != nil {
@@ -74,8 +74,8 @@ func (s *state) apply(index uint64, data []byte) *Result {
 		entry.From = p.Phase
 	}
 	var err error
-	if cmd.Version != CommandVersion {
-		err = fmt.Errorf("%w: %d (this build understands %d)", ErrUnsupportedVersion, cmd.Version, CommandVersion)
+	if cmd.Version < minCommandVersion || cmd.Version > CommandVersion {
+		err = fmt.Errorf("%w: %d (this build understands %d to %d)", ErrUnsupportedVersion, cmd.Version, minCommandVersion, CommandVersion)
 	} else {
 		err = s.dispatch(index, &cmd)
 	}
@@ -103,7 +103,12 @@ func (s *state) dispatch(index uint64, c *Command) error {
 	case OpOutcome:
 		return s.outcome(index, c)
 	case OpFinalize:
+		if err := driverOnly(c); err != nil {
+			return err
+		}
 		return s.finalize(c)
+	case OpDriverError:
+		return s.driverError(c)
 	case OpSetMember:
 		if c.Member == nil || c.Member.ID == "" {
 			return fmt.Errorf("%w: set_member needs a member id", ErrInvalidCommand)
@@ -137,6 +142,7 @@ func (s *state) createPlan(index uint64, c *Command) error {
 	s.Plans[c.Plan] = &planRecord{
 		Name: c.Plan, Spec: slices.Clone(c.Spec), Source: c.Source, Phase: PhasePending,
 		Epoch: index, Index: index, Created: c.At, Updated: c.At, Reason: c.Reason,
+		Manual: spec.Manual,
 	}
 	return nil
 }
@@ -172,6 +178,9 @@ func (s *state) transition(index uint64, c *Command) error {
 	if err := CheckTransition(p.Name, p.Phase, c.To); err != nil {
 		return err
 	}
+	if err := checkTransitionOrigin(p, c); err != nil {
+		return err
+	}
 	p.supersede(index, c, fmt.Sprintf("transition to %s at %d", c.To, index))
 	p.Phase = c.To
 	p.Epoch = index
@@ -188,6 +197,9 @@ func (s *state) intent(index uint64, c *Command) error {
 	}
 	if c.Step == "" {
 		return fmt.Errorf("%w: an intent names its step", ErrInvalidCommand)
+	}
+	if err := driverOnly(c); err != nil {
+		return err
 	}
 	if p.Phase.Terminal() {
 		return &TransitionError{Plan: p.Name, From: p.Phase, To: p.Phase, Reason: fmt.Sprintf("%s is terminal: no step can begin", p.Phase)}
@@ -212,9 +224,15 @@ func (s *state) outcome(index uint64, c *Command) error {
 	case st.Epoch != c.Epoch:
 		return fmt.Errorf("%w: outcome for epoch %d, but the step in progress (%s) began at %d", ErrStaleEpoch, c.Epoch, st.Name, st.Epoch)
 	}
+	if err := driverOnly(c); err != nil {
+		return err
+	}
 	if c.To != "" {
 		if err := CheckTransition(p.Name, p.Phase, c.To); err != nil {
 			return err
+		}
+		if c.To == PhaseAborted && p.flipBegun() && st.Name != StepAbort {
+			return &TransitionError{Plan: p.Name, From: p.Phase, To: c.To, Reason: fmt.Sprintf("the flip has begun: only the driver's %s step, which fences green again first, may abort the plan (not step %s)", StepAbort, st.Name)}
 		}
 	}
 	st.Outcome = StepFailed
@@ -239,6 +257,74 @@ func (s *state) outcome(index uint64, c *Command) error {
 	p.Index = index
 	p.Updated = c.At
 	return nil
+}
+
+// driverError records the driver's failures of a plan (see DriverStatus).
+// It leaves the plan's Index alone: that is not a change to drive on.
+func (s *state) driverError(c *Command) error {
+	if err := driverOnly(c); err != nil {
+		return err
+	}
+	p := s.Plans[c.Plan]
+	if p == nil {
+		return fmt.Errorf("%w: %q", ErrPlanNotFound, c.Plan)
+	}
+	if c.Failures < 0 || c.Retries < 0 {
+		return fmt.Errorf("%w: negative failure counts", ErrInvalidCommand)
+	}
+	d := DriverStatus{Failures: c.Failures, Retries: c.Retries, LastError: c.Detail, Phase: p.Phase, At: c.At}
+	if c.Failures == 0 && p.Driver != nil {
+		// A success: the streak ends, the last error stays for the record.
+		d.LastError, d.Phase, d.At = p.Driver.LastError, p.Driver.Phase, p.Driver.At
+	}
+	p.Driver = &d
+	return nil
+}
+
+// driverOnly refuses a command that only the driver proposes (intents,
+// outcomes, finalize, driver_error) when it comes from elsewhere. Version
+// 1 commands carry no origin and are applied as older builds did.
+func driverOnly(c *Command) error {
+	if c.Version < 2 || c.Origin == OriginDriver {
+		return nil
+	}
+	return fmt.Errorf("%w: only the plan driver proposes %s commands (origin %q)", ErrInvalidCommand, c.Op, c.Origin)
+}
+
+// checkTransitionOrigin applies the rules of who may move a plan (the move
+// itself is legal: CheckTransition passed).
+//
+// The driver owns the phases from copying to authorized and the rollback:
+// an operator who moves them while the driver runs races it (walking a
+// plan to authorized with blue never fenced loses writes). So an operator
+// may only start a plan, abort it, roll a switched plan back or complete
+// it, unless the plan is manual (spec manual: true; the driver leaves it
+// alone).
+//
+// Once the driver committed a flip intent, green may take writes at any
+// moment: no transition may abort the plan then (an abort unfences blue),
+// whoever asks. The driver's own abort step, which fences green again
+// first, is the only way to aborted (see outcome).
+func checkTransitionOrigin(p *planRecord, c *Command) error {
+	if c.Version < 2 {
+		return nil
+	}
+	refuse := func(why string) error {
+		return &TransitionError{Plan: p.Name, From: p.Phase, To: c.To, Reason: why}
+	}
+	if c.To == PhaseAborted && p.flipBegun() {
+		return refuse("the flip has begun: green may already take writes, and an abort would unfence blue; wait for the flip to end and roll back then (cutover rollback), or let the driver abort it (it does once green is fenced again)")
+	}
+	if c.Origin == OriginDriver || p.Manual {
+		return nil
+	}
+	switch {
+	case c.To == PhaseAborted,
+		p.Phase == PhasePending && c.To == PhaseCopying,
+		p.Phase == PhaseSwitched && (c.To == PhaseRollingBack || c.To == PhaseDone):
+		return nil
+	}
+	return refuse("the plan driver owns this move: while it runs the plan, an operator may only start it, abort it (up to authorized, before the flip), roll it back or complete it once switched; wait for the driver, or abort; to move the phases by hand, create the plan with manual: true")
 }
 
 // finalize marks a terminal plan finalized. A second finalize (two leaders

@@ -78,6 +78,10 @@ func (h *harness) apply(c Command) *Result {
 	if c.Node == "" {
 		c.Node = "n1"
 	}
+	if c.Origin == "" && c.Version >= 2 {
+		// The harness plays the driver unless a test says otherwise.
+		c.Origin = OriginDriver
+	}
 	data, err := json.Marshal(c)
 	if err != nil {
 		h.t.Fatal(err)
@@ -303,14 +307,14 @@ func TestFSMApply(t *testing.T) {
 		}},
 		{"an unknown command version is refused and audited", func(t *testing.T, h *harness) {
 			h.create("orders")
-			res := h.apply(Command{Version: 2, Op: OpTransition, Plan: "orders", To: PhaseCopying})
+			res := h.apply(Command{Version: CommandVersion + 1, Op: OpTransition, Plan: "orders", To: PhaseCopying})
 			if !errors.Is(res.Err, ErrUnsupportedVersion) {
 				t.Fatalf("err = %v", res.Err)
 			}
 			if p, _ := h.fsm.Plan("orders"); p.Phase != PhasePending {
 				t.Errorf("phase = %s", p.Phase)
 			}
-			if a := h.fsm.Audit("orders", 1); !strings.Contains(a[0].Refused, "unsupported command version: 2") {
+			if a := h.fsm.Audit("orders", 1); !strings.Contains(a[0].Refused, fmt.Sprintf("unsupported command version: %d", CommandVersion+1)) {
 				t.Errorf("audit = %+v", a)
 			}
 		}},
@@ -353,9 +357,9 @@ func TestFSMApply(t *testing.T) {
 		}},
 		{"the audit log says when, which node, who asked, what and why", func(t *testing.T, h *harness) {
 			h.create("orders")
-			h.mustApply(Command{Op: OpTransition, Plan: "orders", To: PhaseCopying, Node: "n2", Via: "n3", Actor: "operator@10.0.0.9", Reason: "change 42"})
+			h.mustApply(Command{Op: OpTransition, Plan: "orders", To: PhaseCopying, Node: "n2", Via: "n3", Actor: "operator@10.0.0.9", Origin: OriginOperator, Reason: "change 42"})
 			e := h.fsm.Audit("orders", 1)[0]
-			want := AuditEntry{Index: 2, At: h.at().Add(-time.Second), Node: "n2", Via: "n3", Actor: "operator@10.0.0.9",
+			want := AuditEntry{Index: 2, At: h.at().Add(-time.Second), Node: "n2", Via: "n3", Actor: "operator@10.0.0.9", Origin: OriginOperator,
 				Op: OpTransition, Plan: "orders", From: PhasePending, To: PhaseCopying, Epoch: 2, Reason: "change 42"}
 			if !reflect.DeepEqual(e, want) {
 				t.Fatalf("audit entry\n got %+v\nwant %+v", e, want)

@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/cutover/cutover/internal/redact"
 )
 
 // Driver runs a plan's steps on the leader. Later issues plug the database
@@ -133,11 +135,12 @@ type NopDriver struct{}
 // Drive returns at once.
 func (NopDriver) Drive(context.Context, Plan, Proposer) error { return nil }
 
-// proposer is the Proposer given to drivers: it commits as actor "driver".
+// proposer is the Proposer given to drivers: it commits as actor "driver"
+// with OriginDriver, the only way to that origin.
 type proposer struct{ n *Node }
 
 func (p proposer) Intent(ctx context.Context, plan, step string, ifEpoch uint64) (uint64, error) {
-	res, err := p.n.Propose(ctx, Command{Op: OpIntent, Plan: plan, Step: step, IfEpoch: ifEpoch, Actor: "driver"})
+	res, err := p.n.Propose(ctx, Command{Op: OpIntent, Plan: plan, Step: step, IfEpoch: ifEpoch, Actor: "driver", Origin: OriginDriver})
 	if err != nil {
 		return 0, err
 	}
@@ -145,12 +148,12 @@ func (p proposer) Intent(ctx context.Context, plan, step string, ifEpoch uint64)
 }
 
 func (p proposer) Outcome(ctx context.Context, plan string, epoch uint64, o Outcome) error {
-	_, err := p.n.Propose(ctx, Command{Op: OpOutcome, Plan: plan, Epoch: epoch, OK: o.OK, To: o.To, Detail: o.Detail, Reason: o.Reason, Facts: o.Facts, Actor: "driver"})
+	_, err := p.n.Propose(ctx, Command{Op: OpOutcome, Plan: plan, Epoch: epoch, OK: o.OK, To: o.To, Detail: o.Detail, Reason: o.Reason, Facts: o.Facts, Actor: "driver", Origin: OriginDriver})
 	return err
 }
 
 func (p proposer) Transition(ctx context.Context, plan string, to Phase, ifEpoch uint64, reason string) (uint64, error) {
-	res, err := p.n.Propose(ctx, Command{Op: OpTransition, Plan: plan, To: to, IfEpoch: ifEpoch, Reason: reason, Actor: "driver"})
+	res, err := p.n.Propose(ctx, Command{Op: OpTransition, Plan: plan, To: to, IfEpoch: ifEpoch, Reason: reason, Actor: "driver", Origin: OriginDriver})
 	if err != nil {
 		return 0, err
 	}
@@ -326,12 +329,18 @@ const (
 )
 
 // drivePlan calls the driver for one plan: at once, then after each
-// committed change to the plan, or after a backoff when it failed.
+// committed change to the plan, or after a backoff when it failed. An error
+// marked permanent (ErrPermanent) aborts the plan instead; the others are
+// retried, and recorded in the replicated state (recordFailure) so that
+// every agent shows the retries and the last error.
 func (n *Node) drivePlan(ctx context.Context, name string) {
 	log := n.log.With(zap.String("plan", name))
-	var seen uint64
-	backoff := driverBackoffMin
-	retry := false
+	var (
+		seen    uint64
+		retry   bool
+		backoff = driverBackoffMin
+		rep     failureReport
+	)
 	for ctx.Err() == nil {
 		changed := n.fsm.Changed()
 		p, ok := n.fsm.Plan(name)
@@ -348,14 +357,25 @@ func (n *Node) drivePlan(ctx context.Context, name string) {
 		}
 		seen = p.Index
 		err := n.cfg.Driver.Drive(ctx, p, proposer{n})
-		retry = err != nil && ctx.Err() == nil
-		if !retry {
+		if ctx.Err() != nil {
+			return
+		}
+		if err == nil {
+			retry = false
 			backoff = driverBackoffMin
+			n.recordSuccess(ctx, name, &rep, log)
 			continue
 		}
+		if errors.Is(err, ErrPermanent) && n.abortForGood(ctx, p, err, log) {
+			retry = false
+			continue
+		}
+		retry = true
 		level := log.Warn
 		if errors.Is(err, ErrStaleEpoch) {
 			level = log.Info
+		} else {
+			n.recordFailure(ctx, name, err, &rep, log)
 		}
 		level("driver failed; retrying", zap.String("phase", string(p.Phase)), zap.Uint64("epoch", p.Epoch), zap.Duration("backoff", backoff), zap.Error(err))
 		select {
@@ -365,6 +385,93 @@ func (n *Node) drivePlan(ctx context.Context, name string) {
 		}
 		backoff = min(backoff*2, driverBackoffMax)
 	}
+}
+
+// abortForGood aborts a plan whose driver failed with an error retrying
+// cannot heal, through the normal abort (Finalize then releases what the
+// plan holds and unfences blue). It reports whether the abort committed;
+// the state machine refuses it once the flip has begun, and the plan is
+// then retried.
+func (n *Node) abortForGood(ctx context.Context, p Plan, err error, log *zap.Logger) bool {
+	reason := "aborted: the driver cannot go on and retrying cannot heal it: " + boundText(redact.Text(err.Error()))
+	log.Error("driver failed for good; aborting the plan", zap.String("phase", string(p.Phase)), zap.Error(err))
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, perr := n.Propose(pctx, Command{Op: OpTransition, Plan: p.Name, To: PhaseAborted, Reason: reason, Actor: "driver", Origin: OriginDriver}); perr != nil {
+		log.Error("could not abort the plan after a permanent driver error; retrying the plan", zap.Error(perr))
+		return false
+	}
+	return true
+}
+
+// driverErrorEvery is how often, at most, the leader records a plan's
+// failures while its error stays the same. The driver's backoff reaches
+// 30s after a few failures, so in a long streak every failure is recorded;
+// the limit only folds the first quick retries into one command.
+const driverErrorEvery = 30 * time.Second
+
+// failureReport is what drivePlan knows of a plan's failures and has or
+// has not recorded yet.
+type failureReport struct {
+	loaded            bool
+	failures, retries int
+	lastText          string
+	lastAt            time.Time
+}
+
+// load starts the counts from the replicated state, so that a new leader
+// carries on from its predecessor's.
+func (r *failureReport) load(n *Node, name string) {
+	if r.loaded {
+		return
+	}
+	r.loaded = true
+	if p, ok := n.fsm.Plan(name); ok && p.Driver != nil {
+		r.failures, r.retries = p.Driver.Failures, p.Driver.Retries
+	}
+}
+
+func (n *Node) recordFailure(ctx context.Context, name string, err error, r *failureReport, log *zap.Logger) {
+	r.load(n, name)
+	r.failures++
+	r.retries++
+	text := boundText(redact.Text(err.Error()))
+	if text == r.lastText && time.Since(r.lastAt) < driverErrorEvery {
+		return
+	}
+	r.lastText, r.lastAt = text, time.Now()
+	n.proposeDriverError(ctx, Command{Op: OpDriverError, Plan: name, Failures: r.failures, Retries: r.retries, Detail: text}, log)
+}
+
+func (n *Node) recordSuccess(ctx context.Context, name string, r *failureReport, log *zap.Logger) {
+	r.load(n, name)
+	p, ok := n.fsm.Plan(name)
+	if r.failures == 0 && (!ok || p.Driver == nil || p.Driver.Failures == 0) {
+		return
+	}
+	r.failures, r.lastText = 0, ""
+	n.proposeDriverError(ctx, Command{Op: OpDriverError, Plan: name, Failures: 0, Retries: r.retries, Reason: "driver succeeded"}, log)
+}
+
+func (n *Node) proposeDriverError(ctx context.Context, c Command, log *zap.Logger) {
+	c.Actor, c.Origin = "driver", OriginDriver
+	if c.Reason == "" {
+		c.Reason = "driver failed; retrying"
+	}
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if _, err := n.Propose(pctx, c); err != nil && ctx.Err() == nil {
+		log.Warn("record driver failures", zap.Error(err))
+	}
+}
+
+// boundText keeps an error text short enough for the replicated state.
+func boundText(s string) string {
+	const limit = 2000
+	if len(s) <= limit {
+		return s
+	}
+	return s[:limit] + "..."
 }
 
 // finalizePlan calls the driver's Finalize for a terminal plan until it
@@ -383,7 +490,7 @@ func (n *Node) finalizePlan(ctx context.Context, name string) {
 		}
 		err := fin.Finalize(ctx, p)
 		if err == nil {
-			_, err = n.Propose(ctx, Command{Op: OpFinalize, Plan: name, Actor: "driver", Reason: "finalized after " + string(p.Phase)})
+			_, err = n.Propose(ctx, Command{Op: OpFinalize, Plan: name, Actor: "driver", Origin: OriginDriver, Reason: "finalized after " + string(p.Phase)})
 		}
 		if err == nil {
 			log.Info("plan finalized", zap.String("phase", string(p.Phase)))

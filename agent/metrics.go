@@ -64,13 +64,15 @@ var (
 	descPhase        = prometheus.NewDesc("cutover_plan_phase", "1 for the plan's committed phase, 0 for the others.", []string{"plan", "phase"}, nil)
 	descEpoch        = prometheus.NewDesc("cutover_plan_epoch", "The plan's epoch (fencing token).", []string{"plan"}, nil)
 	descGateOpen     = prometheus.NewDesc("cutover_gate_open", "1 if the plan's phase, as this node has applied it, opens the gate (not a linearizable read: ask /v1/gate).", []string{"plan"}, nil)
+	descRetries      = prometheus.NewDesc("cutover_plan_driver_retries_total", "Driver failures of the plan that were retried, over its life (replicated state).", []string{"plan"}, nil)
+	descFailures     = prometheus.NewDesc("cutover_plan_driver_consecutive_failures", "The driver's consecutive failures of the plan; 0 once it succeeds (replicated state).", []string{"plan"}, nil)
 )
 
 type stateCollector struct{ n *Node }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRaftState, descRaftLeader, descIsLeader, descTerm, descCommitIndex,
-		descAppliedIndex, descFSMIndex, descLastContact, descPhase, descEpoch, descGateOpen} {
+		descAppliedIndex, descFSMIndex, descLastContact, descPhase, descEpoch, descGateOpen, descRetries, descFailures} {
 		ch <- d
 	}
 }
@@ -111,5 +113,11 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- gauge(descEpoch, float64(p.Epoch), p.Name)
 		ch <- gauge(descGateOpen, b2f(p.GateOpen()), p.Name)
+		var d DriverStatus
+		if p.Driver != nil {
+			d = *p.Driver
+		}
+		ch <- prometheus.MustNewConstMetric(descRetries, prometheus.CounterValue, float64(d.Retries), p.Name)
+		ch <- gauge(descFailures, float64(d.Failures), p.Name)
 	}
 }

@@ -380,7 +380,7 @@ func (n *Node) Leader() string {
 	return string(id)
 }
 
-// Origin says who asked for a command, for the audit log.
+// Origin says who asked for an API command, for the audit log.
 type Origin struct {
 	// Actor is who asked: "driver", or the API caller.
 	Actor string
@@ -448,14 +448,16 @@ func (n *Node) CreatePlan(ctx context.Context, spec config.Plan, source string, 
 	if err != nil {
 		return Plan{}, err
 	}
-	res, err := n.Propose(ctx, Command{Op: OpCreatePlan, Plan: spec.Name, Spec: sealed, Source: source, Actor: o.Actor, Via: o.Via, Reason: o.Reason})
+	res, err := n.Propose(ctx, Command{Op: OpCreatePlan, Plan: spec.Name, Spec: sealed, Source: source, Actor: o.Actor, Origin: OriginOperator, Via: o.Via, Reason: o.Reason})
 	return resultPlan(res, err)
 }
 
-// Transition moves a plan to another phase; ifEpoch, when not zero, makes
-// it conditional on the plan's current epoch.
+// Transition moves a plan to another phase as an operator (the API's
+// start, abort and transition); ifEpoch, when not zero, makes it
+// conditional on the plan's current epoch. Its origin is always
+// OriginOperator: no caller of the API can speak for the driver.
 func (n *Node) Transition(ctx context.Context, plan string, to Phase, ifEpoch uint64, o Origin) (Plan, error) {
-	res, err := n.Propose(ctx, Command{Op: OpTransition, Plan: plan, To: to, IfEpoch: ifEpoch, Actor: o.Actor, Via: o.Via, Reason: o.Reason})
+	res, err := n.Propose(ctx, Command{Op: OpTransition, Plan: plan, To: to, IfEpoch: ifEpoch, Actor: o.Actor, Origin: OriginOperator, Via: o.Via, Reason: o.Reason})
 	return resultPlan(res, err)
 }
 
@@ -480,7 +482,7 @@ func (n *Node) AddVoter(ctx context.Context, m Member, o Origin) error {
 	if err := n.raft.AddVoter(raft.ServerID(m.ID), raft.ServerAddress(m.Address), 0, 10*time.Second).Error(); err != nil {
 		return fmt.Errorf("add voter %s: %w", m.ID, raftErr(err))
 	}
-	_, err := n.Propose(ctx, Command{Op: OpSetMember, Member: &m, Actor: o.Actor, Via: o.Via, Reason: o.Reason})
+	_, err := n.Propose(ctx, Command{Op: OpSetMember, Member: &m, Actor: o.Actor, Origin: OriginOperator, Via: o.Via, Reason: o.Reason})
 	return err
 }
 
@@ -488,7 +490,7 @@ func (n *Node) AddVoter(ctx context.Context, m Member, o Origin) error {
 // configuration (in that order, so that a leader removing itself can still
 // commit the first).
 func (n *Node) RemoveMember(ctx context.Context, id string, o Origin) error {
-	if _, err := n.Propose(ctx, Command{Op: OpRemoveMember, Member: &Member{ID: id}, Actor: o.Actor, Via: o.Via, Reason: o.Reason}); err != nil {
+	if _, err := n.Propose(ctx, Command{Op: OpRemoveMember, Member: &Member{ID: id}, Actor: o.Actor, Origin: OriginOperator, Via: o.Via, Reason: o.Reason}); err != nil {
 		return err
 	}
 	if err := n.raft.RemoveServer(raft.ServerID(id), 0, 10*time.Second).Error(); err != nil {

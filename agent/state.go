@@ -43,6 +43,45 @@ type planRecord struct {
 	Facts   map[string]string `json:"facts,omitempty"`
 	// Finalized is when the driver's Finalize succeeded (terminal plans).
 	Finalized time.Time `json:"finalized,omitzero"`
+	// Manual is the spec's manual flag, read once at creation: operators
+	// drive the phases, the driver does not.
+	Manual bool `json:"manual,omitempty"`
+	// Driver is how the leader's driver fares (driver_error commands).
+	Driver *DriverStatus `json:"driver,omitempty"`
+}
+
+// DriverStatus is how the leader's driver fares with a plan it retries.
+//
+// It lives in the replicated state, not in the leader's memory (Live):
+// every agent then shows it (status asked of any follower, metrics scraped
+// from every node), and a new leader continues the counts instead of
+// starting from zero. The leader rate-limits the commands (see leader.go),
+// so a plan failing every second does not flood the log.
+type DriverStatus struct {
+	// Failures counts the driver's consecutive failures; 0 once it succeeds.
+	Failures int `json:"failures"`
+	// Retries counts every failure the driver retried over the plan's life.
+	Retries int `json:"retries"`
+	// LastError is the last failure's error, redacted; kept after a success.
+	LastError string `json:"last_error,omitempty"`
+	// Phase is the phase the last failure happened in.
+	Phase Phase     `json:"phase,omitempty"`
+	At    time.Time `json:"at,omitzero"`
+}
+
+// flipBegun reports whether the driver committed a flip intent: from then
+// on green may take writes at any moment, so nothing may unfence blue
+// until green is proven fenced again (the driver's own abort step does).
+func (p *planRecord) flipBegun() bool {
+	if p.Phase != PhaseAuthorized {
+		return false
+	}
+	for _, st := range p.Steps {
+		if st.Name == StepFlip && st.Phase == PhaseAuthorized {
+			return true
+		}
+	}
+	return false
 }
 
 // openStep returns the step begun by the last intent if it has no outcome.
@@ -59,7 +98,11 @@ func (p *planRecord) view() Plan {
 		Name: p.Name, Source: p.Source, Phase: p.Phase, Epoch: p.Epoch, Index: p.Index,
 		Created: p.Created, Updated: p.Updated, Reason: p.Reason,
 		Steps: slices.Clone(p.Steps), Facts: maps.Clone(p.Facts), Finalized: p.Finalized,
-		sealed: slices.Clone(p.Spec),
+		Manual: p.Manual, sealed: slices.Clone(p.Spec),
+	}
+	if p.Driver != nil {
+		d := *p.Driver
+		v.Driver = &d
 	}
 	if s := p.openStep(); s != nil {
 		c := *s
@@ -94,6 +137,13 @@ type Plan struct {
 	Facts map[string]string `json:"facts,omitempty"`
 	// Finalized is when the driver's Finalize succeeded; zero until then.
 	Finalized time.Time `json:"finalized,omitzero"`
+	// Manual: the plan declared manual: operators move its phases through
+	// the API and the driver leaves it alone.
+	Manual bool `json:"manual,omitempty"`
+	// Driver is how the leader's driver fares with the plan: its
+	// consecutive failures, retries and last error; nil while it never
+	// failed.
+	Driver *DriverStatus `json:"driver,omitempty"`
 
 	sealed json.RawMessage
 }
@@ -133,6 +183,14 @@ type Step struct {
 	EndIndex uint64      `json:"end_index,omitempty"`
 }
 
+// StepFlip and StepAbort are the names of the driver's flip and abort
+// steps; the state machine knows them because a committed flip intent
+// changes what may follow (see CheckOrigin).
+const (
+	StepFlip  = "flip"
+	StepAbort = "abort"
+)
+
 // StepOutcome is how a step ended.
 type StepOutcome string
 
@@ -162,11 +220,13 @@ type AuditEntry struct {
 	Node  string `json:"node"`
 	Via   string `json:"via,omitempty"`
 	Actor string `json:"actor,omitempty"`
-	Op    Op     `json:"op"`
-	Plan  string `json:"plan,omitempty"`
-	From  Phase  `json:"from,omitempty"`
-	To    Phase  `json:"to,omitempty"`
-	Step  string `json:"step,omitempty"`
+	// Origin says whether the driver or an operator asked.
+	Origin CommandOrigin `json:"origin,omitempty"`
+	Op     Op            `json:"op"`
+	Plan   string        `json:"plan,omitempty"`
+	From   Phase         `json:"from,omitempty"`
+	To     Phase         `json:"to,omitempty"`
+	Step   string        `json:"step,omitempty"`
 	// Epoch is the plan's epoch after the command.
 	Epoch  uint64 `json:"epoch,omitempty"`
 	Member string `json:"member,omitempty"`

@@ -96,7 +96,13 @@ type Log struct {
 // Plan is one cutover: the pairs that move together, fenced together and
 // gated together.
 type Plan struct {
-	Name   string `yaml:"name" json:"name"`
+	Name string `yaml:"name" json:"name"`
+	// Manual hands the plan's phases to operators: the agents' plan driver
+	// leaves it alone and `cutover plan transition` may move it. By default
+	// (false) the driver runs the plan and the state machine refuses an
+	// operator's moves of the phases it owns (start, abort, rollback and
+	// complete stay allowed).
+	Manual bool   `yaml:"manual,omitempty" json:"manual,omitempty"`
 	Pairs  []Pair `yaml:"pairs" json:"pairs"`
 	Lag    Lag    `yaml:"lag" json:"lag"`
 	Fence  Fence  `yaml:"fence" json:"fence"`
