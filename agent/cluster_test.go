@@ -498,7 +498,7 @@ func TestLeaderKilledMidPlan(t *testing.T) {
 	walkTo(t, lc, "orders", agent.PhaseFenced)
 	// A step is in flight when the leader dies: its intent is committed,
 	// its outcome is not.
-	intent, err := leader.Node.Propose(agenttest.Ctx(t, 5*time.Second), agent.Command{Op: agent.OpIntent, Plan: "orders", Step: "catch_up"})
+	intent, err := leader.Node.Propose(agenttest.Ctx(t, 5*time.Second), agent.Command{Op: agent.OpIntent, Plan: "orders", Step: "catch_up", Origin: agent.OriginDriver})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -527,7 +527,7 @@ func TestLeaderKilledMidPlan(t *testing.T) {
 	}
 	// The new leader resumes the step under a new intent: a higher epoch.
 	nc := c.Client(next.Index)
-	resumed, err := next.Node.Propose(agenttest.Ctx(t, 5*time.Second), agent.Command{Op: agent.OpIntent, Plan: "orders", Step: "catch_up"})
+	resumed, err := next.Node.Propose(agenttest.Ctx(t, 5*time.Second), agent.Command{Op: agent.OpIntent, Plan: "orders", Step: "catch_up", Origin: agent.OriginDriver})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -538,7 +538,7 @@ func TestLeaderKilledMidPlan(t *testing.T) {
 		t.Errorf("the dead leader's step was not superseded: %+v", resumed.Plan.Steps)
 	}
 	// The old leader's outcome, were it to arrive now, is stale.
-	if _, err := next.Node.Propose(agenttest.Ctx(t, 5*time.Second), agent.Command{Op: agent.OpOutcome, Plan: "orders", Epoch: intent.Index, OK: true, To: agent.PhaseCaughtUp}); !errors.Is(err, agent.ErrStaleEpoch) {
+	if _, err := next.Node.Propose(agenttest.Ctx(t, 5*time.Second), agent.Command{Op: agent.OpOutcome, Plan: "orders", Epoch: intent.Index, OK: true, To: agent.PhaseCaughtUp, Origin: agent.OriginDriver}); !errors.Is(err, agent.ErrStaleEpoch) {
 		t.Fatalf("stale outcome: %v", err)
 	}
 	walkTo(t, nc, "orders", agent.PhaseCaughtUp)

@@ -47,7 +47,7 @@ func TestRestartAllFromDiskRestoresSnapshotAndLog(t *testing.T) {
 	}
 	walkTo(t, lc, "orders", agent.PhaseSwitched)
 	walkTo(t, lc, "sessions", agent.PhaseFenced)
-	if _, err := leader.Node.Propose(agenttest.Ctx(t, 5*time.Second), agent.Command{Op: agent.OpIntent, Plan: "sessions", Step: "catch_up"}); err != nil {
+	if _, err := leader.Node.Propose(agenttest.Ctx(t, 5*time.Second), agent.Command{Op: agent.OpIntent, Plan: "sessions", Step: "catch_up", Origin: agent.OriginDriver}); err != nil {
 		t.Fatal(err)
 	}
 	write(t, func(ctx context.Context) (agent.PlanInfo, error) { return lc.Abort(ctx, "billing", "not this week") },
