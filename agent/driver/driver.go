@@ -130,20 +130,25 @@ func (d *Driver) runtime(ctx context.Context, plan agent.Plan) (*planRT, error) 
 }
 
 // Drive implements agent.Driver.
+// A manual plan is left to its operators. Errors that retrying cannot heal
+// are marked agent.Permanent (see permanent.go): the leader aborts the plan.
 func (d *Driver) Drive(ctx context.Context, plan agent.Plan, p agent.Proposer) error {
-	if plan.Phase == agent.PhasePending {
+	if plan.Phase == agent.PhasePending || plan.Manual {
 		return nil
+	}
+	if err := checkSpec(plan); err != nil {
+		return classify(err)
 	}
 	rt, err := d.runtime(ctx, plan)
 	if err != nil {
-		return err
+		return classify(err)
 	}
 	log := d.log.With(zap.String("plan", plan.Name), zap.String("phase", string(plan.Phase)), zap.Uint64("epoch", plan.Epoch))
 	err = rt.drive(ctx, plan, p, log)
 	if errors.Is(err, errAborted) {
 		return nil
 	}
-	return err
+	return classify(err)
 }
 
 func (rt *planRT) drive(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
@@ -170,7 +175,12 @@ func (rt *planRT) drive(ctx context.Context, plan agent.Plan, p agent.Proposer, 
 // publications in both directions. Blue stays fenced after done; green stays
 // fenced after rolled_back and after an abort (it no longer follows blue, so
 // writing to it would split the data); blue is unfenced after an abort.
+//
+// A manual plan holds nothing of the driver's: there is nothing to release.
 func (d *Driver) Finalize(ctx context.Context, plan agent.Plan) error {
+	if plan.Manual {
+		return nil
+	}
 	spec, err := plan.Spec()
 	if err != nil {
 		return fmt.Errorf("plan spec: %w", err)

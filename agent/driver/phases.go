@@ -487,7 +487,7 @@ func (rt *planRT) abortInterruptedWindow(ctx context.Context, plan agent.Plan, p
 // able to write to both sides (invariant 1).
 func (rt *planRT) abort(ctx context.Context, name string, p agent.Proposer, epoch uint64, reason string) error {
 	rt.d.log.Warn("aborting plan", zap.String("plan", name), zap.String("reason", reason))
-	e, err := p.Intent(ctx, name, "abort", 0)
+	e, err := p.Intent(ctx, name, agent.StepAbort, 0)
 	if err != nil {
 		return err
 	}
@@ -512,7 +512,7 @@ func (rt *planRT) abort(ctx context.Context, name string, p agent.Proposer, epoc
 
 // flip: set up the way back, let green take writes, flip every target.
 func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
-	epoch, err := p.Intent(ctx, plan.Name, "flip", plan.Epoch)
+	epoch, err := p.Intent(ctx, plan.Name, agent.StepFlip, plan.Epoch)
 	if err != nil {
 		return err
 	}
@@ -548,8 +548,12 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 	outcomes, err := flipWithRetry(ctx, targets, f, log)
 	rt.releaseBlue(ctx, log)
 	if err != nil && !anyOK(outcomes) && !errors.Is(err, target.ErrStaleEpoch) && ctx.Err() == nil {
-		// Nothing flipped: close green again and abort cleanly.
-		rt.forEach(func(pr *pairRT) error { return pr.greenFence.Fence(ctx, epoch) })
+		// Nothing flipped: close green again and abort cleanly. The abort
+		// unfences blue, so it only runs once green is fenced again;
+		// otherwise blue stays fenced and the flip is retried.
+		if ferr := rt.refenceGreen(ctx, epoch, log); ferr != nil {
+			return fmt.Errorf("flip failed before any target switched (%v), and green could not be fenced again, so blue stays fenced and the flip is retried: %w", err, ferr)
+		}
 		return rt.abort(ctx, plan.Name, p, epoch, "flip failed before any target switched: "+err.Error())
 	}
 	if err != nil {
@@ -573,6 +577,35 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 		}
 	}
 	return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseSwitched, Detail: fmt.Sprintf("flipped %d targets to green", len(targets)), Reason: "traffic flipped to green", Facts: map[string]string{"flipped_at": f.At.Format(time.RFC3339Nano), "route": "green"}})
+}
+
+// refenceAttempts bounds the tries to fence green again after a failed
+// flip, within one flip attempt.
+const refenceAttempts = 5
+
+// refenceGreen fences green again after a flip that switched no target,
+// retrying with a backoff; nil means every pair's fence is committed.
+func (rt *planRT) refenceGreen(ctx context.Context, epoch uint64, log *zap.Logger) error {
+	backoff := 200 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		err := rt.d.fault("before refence green")
+		if err == nil {
+			err = rt.forEach(func(pr *pairRT) error { return pr.greenFence.Fence(ctx, epoch) })
+		}
+		if err == nil {
+			return nil
+		}
+		log.Error("GREEN MAY TAKE WRITES: fencing green again after a failed flip failed; blue stays fenced", zap.Int("attempt", attempt), zap.Error(err))
+		if attempt == refenceAttempts {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(backoff):
+		}
+		backoff *= 2
+	}
 }
 
 func anyOK(outcomes []target.Outcome) bool {

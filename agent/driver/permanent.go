@@ -1,0 +1,69 @@
+package driver
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/cutover/cutover/agent"
+	"github.com/cutover/cutover/internal/config"
+	"github.com/cutover/cutover/replication"
+)
+
+// Errors that retrying cannot heal. The leader aborts a plan whose Drive
+// returns one of them (wrapped with agent.Permanent by Drive) instead of
+// retrying it forever.
+var (
+	// errUnsupported: the plan names something this driver cannot run (an
+	// engine it does not carry yet).
+	errUnsupported = errors.New("not supported by the plan driver")
+	// errSpec: the plan's sealed specification cannot be read.
+	errSpec = errors.New("plan spec")
+)
+
+// permanentErrors lists the errors that retrying cannot heal: the plan's
+// specification will not change, and neither will a schema the pre-check
+// refused while the plan runs. Extend it with the sentinels of other
+// packages (such as a verifier's "cannot verify this table") rather than
+// matching error text.
+var permanentErrors = []error{
+	replication.ErrPrecheck,
+	errUnsupported,
+	errSpec,
+}
+
+// permanent reports whether retrying cannot heal err.
+func permanent(err error) bool {
+	if err == nil {
+		return false
+	}
+	for _, target := range permanentErrors {
+		if errors.Is(err, target) {
+			return true
+		}
+	}
+	return false
+}
+
+// classify marks an error that retrying cannot heal for the leader (see
+// agent.ErrPermanent); other errors are returned as they are.
+func classify(err error) error {
+	if permanent(err) {
+		return agent.Permanent(err)
+	}
+	return err
+}
+
+// checkSpec refuses, before anything is opened, a plan this driver can
+// never run.
+func checkSpec(plan agent.Plan) error {
+	spec, err := plan.Spec()
+	if err != nil {
+		return fmt.Errorf("%w: %v", errSpec, err)
+	}
+	for _, pc := range spec.Pairs {
+		if pc.Engine != config.Postgres {
+			return fmt.Errorf("pair %s: engine %s: %w (it carries postgres pairs only)", pc.Name, pc.Engine, errUnsupported)
+		}
+	}
+	return nil
+}
