@@ -131,6 +131,7 @@ func TestThreeAgentProcesses(t *testing.T) {
 log: {level: debug, format: json}
 plans:
   - name: orders
+    manual: true
     pairs:
       - name: db
         engine: postgres

@@ -31,7 +31,7 @@ func TestGateAndPlanCommandsAgainstACluster(t *testing.T) {
 	t.Setenv("CUTOVER_ADDR", addr)
 
 	spec := filepath.Join(t.TempDir(), "orders.json")
-	if err := os.WriteFile(spec, []byte(`{"name":"orders","pairs":[{"name":"db","engine":"postgres",
+	if err := os.WriteFile(spec, []byte(`{"name":"orders","manual":true,"pairs":[{"name":"db","engine":"postgres",
 		"blue":{"dsn":"postgres://app:cli-secret-pw@127.0.0.1:5432/shop"},"green":{"dsn":"postgres://app:cli-secret-pw@127.0.0.1:5433/shop"}}]}`), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -101,6 +102,15 @@ func printStatus(w io.Writer, st agent.Status) {
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", p.Name, p.Phase, p.Epoch, step, gateState)
 	}
 	tw.Flush()
+	for _, p := range st.Plans {
+		if p.Manual {
+			fmt.Fprintf(w, "%s: manual (operators move its phases; the driver leaves it alone)\n", p.Name)
+		}
+		if d := p.Driver; d != nil && d.Failures > 0 {
+			fmt.Fprintf(w, "%s: RETRYING: the driver failed %d times in a row (%d retries in all); last error in %s at %s: %s\n",
+				p.Name, d.Failures, d.Retries, d.Phase, d.At.Format(time.RFC3339), d.LastError)
+		}
+	}
 	for _, p := range st.Plans {
 		if p.Live == nil {
 			continue
