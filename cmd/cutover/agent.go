@@ -46,7 +46,9 @@ Mutating calls need the operator token; read calls need the read (or
 operator) token when one is configured and are open otherwise.
 
 The leader runs the plan driver (the database steps). With --manual it does
-not: every phase change is made through the API (drills, tests).
+not: every phase change is made through the API (drills, tests), and the
+plans must say manual: true (the agents refuse an operator's move of a
+phase the driver owns in any other plan).
 
 Log settings come from the file's log section unless --log-format or
 --log-level is given.
