@@ -130,7 +130,7 @@ func planStart(g *globals) *cobra.Command {
 
 func planAbort(g *globals) *cobra.Command {
 	var reason string
-	return planRun(g, "abort NAME", "Abort a plan that has not switched yet (up to authorized)", cobra.ExactArgs(1),
+	return planRun(g, "abort NAME", "Abort a plan that has not switched yet (up to authorized, before the flip begins)", cobra.ExactArgs(1),
 		func(cmd *cobra.Command) { cmd.Flags().StringVar(&reason, "reason", "", "why (kept in the audit log)") },
 		func(ctx context.Context, _ *cobra.Command, c clientAPI, args []string) (any, error) {
 			return c.Abort(ctx, args[0], reason)
@@ -142,7 +142,7 @@ func planTransition(g *globals) *cobra.Command {
 		to, reason string
 		ifEpoch    uint64
 	)
-	return planRun(g, "transition NAME --to PHASE", "Move a plan to its next phase (the state machine refuses illegal moves)", cobra.ExactArgs(1),
+	return planRun(g, "transition NAME --to PHASE", "Move a manual plan to its next phase (the state machine refuses illegal moves, and the moves the driver owns in a plan that is not manual)", cobra.ExactArgs(1),
 		func(cmd *cobra.Command) {
 			cmd.Flags().StringVar(&to, "to", "", "target phase")
 			cmd.Flags().StringVar(&reason, "reason", "", "why (kept in the audit log)")
