@@ -8,11 +8,14 @@
 //   - phase.go: the phases of a plan and which moves are legal;
 //   - command.go: the versioned commands of the replicated log;
 //   - state.go, fsm.go: the state machine (plans, epochs, steps, members,
-//     audit log), its snapshots, and its read methods;
+//     audit log), who may move a plan (the driver or an operator: commands
+//     carry their origin), its snapshots, and its read methods;
 //   - spec.go: sealing a plan's specification (with its secrets) for the log;
 //   - node.go: starting and stopping an agent, proposing commands;
 //   - leader.go: the leader loop (one per term, from raft's NotifyCh, after a
-//     Barrier) and the Driver, Finalizer and Proposer contracts;
+//     Barrier), the Driver, Finalizer and Proposer contracts, and what it
+//     does with a driver's errors (retried and recorded, or, when marked
+//     Permanent, the plan aborted);
 //   - gate.go: the linearizable gate;
 //   - api.go: the HTTP API, its authorization and forwarding;
 //   - transport.go: the Raft stream layer and TLS;

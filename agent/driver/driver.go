@@ -16,7 +16,12 @@
 //     leader unfences blue with its higher epoch and aborts. Invariant 5
 //     bounds the outage; retrying is a new plan.
 //   - authorized: resume the flip under a new intent: every target is
-//     idempotent for an epoch and accepts a higher one.
+//     idempotent for an epoch and accepts a higher one. A flip that
+//     switched no target fences green again and aborts; while green cannot
+//     be fenced again, blue stays fenced and the flip is retried.
+//
+// Errors that retrying cannot heal (permanent.go) are marked for the
+// leader, which aborts the plan with them; manual plans are not driven.
 //   - switched: resume reverse replication, the health watch and the
 //     rollback window from the committed flip time.
 //   - rolling_back: resume the rollback under a new intent: fencing green,
