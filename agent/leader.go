@@ -39,7 +39,9 @@ import (
 //     is called again after the next committed change to the plan (its own
 //     proposals, an operator's call, a restore). Return an error to be
 //     called again after a backoff (1s, doubling to 30s); the error is
-//     logged, so it must not hold secrets.
+//     logged and recorded (redacted) in the plan's DriverStatus, so it must
+//     not hold secrets. An error that retrying cannot heal, wrapped with
+//     Permanent, aborts the plan instead, with the error as the reason.
 //   - Drive may block as long as a step takes (waiting for lag to settle,
 //     draining writes), honouring ctx.
 //   - Proposals fail with ErrNotLeader or ErrLeadershipLost when leadership
