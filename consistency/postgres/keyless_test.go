@@ -3,8 +3,11 @@ package postgres
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cutover/cutover/consistency"
 	"github.com/cutover/cutover/integration"
@@ -195,5 +198,148 @@ func TestAKeyWithANonDeterministicCollationIsComparedAsAKeyLessTable(t *testing.
 	}
 	if tab := rep.Tables[0]; !tab.KeyLess || len(tab.Warnings) == 0 || !strings.Contains(tab.Warnings[0], "non-deterministic") {
 		t.Errorf("table %+v: want key-less with a warning naming the collation", tab)
+	}
+}
+
+// heapStream stands in for the replication engine on a key-less table:
+// a writer inserts and updates rows of log on blue, an applier repeats
+// each write on green after a delay, calling MarkChanged first with the
+// key a REPLICA IDENTITY USING INDEX stream would give (the verifier must
+// not take it for a row it can look up). Positions are write numbers.
+type heapStream struct {
+	*fakeStream
+}
+
+func newHeapStream(t *testing.T, p *pair, d *consistency.DirtySet, lag time.Duration) *heapStream {
+	return &heapStream{newFakeStream(t, p, d, 0, lag)}
+}
+
+func (h *heapStream) start(rate int) {
+	f := h.fakeStream
+	ctx, cancel := context.WithCancel(context.Background())
+	f.cancel = cancel
+	f.t.Cleanup(f.stop)
+	f.wg.Add(2)
+	go func() { // writer
+		defer f.wg.Done()
+		defer close(f.changes)
+		tick := time.NewTicker(time.Second / time.Duration(rate))
+		defer tick.Stop()
+		for i := 0; ; i++ {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			seq := f.issued.Add(1)
+			if _, err := f.blue.Exec(context.WithoutCancel(ctx), heapWrite, i); err != nil {
+				f.t.Error(err)
+				return
+			}
+			f.changes <- change{seq: seq, v: i, at: time.Now()}
+		}
+	}()
+	go func() { // applier
+		defer f.wg.Done()
+		for c := range f.changes {
+			time.Sleep(time.Until(c.at.Add(f.lag)))
+			f.dirty.MarkChanged("public.log", []string{strconv.Itoa(c.v)})
+			if _, err := f.green.Exec(context.Background(), heapWrite, c.v); err != nil {
+				f.t.Error(err)
+			}
+			f.applied.Store(c.seq)
+		}
+	}()
+}
+
+// heapWrite adds a copy of a row (duplicates included) and changes others.
+const heapWrite = `WITH u AS (UPDATE log SET n = n + 1 WHERE line = 'line ' || ($1::int * 7 % 20000) RETURNING 1)
+	INSERT INTO log SELECT 'written ' || ($1::int % 50), $1::int % 3`
+
+func newLog(t *testing.T) *pair {
+	t.Helper()
+	p := newPair(t, integration.PostgresOptions{}, integration.PostgresOptions{})
+	p.both(t, `CREATE TABLE log (line text, n int); ALTER TABLE log REPLICA IDENTITY FULL;
+		INSERT INTO log SELECT 'line ' || g, g FROM generate_series(1, 20000) g; ANALYZE log`)
+	return p
+}
+
+func TestOnlinePassOnAKeyLessTableUnderWritesThenDirtyPassInTheFence(t *testing.T) {
+	p := newLog(t)
+	d := consistency.NewDirtySet(0)
+	s := newHeapStream(t, p, d, 20*time.Millisecond)
+	s.start(200)
+	v := consistency.NewVerifier(p.blueDB, p.greenDB, onlineOptions())
+	ctx := context.Background()
+
+	rep, err := v.Online(ctx, []string{"log"}, s, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Verdict != consistency.Equal {
+		t.Fatalf("online verdict %s under writes: %+v %v", rep.Verdict, diffs(rep), tableErrors(rep))
+	}
+	tab := rep.Tables[0]
+	t.Logf("online: %d buckets, %d differed at first sight, %d re-checks, %d unsettled; dirty set %+v",
+		tab.Chunks, tab.ChunksDiffering, tab.Rechecked, tab.Unsettled, d.Stats())
+
+	// The fence: writes stop, green catches up; the whole table is
+	// re-hashed (its changes name no row).
+	s.stop()
+	if st := d.Stats(); st.WholeTables != 1 || st.Keys != 0 {
+		t.Fatalf("dirty set %+v after writes to a key-less table: want it whole, no key", st)
+	}
+	dirty, err := v.Dirty(ctx, []string{"log"}, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dirty.Verdict != consistency.Equal || dirty.Totals.RowsBlue < 20000 {
+		t.Fatalf("dirty verdict %s over %d rows: %+v %v", dirty.Verdict, dirty.Totals.RowsBlue, diffs(dirty), tableErrors(dirty))
+	}
+	if st := d.Stats(); st.WholeTables != 0 {
+		t.Errorf("a clean dirty pass left %+v", st)
+	}
+}
+
+func TestAKeyLessRowChangedBehindTheStreamsBackIsFound(t *testing.T) {
+	p := newLog(t)
+	exec(t, p.green, "UPDATE log SET line = 'corrupt' WHERE n = 4242")
+	d := consistency.NewDirtySet(0)
+	s := newHeapStream(t, p, d, 5*time.Millisecond)
+	v := consistency.NewVerifier(p.blueDB, p.greenDB, onlineOptions())
+	ctx := context.Background()
+	want := "changed n=4242; line: line 4242 -> corrupt"
+	named := func(rep *consistency.Report) string {
+		ds := diffs(rep)
+		if len(ds) != 1 || len(ds[0].Columns) != 1 {
+			return fmt.Sprintf("%+v %v", ds, tableErrors(rep))
+		}
+		c := ds[0].Columns[0]
+		return fmt.Sprintf("%s %s; %s: %s -> %s", ds[0].Kind, keyText(ds[0].Key), c.Column, c.Blue, c.Green)
+	}
+
+	// Quiet: the online pass re-checks after green caught up and names
+	// the row.
+	rep, err := v.Online(ctx, []string{"log"}, s, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := named(rep); rep.Verdict != consistency.Different || got != want || rep.Tables[0].Rechecked == 0 {
+		t.Fatalf("online: verdict %s, %s, %d re-checks; want %s after a re-check", rep.Verdict, got, rep.Tables[0].Rechecked, want)
+	}
+
+	// Under writes the online pass may leave the table to the fence; the
+	// fence pass names the row.
+	s.start(200)
+	if _, err := v.Refresh(ctx, []string{"log"}, s, d); err != nil {
+		t.Fatal(err)
+	}
+	s.stop()
+	dirty, err := v.Dirty(ctx, []string{"log"}, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := named(dirty); dirty.Verdict != consistency.Different || got != want {
+		t.Fatalf("dirty: verdict %s, %s; want %s", dirty.Verdict, got, want)
 	}
 }
