@@ -8,6 +8,13 @@
 // key changed). Engines implement Database in a subpackage named after the
 // engine (consistency/postgres).
 //
+// A table without a usable key is compared as a multiset of row hashes
+// instead (engines implementing MultisetHasher): buckets of rows by a
+// prefix of their row hash, differing buckets bisected by longer prefixes,
+// differing rows named by their values with their copies on each side. An
+// engine that cannot do so refuses the table with ErrNoPrimaryKey; every
+// refusal matches ErrUnverifiable.
+//
 // # Passes
 //
 // A Verifier runs three kinds of pass:
@@ -26,7 +33,9 @@
 //   - Dirty: inside the fence, only what the change stream touched since the
 //     online pass (exact keys, narrow ranges once the set grew too large, and
 //     chunks the online pass could not settle). Its cost is proportional to
-//     what changed, not to the size of the database.
+//     what changed, not to the size of the database; except for a key-less
+//     table changed since, which is re-hashed whole (its rows have no key
+//     to mark).
 //
 // The plan driver wires them: create a DirtySet, hand its MarkChanged to
 // the replication engine as the OnRowChange hook before the stream starts,
