@@ -224,7 +224,7 @@ type Row struct {
 type Database interface {
 	// Describe returns the tables named (schema.table, or table for the
 	// default schema), or every user table when names is empty. A table
-	// without a primary key yields an error matching ErrNoPrimaryKey.
+	// without a usable key has an empty Key (see MultisetHasher).
 	Describe(ctx context.Context, names []string) ([]*Table, error)
 	// Fingerprint returns a value that two sides share exactly when they
 	// hash equal rows alike (engine, encoding, hash function build).

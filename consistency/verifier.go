@@ -392,7 +392,7 @@ func (v *Verifier) start(ctx context.Context, pass Pass, names []string, d *Dirt
 		}
 	}
 	if len(unknown) > 0 {
-		return nil, nil, fmt.Errorf("no table named %s on blue", strings.Join(unknown, ", "))
+		return nil, nil, fmt.Errorf("%w: no table named %s on blue", ErrUnverifiable, strings.Join(unknown, ", "))
 	}
 	greenByName := make(map[string]*Table, len(tg))
 	for _, t := range tg {
