@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"strconv"
 	"strings"
 	"testing"
@@ -165,6 +166,30 @@ func TestAChangedRowInALargeKeyLessTableIsFoundSeveralLevelsDown(t *testing.T) {
 	p.both(t, `CREATE TABLE log (line text, n int);
 		INSERT INTO log SELECT 'line ' || g, g FROM generate_series(1, 50000) g;
 		ANALYZE log`)
+	// Read in block ranges, several statements at once, as a large
+	// table is.
+	saved := minSplitBlocks
+	minSplitBlocks = 16
+	t.Cleanup(func() { minSplitBlocks = saved })
+	ctx := context.Background()
+	tabs, err := p.blueDB.Describe(ctx, []string{"log"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ranges, err := p.blueDB.blockRanges(ctx, tabs[0]); err != nil || len(ranges) != p.blueDB.scans || len(ranges) < 2 {
+		t.Fatalf("block ranges %v, err %v: want %d", ranges, err, p.blueDB.scans)
+	}
+	split, err := p.blueDB.Buckets(ctx, tabs[0], nil, 0, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	minSplitBlocks = 1 << 40
+	whole, err := p.blueDB.Buckets(ctx, tabs[0], nil, 0, 10)
+	minSplitBlocks = 16
+	if err != nil || len(whole) < 1000 || !reflect.DeepEqual(split, whole) {
+		t.Fatalf("the block ranges' buckets (%d) do not add up to the whole table's (%d), err %v", len(split), len(whole), err)
+	}
+
 	exec(t, p.green, "UPDATE log SET line = 'LINE 31337' WHERE n = 31337; INSERT INTO log VALUES ('line 7', 7)")
 	opts := smallChunks(5000) // 16 buckets of about 3,000 rows
 	opts.BisectRows = 4
