@@ -230,5 +230,7 @@ func (q *query) prefixWhere(h string, under []uint64, from int) string {
 	for i, p := range under {
 		ps[i] = int64(p)
 	}
-	return " WHERE " + prefixExpr(h, from) + " = ANY(" + q.arg(ps) + "::int8[])"
+	// IN a subquery: a hash (semi-join) lookup per row, where = ANY of
+	// a parameter would search the array.
+	return " WHERE " + prefixExpr(h, from) + " IN (SELECT unnest(" + q.arg(ps) + "::int8[]))"
 }
