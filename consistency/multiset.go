@@ -18,8 +18,9 @@ const (
 	// each is a row of the result on each side.
 	maxTopBits = 16
 	// maxStepBits caps how much longer a bisection level's prefixes are:
-	// a differing bucket is split in at most 256 per pass over the table.
-	maxStepBits = 8
+	// a differing bucket is split in at most 1,024 per pass over the
+	// table (of the 100 buckets bisected at most per level by default).
+	maxStepBits = 10
 )
 
 // walkMultiset compares a table without a usable key as a multiset of row
@@ -158,7 +159,10 @@ func (tr *tableRun) descend(ctx context.Context, diff []uint64, nbits int, b, g 
 		if len(large) == 0 {
 			return nil
 		}
-		step := bits.Len64(uint64((most - 1) / tr.v.opts.BisectRows))
+		// Sub-buckets of about BisectRows/2 rows on average, so that
+		// nearly all of them hold at most BisectRows (every level is a
+		// scan of the table).
+		step := bits.Len64(uint64((most - 1) / max(tr.v.opts.BisectRows/2, 1)))
 		step = min(max(step, 1), maxStepBits)
 		next := min(nbits+step, 64)
 		nb, ng, err := tr.bucketsOrdered(ctx, large, nbits, next)

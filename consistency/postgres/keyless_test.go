@@ -192,7 +192,7 @@ func TestAChangedRowInALargeKeyLessTableIsFoundSeveralLevelsDown(t *testing.T) {
 
 	exec(t, p.green, "UPDATE log SET line = 'LINE 31337' WHERE n = 31337; INSERT INTO log VALUES ('line 7', 7)")
 	opts := smallChunks(5000) // 16 buckets of about 3,000 rows
-	opts.BisectRows = 4
+	opts.BisectRows = 2
 	rep := p.verify(t, opts, "log")
 	tab := rep.Tables[0]
 	var got []string
