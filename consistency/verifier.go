@@ -209,8 +209,12 @@ func (v *Verifier) Dirty(ctx context.Context, names []string, d *DirtySet) (*Rep
 		snap := d.snapshot(t.Name)
 		tr := r.newTable(t, nil)
 		if snap.whole || len(t.Key) == 0 && len(snap.keys)+len(snap.ranges) > 0 {
-			v.log.Info("dirty pass: checking the whole table (not walked online, or truncated)", zap.String("table", t.Name))
-			tr.info.Warnings = append(tr.info.Warnings, "checked whole: not walked online, or truncated since")
+			why := "not walked online, or truncated since"
+			if len(t.Key) == 0 {
+				why = "no key to name its changed rows by: changed since the online pass, or not walked online"
+			}
+			v.log.Info("dirty pass: checking the whole table", zap.String("table", t.Name), zap.String("why", why))
+			tr.info.Warnings = append(tr.info.Warnings, "checked whole: "+why)
 			tr.walkAll(ctx)
 		} else {
 			spans := v.dirtySpans(snap)
