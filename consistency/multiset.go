@@ -14,9 +14,10 @@ import (
 
 // Bucket sizes of key-less tables.
 const (
-	// maxTopBits caps the buckets of the first pass at 2^16 per table:
-	// each is a row of the result on each side.
-	maxTopBits = 16
+	// maxTopBits caps the buckets of the first pass at 2^14 per table:
+	// each is a group of the statement's hash aggregate, which then fits
+	// in the default work_mem (4 MB), and a row of its result.
+	maxTopBits = 14
 	// maxStepBits caps how much longer a bisection level's prefixes are:
 	// a differing bucket is split in at most 1,024 per pass over the
 	// table (of the 100 buckets bisected at most per level by default).
