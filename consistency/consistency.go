@@ -8,6 +8,13 @@
 // key changed). Engines implement Database in a subpackage named after the
 // engine (consistency/postgres).
 //
+// A table without a usable key is compared as a multiset of row hashes
+// instead (engines implementing MultisetHasher): buckets of rows by a
+// prefix of their row hash, differing buckets bisected by longer prefixes,
+// differing rows named by their values with their copies on each side. An
+// engine that cannot do so refuses the table with ErrNoPrimaryKey; every
+// refusal matches ErrUnverifiable.
+//
 // # Passes
 //
 // A Verifier runs three kinds of pass:
@@ -26,7 +33,9 @@
 //   - Dirty: inside the fence, only what the change stream touched since the
 //     online pass (exact keys, narrow ranges once the set grew too large, and
 //     chunks the online pass could not settle). Its cost is proportional to
-//     what changed, not to the size of the database.
+//     what changed, not to the size of the database; except for a key-less
+//     table changed since, which is re-hashed whole (its rows have no key
+//     to mark).
 //
 // The plan driver wires them: create a DirtySet, hand its MarkChanged to
 // the replication engine as the OnRowChange hook before the stream starts,
@@ -44,18 +53,31 @@ import (
 
 // Sentinel errors. Engines wrap them with the table name.
 var (
-	// ErrNoPrimaryKey: the table has no primary key, so rows cannot be
-	// chunked or matched between the sides. There is no whole-table mode:
-	// add a primary key or leave the table out of scope.
-	ErrNoPrimaryKey = errors.New("table has no primary key")
-	// ErrUnsupported: a server or a key type the engine cannot hash
-	// reliably (too old a version, a non-deterministic key collation).
-	ErrUnsupported = errors.New("unsupported")
+	// ErrUnverifiable: the tables asked for cannot be compared at all, and
+	// asking again will not change that (a server too old, sides that hash
+	// differently, a table that can be neither chunked by a key nor hashed
+	// whole). Every such refusal matches it with errors.Is, so that a
+	// caller can stop instead of retrying; ErrNoPrimaryKey, ErrUnsupported
+	// and ErrIncompatible all match it.
+	ErrUnverifiable = errors.New("cannot be verified")
+	// ErrNoPrimaryKey: the table has no usable key, and the engine cannot
+	// compare it whole (it does not implement MultisetHasher). Add a
+	// primary key or leave the table out of scope.
+	ErrNoPrimaryKey error = &unverifiable{"table has no primary key"}
+	// ErrUnsupported: a server or a column the engine cannot hash
+	// reliably (too old a version).
+	ErrUnsupported error = &unverifiable{"unsupported"}
 	// ErrIncompatible: the two sides would hash equal rows differently (a
 	// different server encoding, a different hash function build), so no
 	// comparison of digests would mean anything.
-	ErrIncompatible = errors.New("sides hash differently")
+	ErrIncompatible error = &unverifiable{"sides hash differently"}
 )
+
+// unverifiable is a sentinel that also matches ErrUnverifiable.
+type unverifiable struct{ msg string }
+
+func (e *unverifiable) Error() string        { return e.msg }
+func (e *unverifiable) Is(target error) bool { return target == ErrUnverifiable }
 
 // KeyKind says how values of a key column order, so that the DirtySet can
 // compare keys in Go exactly as the engine orders them.
@@ -178,8 +200,13 @@ type Digest struct {
 
 // Row is one row fetched for the report.
 type Row struct {
-	// Key is the key in text form, key order.
+	// Key is the key in text form, key order; nil for a table without a
+	// key.
 	Key []string
+	// Hash is the row's hash in the engine's text form, and Count its
+	// number of copies: set by MultisetHasher.BucketRows only.
+	Hash  string
+	Count int64
 	// Values are the columns in text form, in Table.Columns order; nil is
 	// NULL.
 	Values []*string
@@ -197,7 +224,7 @@ type Row struct {
 type Database interface {
 	// Describe returns the tables named (schema.table, or table for the
 	// default schema), or every user table when names is empty. A table
-	// without a primary key yields an error matching ErrNoPrimaryKey.
+	// without a usable key has an empty Key (see MultisetHasher).
 	Describe(ctx context.Context, names []string) ([]*Table, error)
 	// Fingerprint returns a value that two sides share exactly when they
 	// hash equal rows alike (engine, encoding, hash function build).
@@ -215,6 +242,35 @@ type Database interface {
 	KeyAt(ctx context.Context, t *Table, s Span, n int64) ([]string, error)
 	// Rows returns up to limit rows of s in key order.
 	Rows(ctx context.Context, t *Table, s Span, limit int) ([]Row, error)
+}
+
+// MultisetHasher is optional for a Database: an engine that implements it
+// lets the verifier compare a table without a usable key (Table.Key
+// empty), whose rows can be neither chunked by key ranges nor matched by
+// key. Such a table is a multiset of rows; it is compared as a multiset of
+// row hashes.
+//
+// Rows are grouped into buckets by a prefix of their row hash (the top
+// bits bits of the 64-bit row hash; bits 0 is the whole table). A bucket's
+// digest is that of Checksum (count and an order-independent sum of the
+// mixed row hashes), so equal multisets of rows give equal digests
+// whatever their physical order, and duplicates count: a row held three
+// times on blue and twice on green changes the count and the sum. The
+// verifier reads all buckets of a table in one pass per side, bisects
+// differing buckets by longer prefixes (one pass per level, all buckets of
+// the level at once), then fetches the distinct rows of the small buckets
+// left with their number of copies on each side.
+type MultisetHasher interface {
+	// Buckets returns the digest of every non-empty bucket of bits bits
+	// (keyed by prefix) among the rows whose prefix of from bits is one
+	// of under; from 0 and no under means every row. bits >= from: equal
+	// re-reads the buckets under themselves.
+	Buckets(ctx context.Context, t *Table, under []uint64, from, bits int) (map[uint64]Digest, error)
+	// BucketRows returns the distinct rows whose prefix of bits bits is
+	// one of in, each with Hash (a text that sorts in byte order as the
+	// rows are returned, the same on both sides) and Count set, in Hash
+	// order, at most limit of them.
+	BucketRows(ctx context.Context, t *Table, in []uint64, bits int, limit int) ([]Row, error)
 }
 
 // Snapshotter is optional for a Database: an engine that implements it

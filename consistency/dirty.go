@@ -21,6 +21,12 @@ const DefaultMaxDirtyEntries = 250_000
 // order is unknown in Go (a key column of KindOther) is marked whole
 // instead.
 //
+// A table without a usable key (compared as a multiset, see
+// MultisetHasher) has no rows to name: any mark of it, with or without a
+// key (a replica identity that is not the primary key, REPLICA IDENTITY
+// FULL), marks it whole, and the pass inside the fence re-hashes all of
+// it. Its cost there grows with the table, not with what changed.
+//
 // Every mark carries a generation (a counter over all marks), which lets
 // an online pass drop keys that a later clean check of their chunk already
 // covered, and tell a chunk still being written from a real difference.
@@ -45,6 +51,8 @@ type dirtyTable struct {
 	covered bool
 	// last is the generation of the latest mark.
 	last uint64
+	// keyLess: the table has no usable key; every mark is whole.
+	keyLess bool
 }
 
 type dirtyKey struct {
@@ -78,7 +86,7 @@ func (d *DirtySet) MarkChanged(table string, key []string) {
 	d.gen++
 	t := d.table(table)
 	t.last = d.gen
-	if key == nil {
+	if key == nil || t.keyLess {
 		d.markWholeLocked(t)
 		return
 	}
@@ -158,6 +166,15 @@ func (d *DirtySet) setKinds(table string, kinds []KeyKind) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	t := d.table(table)
+	if len(kinds) == 0 {
+		// No key: keys marked so far (the stream's replica identity)
+		// name nothing the verifier can look up.
+		t.keyLess = true
+		if len(t.keys)+len(t.ranges) > 0 {
+			d.markWholeLocked(t)
+		}
+		return
+	}
 	if t.order != nil || t.kinds != nil {
 		return
 	}
@@ -288,6 +305,14 @@ func (d *DirtySet) markSpan(table string, s Span) {
 	defer d.mu.Unlock()
 	t := d.table(table)
 	if t.whole != 0 {
+		return
+	}
+	if t.keyLess {
+		// The whole table is the span. The generation moves so that whole
+		// is never 0 (not whole); t.last does not, so a check in progress
+		// does not take it for a change.
+		d.gen++
+		d.markWholeLocked(t)
 		return
 	}
 	if s.IsKeySet() {

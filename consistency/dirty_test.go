@@ -248,3 +248,52 @@ func TestKeysSinceListsOnlyExactKeysMarkedInTheChunkAfterGen(t *testing.T) {
 		t.Error("a truncate after gen was not refused")
 	}
 }
+
+func TestAKeyLessTableIsMarkedWholeWhateverKeyTheStreamGives(t *testing.T) {
+	t.Run("keys marked before the table was described make it whole", func(t *testing.T) {
+		d := NewDirtySet(100)
+		// The stream started first; its replica identity is not a key
+		// the verifier can look up.
+		d.MarkChanged("s.heap", []string{"a", "b"})
+		d.setKinds("s.heap", nil)
+		d.endWalk("s.heap", 0)
+		if snap := d.snapshot("s.heap"); !snap.whole || len(snap.keys) != 0 {
+			t.Fatalf("snapshot %+v, want the whole table", snap)
+		}
+	})
+
+	t.Run("keys marked after a clean walk make it whole, and a clean dirty pass settles it", func(t *testing.T) {
+		d := NewDirtySet(100)
+		d.setKinds("s.heap", nil)
+		d.endWalk("s.heap", d.beginWalk("s.heap"))
+		if snap := d.snapshot("s.heap"); snap.whole || len(snap.keys)+len(snap.ranges) != 0 {
+			t.Fatalf("snapshot %+v of a clean walk, want nothing", snap)
+		}
+		d.MarkChanged("s.heap", []string{"7"})
+		snap := d.snapshot("s.heap")
+		if !snap.whole || len(snap.keys) != 0 {
+			t.Fatalf("snapshot %+v, want the whole table and no key", snap)
+		}
+		if s := d.Stats(); s.WholeTables != 1 || s.Keys != 0 {
+			t.Errorf("stats %+v", s)
+		}
+		d.settle("s.heap", snap)
+		if s := d.Stats(); s.WholeTables != 0 {
+			t.Errorf("stats after settling %+v", s)
+		}
+	})
+
+	t.Run("a difference left to the fence before any change makes it whole", func(t *testing.T) {
+		d := NewDirtySet(100)
+		d.setKinds("s.heap", nil)
+		start := d.beginWalk("s.heap")
+		d.markSpan("s.heap", Span{})
+		d.endWalk("s.heap", start)
+		if snap := d.snapshot("s.heap"); !snap.whole {
+			t.Fatalf("snapshot %+v, want the whole table", snap)
+		}
+		if d.changedSince("s.heap", Span{}, start) {
+			t.Error("leaving the table to the fence counts as a change")
+		}
+	})
+}

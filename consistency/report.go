@@ -110,6 +110,12 @@ type Totals struct {
 type TableInfo struct {
 	Name string   `json:"name"`
 	Key  []string `json:"key,omitempty"` // primary key columns
+	// KeyLess: the table has no usable key and was compared as a
+	// multiset of row hashes; its chunks are buckets of row hashes.
+	KeyLess bool `json:"key_less,omitempty"`
+	// BisectLevels is how many levels of longer hash prefixes the
+	// deepest bisection of a key-less table's buckets went down.
+	BisectLevels int `json:"bisect_levels,omitempty"`
 	// RowsBlue and RowsGreen count the rows compared on each side.
 	RowsBlue  int64 `json:"rows_blue"`
 	RowsGreen int64 `json:"rows_green"`
@@ -140,13 +146,33 @@ type TableInfo struct {
 // Difference is one row that differs.
 type Difference struct {
 	Kind DiffKind `json:"kind"`
-	// Key is the row's primary key (blue's for key_changed).
+	// Key is the row's primary key (blue's for key_changed); for a table
+	// without a key, every column of the row (a key-less row is named by
+	// its values).
 	Key []NamedValue `json:"key"`
+	// Copies, for a table without a key, counts the copies of the row on
+	// each side: missing_on_green when blue holds more, extra_on_green
+	// when green does.
+	Copies *Copies `json:"copies,omitempty"`
 	// GreenKey is green's key, for key_changed only.
 	GreenKey []NamedValue `json:"green_key,omitempty"`
 	// Columns: for changed, the columns that differ; for a missing or
 	// extra row, every column of the row that exists.
 	Columns []ColumnDiff `json:"columns,omitempty"`
+}
+
+// Copies counts the copies of a row of a key-less table on each side.
+type Copies struct {
+	Blue  int64 `json:"blue"`
+	Green int64 `json:"green"`
+}
+
+// String renders c for people.
+func (c *Copies) String() string {
+	if c == nil {
+		return ""
+	}
+	return fmt.Sprintf("%d on blue, %d on green", c.Blue, c.Green)
 }
 
 // NamedValue is a column and its value in text form.

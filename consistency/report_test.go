@@ -126,3 +126,49 @@ func TestTheVerdictIsIncompleteWhenSomethingWasNotCompared(t *testing.T) {
 		t.Fatalf("verdict %s: a difference found is an answer even if another table failed", r.Verdict)
 	}
 }
+
+func TestKeyLessRowsAreNamedByTheirValuesWithTheirCopiesSecretsMasked(t *testing.T) {
+	tab := &Table{Name: "public.logins", Columns: []Column{{Name: "who"}, {Name: "password"}, {Name: "note"}}}
+	s := func(v string) *string { return &v }
+	row := func(hash string, count int64, who string, note *string) Row {
+		return Row{Hash: hash, Count: count, Values: []*string{s(who), s("hunter2"), note}, Hashes: []string{who, "p", "n"}}
+	}
+	blue := []Row{row("0a", 3, "ann", nil), row("0b", 1, "bob", s("x"))}
+	green := []Row{row("0a", 2, "ann", nil), row("0c", 1, "cid", s("y"))}
+	diffs, _ := classifyCopies(tab, blue, green, "", 64)
+	var got []string
+	for _, d := range diffs {
+		var vals []string
+		for _, k := range d.Key {
+			vals = append(vals, k.Column+"="+k.Value)
+		}
+		got = append(got, string(d.Kind)+" "+strings.Join(vals, ",")+" "+d.Copies.String())
+	}
+	want := []string{
+		"missing_on_green who=ann,password=[redacted],note=NULL 3 on blue, 2 on green",
+		"missing_on_green who=bob,password=[redacted],note=x 1 on blue, 0 on green",
+		"extra_on_green who=cid,password=[redacted],note=y 0 on blue, 1 on green",
+	}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("differences:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	// Past a cut (a side returned only rows up to 0b), nothing is listed.
+	if cut, _ := classifyCopies(tab, blue, green, "0b", 64); len(cut) != 2 {
+		t.Errorf("with a cut at 0b: %d differences, want 2", len(cut))
+	}
+
+	r := &Report{Version: ReportVersion, Pass: PassFull, Tables: []*TableInfo{{Name: tab.Name, KeyLess: true, DifferenceCount: 3, Differences: diffs}}}
+	r.finish()
+	var buf bytes.Buffer
+	if err := r.WriteHTML(&buf); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"none: rows compared as a multiset", "copies: 3 on blue, 2 on green", "who=ann, password=[redacted], note=NULL"} {
+		if !strings.Contains(buf.String(), want) {
+			t.Errorf("page lacks %q", want)
+		}
+	}
+	if strings.Contains(buf.String(), "hunter2") {
+		t.Error("page shows a secret column's value")
+	}
+}

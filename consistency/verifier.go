@@ -189,6 +189,10 @@ func (v *Verifier) Online(ctx context.Context, names []string, w PositionWaiter,
 // that was truncated. Call it inside the fence, after green has applied
 // everything up to the fence: both sides are then quiet and the
 // comparison is exact. Tables found clean are settled in d.
+//
+// A table without a usable key changed since Online is re-hashed whole
+// (the stream cannot name its rows): its cost inside the fence grows with
+// the table's size, not with what changed.
 func (v *Verifier) Dirty(ctx context.Context, names []string, d *DirtySet) (*Report, error) {
 	if d == nil {
 		return nil, errors.New("dirty pass: no dirty set")
@@ -204,9 +208,13 @@ func (v *Verifier) Dirty(ctx context.Context, names []string, d *DirtySet) (*Rep
 		}
 		snap := d.snapshot(t.Name)
 		tr := r.newTable(t, nil)
-		if snap.whole {
-			v.log.Info("dirty pass: checking the whole table (not walked online, or truncated)", zap.String("table", t.Name))
-			tr.info.Warnings = append(tr.info.Warnings, "checked whole: not walked online, or truncated since")
+		if snap.whole || len(t.Key) == 0 && len(snap.keys)+len(snap.ranges) > 0 {
+			why := "not walked online, or truncated since"
+			if len(t.Key) == 0 {
+				why = "no key to name its changed rows by: changed since the online pass, or not walked online"
+			}
+			v.log.Info("dirty pass: checking the whole table", zap.String("table", t.Name), zap.String("why", why))
+			tr.info.Warnings = append(tr.info.Warnings, "checked whole: "+why)
 			tr.walkAll(ctx)
 		} else {
 			spans := v.dirtySpans(snap)
@@ -250,7 +258,7 @@ func (v *Verifier) Refresh(ctx context.Context, names []string, w PositionWaiter
 		}
 		snap := d.snapshot(t.Name)
 		tr := r.newTable(t, d)
-		if snap.whole {
+		if snap.whole || len(t.Key) == 0 && len(snap.keys)+len(snap.ranges) > 0 {
 			start := d.beginWalk(t.Name)
 			tr.walkAll(ctx)
 			tr.done()
@@ -372,8 +380,10 @@ func (v *Verifier) start(ctx context.Context, pass Pass, names []string, d *Dirt
 			noKey = append(noKey, t.Name)
 		}
 	}
-	if len(noKey) > 0 {
-		return nil, nil, fmt.Errorf("%w: %s: rows cannot be chunked or matched without one; add a primary key or leave the table out (--tables)",
+	_, mb := v.blue.(MultisetHasher)
+	_, mg := v.green.(MultisetHasher)
+	if len(noKey) > 0 && (!mb || !mg) {
+		return nil, nil, fmt.Errorf("%w: %s: this engine cannot compare a table without one; add a primary key or leave the table out (--tables)",
 			ErrNoPrimaryKey, strings.Join(noKey, ", "))
 	}
 	var unknown []string
@@ -390,7 +400,7 @@ func (v *Verifier) start(ctx context.Context, pass Pass, names []string, d *Dirt
 		}
 	}
 	if len(unknown) > 0 {
-		return nil, nil, fmt.Errorf("no table named %s on blue", strings.Join(unknown, ", "))
+		return nil, nil, fmt.Errorf("%w: no table named %s on blue", ErrUnverifiable, strings.Join(unknown, ", "))
 	}
 	greenByName := make(map[string]*Table, len(tg))
 	for _, t := range tg {
@@ -588,10 +598,13 @@ type tableRun struct {
 	info   *TableInfo
 	rate   float64 // rows per second per chunk, smoothed; 0 until measured
 	capped bool    // MaxDifferences reached
+	// loose are key-less rows listed as one copy missing or extra, to
+	// pair as changed once the table is done (see pairChanged).
+	loose []looseRow
 }
 
 func (r *run) newTable(t *Table, d *DirtySet) *tableRun {
-	info := &TableInfo{Name: t.Name, Key: keyNames(t), Warnings: t.Warnings}
+	info := &TableInfo{Name: t.Name, Key: keyNames(t), KeyLess: len(t.Key) == 0, Warnings: t.Warnings}
 	r.rep.Tables = append(r.rep.Tables, info)
 	r.prog.beginTable(t.Name)
 	r.v.log.Info("verify: table", zap.String("table", t.Name), zap.Int64("estimated_rows", t.EstimatedRows))
@@ -631,7 +644,14 @@ type chunk struct {
 // each chunk is [previous boundary, key at offset n), the first open
 // below and the last open above, so rows that exist on green only are
 // covered wherever their keys fall.
+//
+// A table without a key is compared as a multiset instead (see
+// walkMultiset).
 func (tr *tableRun) walkAll(ctx context.Context) {
+	if len(tr.t.Key) == 0 {
+		tr.walkMultiset(ctx)
+		return
+	}
 	chunks := make(chan chunk, tr.v.opts.Parallel)
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
@@ -1062,7 +1082,13 @@ func (tr *tableRun) diffRows(ctx context.Context, s Span, gen uint64) error {
 		tr.unsettled(s)
 		return nil
 	}
-	diffs := classify(tr.t, br, gr, tr.v.opts.MaxValueBytes)
+	tr.record(classify(tr.t, br, gr, tr.v.opts.MaxValueBytes))
+	return nil
+}
+
+// record adds row differences to the table's report, up to
+// MaxDifferences listed.
+func (tr *tableRun) record(diffs []Difference) {
 	tr.mu.Lock()
 	defer tr.mu.Unlock()
 	for _, d := range diffs {
@@ -1077,7 +1103,6 @@ func (tr *tableRun) diffRows(ctx context.Context, s Span, gen uint64) error {
 		tr.capped = true
 	}
 	tr.prog.differences(int64(len(diffs)))
-	return nil
 }
 
 // classify pairs rows by key and lists the differences in key order of

@@ -40,7 +40,10 @@ func newVerifyCmd(g *globals) *cobra.Command {
 Each table is cut into chunks by primary key; each chunk is hashed inside both
 databases at once, chunks that differ are bisected down to rows, and each row
 difference is reported: missing on green, extra on green, changed (which
-columns, both values) or key changed.
+columns, both values) or key changed. A table without a primary key is
+compared as a multiset of rows (buckets of row hashes, bisected by longer
+hash prefixes): a differing row is named by its values, with its number of
+copies on each side.
 
 Both sides should be quiet (no writes) for an exact answer: this command
 needs no cluster and no replication. DSNs may also come from the environment
@@ -241,6 +244,9 @@ func printSummary(w io.Writer, rep *consistency.Report) {
 				for _, c := range d.Columns {
 					fmt.Fprintf(w, "; %s: %s -> %s", c.Column, c.Blue, c.Green)
 				}
+			}
+			if d.Copies != nil {
+				fmt.Fprintf(w, "; copies: %s", d.Copies)
 			}
 			fmt.Fprintln(w)
 		}

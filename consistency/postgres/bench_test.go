@@ -288,3 +288,80 @@ func benchSize(b *testing.B, rows int) {
 			full.Round(time.Millisecond), dirty.Round(time.Millisecond), rep.Totals.RowsBlue, full.Seconds()/dirty.Seconds())
 	}
 }
+
+// BenchmarkVerifyKeyLess compares the rows per second of a full pass over
+// a key-less table (a multiset of row hashes, see MultisetHasher) with a
+// full pass over the same rows under a primary key, both with Parallel 2
+// (median of 3 rounds each, alternating), on 1M rows; then times naming a
+// changed row of the key-less table (bisection included). Run it alone:
+//
+//	go test -run '^$' -bench BenchmarkVerifyKeyLess -benchtime 1x -timeout 30m ./consistency/postgres/
+func BenchmarkVerifyKeyLess(b *testing.B) {
+	const rows = 1_000_000
+	p := benchSetup(b, rows)
+	ctx := context.Background()
+	for _, pg := range []*integration.Postgres{p.blue, p.green} {
+		for _, sql := range []string{"CREATE TABLE bench_heap AS SELECT * FROM bench ORDER BY id", "VACUUM (ANALYZE, FREEZE) bench_heap", "CHECKPOINT"} {
+			if err := pg.Exec(ctx, sql); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	// Parallel 2 and its connections, as `cutover verify` opens them.
+	var dbs [2]*DB
+	for i, pg := range []*integration.Postgres{p.blue, p.green} {
+		db, err := Open(ctx, pg.DSN(), consistency.DefaultParallel+2)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(db.Close)
+		dbs[i] = db
+	}
+	full := func(table string, want consistency.Verdict) (time.Duration, *consistency.Report) {
+		v := consistency.NewVerifier(dbs[0], dbs[1], consistency.Options{Parallel: consistency.DefaultParallel})
+		start := time.Now()
+		rep, err := v.Full(ctx, []string{table})
+		took := time.Since(start)
+		if err != nil || rep.Verdict != want || rep.Totals.RowsBlue != rows {
+			b.Fatalf("verify %s: %v %v", table, rep, err)
+		}
+		return took, rep
+	}
+	rate := func(d time.Duration) float64 { return float64(rows) / d.Seconds() }
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		p.onBoth(b, scalar(`SELECT count(*)::text FROM bench`))
+		p.onBoth(b, scalar(`SELECT count(*)::text FROM bench_heap`))
+		times := map[string][]time.Duration{}
+		for round := 0; round < 3; round++ {
+			order := []string{"bench", "bench_heap"}
+			if round%2 == 1 {
+				slices.Reverse(order)
+			}
+			for _, table := range order {
+				d, _ := full(table, consistency.Equal)
+				times[table] = append(times[table], d)
+			}
+		}
+		keyed := slices.Sorted(slices.Values(times["bench"]))[1]
+		keyLess := slices.Sorted(slices.Values(times["bench_heap"]))[1]
+		b.ReportMetric(rate(keyed), "keyed_rows/s")
+		b.ReportMetric(rate(keyLess), "keyless_rows/s")
+		b.Logf("full pass over %d rows: keyed %v (%.0f rows/s), key-less %v (%.0f rows/s)",
+			rows, keyed.Round(time.Millisecond), rate(keyed), keyLess.Round(time.Millisecond), rate(keyLess))
+
+		if _, err := p.greenPool.Exec(ctx, `UPDATE bench_heap SET note = 'changed' WHERE id = 424242`); err != nil {
+			b.Fatal(err)
+		}
+		d, rep := full("bench_heap", consistency.Different)
+		if _, err := p.greenPool.Exec(ctx, `UPDATE bench_heap SET note = 'order ' || md5(id::text) WHERE id = 424242`); err != nil {
+			b.Fatal(err)
+		}
+		tab := rep.Tables[0]
+		if tab.DifferenceCount != 1 || tab.Differences[0].Kind != consistency.Changed {
+			b.Fatalf("differences %+v", tab.Differences)
+		}
+		b.ReportMetric(d.Seconds(), "keyless_one_changed_row_s")
+		b.Logf("key-less, one changed row: named in %v (%d buckets, %d levels of bisection)", d.Round(time.Millisecond), tab.Chunks, tab.BisectLevels)
+	}
+}

@@ -264,8 +264,14 @@ func (db *DB) describe(ctx context.Context, oid uint32, name, datcollate string)
 				break
 			}
 			if !infos[i].deterministic {
-				return nil, fmt.Errorf("%w: key column %s uses the non-deterministic collation %s: keys equal under it need not be the same bytes",
-					consistency.ErrUnsupported, c.Name, infos[i].collation)
+				// Keys equal under it need not be the same bytes: the key
+				// can neither cut both sides alike nor match rows. The
+				// rows are still hashed by their bytes, as a multiset.
+				t.Key = nil
+				t.Warnings = append(t.Warnings, fmt.Sprintf(
+					"key column %s uses the non-deterministic collation %s (equal keys need not be the same bytes): compared as a table without a key, a multiset of row hashes",
+					c.Name, infos[i].collation))
+				return t, nil
 			}
 			coll := infos[i].collation
 			if coll == "default" {

@@ -64,6 +64,10 @@ type DB struct {
 	pool     *pgxpool.Pool
 	hashPool *pgxpool.Pool
 
+	// scans is how many statements read one key-less table at once, in
+	// block ranges (see Buckets): the verifier's Parallel.
+	scans int
+
 	mu sync.Mutex
 	// partitioned holds the partitioned tables Describe saw on this
 	// server: they are read with their partitions, plain tables without
@@ -84,7 +88,7 @@ func Open(ctx context.Context, dsn string, maxConns int) (*DB, error) {
 		pool.Close()
 		return nil, err
 	}
-	return &DB{pool: pool, hashPool: hashPool, partitioned: make(map[string]bool)}, nil
+	return &DB{pool: pool, hashPool: hashPool, scans: max(maxConns-2, 1), partitioned: make(map[string]bool)}, nil
 }
 
 func openPool(ctx context.Context, dsn string, maxConns int, extra map[string]string) (*pgxpool.Pool, error) {

@@ -364,9 +364,16 @@ func (a *applier) change(b *batch, m *message, c *chunk) error {
 		a.heartbeat(b, rs, m.New)
 	case rs.app:
 		if a.r.opts.OnRowChange != nil {
-			b.rowKeys = append(b.rowKeys, rowKey{table: rs.name.String(), key: rs.keyStrings(o.key)})
-			if o.kind == opKeyUpdate {
-				b.rowKeys = append(b.rowKeys, rowKey{table: rs.name.String(), key: rs.keyStrings(rs.keyOf(m.New))})
+			if rs.rel.Identity != 'd' {
+				// FULL, or USING INDEX: no primary key values to name
+				// the row by (an index's values are not the key the
+				// verifier looks rows up by): the whole table.
+				b.rowKeys = append(b.rowKeys, rowKey{table: rs.name.String()})
+			} else {
+				b.rowKeys = append(b.rowKeys, rowKey{table: rs.name.String(), key: rs.keyStrings(o.key)})
+				if o.kind == opKeyUpdate {
+					b.rowKeys = append(b.rowKeys, rowKey{table: rs.name.String(), key: rs.keyStrings(rs.keyOf(m.New))})
+				}
 			}
 		}
 		if a.r.watchingBreaches.Load() {

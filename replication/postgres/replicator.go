@@ -51,8 +51,9 @@ type Options struct {
 	// table is schema.table; key holds the replica identity (primary key)
 	// values in key order, in PostgreSQL text format. An update that
 	// changes the key reports the old and then the new key. TRUNCATE, and
-	// every change of a table replicated with REPLICA IDENTITY FULL,
-	// report a nil key: the whole table. It must be quick and must not
+	// every change of a table replicated with REPLICA IDENTITY FULL or
+	// USING INDEX (whose values are not the primary key), report a nil
+	// key: the whole table. It must be quick and must not
 	// call back into the Replicator; a change may be reported more than
 	// once (after a restart), never not at all.
 	OnRowChange func(table string, key []string)
