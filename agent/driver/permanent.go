@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/cutover/cutover/agent"
+	"github.com/cutover/cutover/consistency"
 	"github.com/cutover/cutover/internal/config"
 	"github.com/cutover/cutover/replication"
 )
@@ -27,6 +28,9 @@ var (
 // matching error text.
 var permanentErrors = []error{
 	replication.ErrPrecheck,
+	// A table the verifier cannot compare stays so: its type or engine
+	// does not change while the plan runs.
+	consistency.ErrUnverifiable,
 	errUnsupported,
 	errSpec,
 }
