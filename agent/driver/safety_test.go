@@ -16,12 +16,13 @@ import (
 
 	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/agent/agenttest"
+	"github.com/cutover/cutover/consistency"
 	"github.com/cutover/cutover/internal/config"
 	"github.com/cutover/cutover/replication"
 )
 
 func TestPermanentErrorsAreTheListedOnes(t *testing.T) {
-	errLocal := errors.New("cannot verify this table (test sentinel)")
+	errLocal := errors.New("a sentinel of another package (test)")
 	saved := permanentErrors
 	permanentErrors = append(append([]error(nil), saved...), errLocal)
 	t.Cleanup(func() { permanentErrors = saved })
@@ -33,6 +34,7 @@ func TestPermanentErrorsAreTheListedOnes(t *testing.T) {
 		{"a pre-check failure, wrapped", fmt.Errorf("pair db: %w", replication.ErrPrecheck), true},
 		{"an unsupported engine", fmt.Errorf("pair cache: %w", errUnsupported), true},
 		{"an unreadable spec", fmt.Errorf("%w: bad", errSpec), true},
+		{"a table the verifier cannot compare", fmt.Errorf("verify public.t: %w", consistency.ErrUnverifiable), true},
 		{"a sentinel added to the list", fmt.Errorf("verify public.t: %w", errLocal), true},
 		{"a lost connection heals", errors.New("measure lag of db: connection refused"), false},
 		{"a cancelled context heals", context.Canceled, false},
