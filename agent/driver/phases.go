@@ -357,6 +357,9 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 				return err
 			}},
 			{Name: "verify", Run: func(ctx context.Context) error {
+				if err := rt.d.fault("before verify"); err != nil {
+					return err
+				}
 				if verifyEnabled(rt.spec) {
 					err := rt.forEach(func(pr *pairRT) error {
 						rep, err := rt.verify(ctx, pr, consistency.PassDirty)
@@ -379,6 +382,9 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 				return err
 			}},
 			{Name: "authorize", Run: func(ctx context.Context) error {
+				if err := rt.d.fault("before authorize"); err != nil {
+					return err
+				}
 				// Writers held since the drain that the fence would not
 				// stop (roles outside it) would land on blue once the hold
 				// is released: a breach, caught before it lands.
@@ -512,6 +518,9 @@ func (rt *planRT) abort(ctx context.Context, name string, p agent.Proposer, epoc
 
 // flip: set up the way back, let green take writes, flip every target.
 func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
+	if err := rt.d.fault("before flip intent"); err != nil {
+		return err
+	}
 	epoch, err := p.Intent(ctx, plan.Name, agent.StepFlip, plan.Epoch)
 	if err != nil {
 		return err

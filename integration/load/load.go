@@ -39,7 +39,17 @@ CREATE TABLE IF NOT EXISTS load_history (
 	delta   bigint NOT NULL,
 	at      timestamptz NOT NULL DEFAULT now(),
 	UNIQUE (run, writer, seq)
-);`
+);
+-- A table without a key, the way an application's log or event tables
+-- often are: replicated with REPLICA IDENTITY FULL and verified without
+-- a key (Options.Events).
+CREATE TABLE IF NOT EXISTS load_events (
+	run    text   NOT NULL,
+	writer int    NOT NULL,
+	seq    bigint NOT NULL,
+	note   text
+);
+ALTER TABLE load_events REPLICA IDENTITY FULL;`
 
 // Setup creates the tables on dsn and fills accounts (idempotent).
 func Setup(ctx context.Context, dsn string, accounts int) error {
@@ -75,6 +85,11 @@ type Options struct {
 	// before committing (0: never).
 	LongEvery int
 	Long      time.Duration
+	// Events makes every transaction also insert a row into the key-less
+	// table load_events, and every tenth update one of its writer's
+	// earlier rows there (an UPDATE without a key: matched on the whole
+	// row). MissingEvents checks them.
+	Events bool
 }
 
 // Receipt identifies one acknowledged write.
@@ -185,8 +200,20 @@ func (l *Load) writer(ctx context.Context, w int) {
 			if long {
 				sleep(ctx, l.opts.Long)
 			}
-			_, err := tx.Exec(ctx, `INSERT INTO load_history (run, writer, seq, account, delta) VALUES ($1, $2, $3, $4, $5)`, l.opts.Run, w, seq, account, delta)
-			return err
+			if _, err := tx.Exec(ctx, `INSERT INTO load_history (run, writer, seq, account, delta) VALUES ($1, $2, $3, $4, $5)`, l.opts.Run, w, seq, account, delta); err != nil {
+				return err
+			}
+			if !l.opts.Events {
+				return nil
+			}
+			if _, err := tx.Exec(ctx, `INSERT INTO load_events (run, writer, seq) VALUES ($1, $2, $3)`, l.opts.Run, w, seq); err != nil {
+				return err
+			}
+			if seq%10 == 0 {
+				_, err := tx.Exec(ctx, `UPDATE load_events SET note = $4 WHERE run = $1 AND writer = $2 AND seq = $3`, l.opts.Run, w, 1+rng.Int64N(seq), fmt.Sprintf("touched by %d", seq))
+				return err
+			}
+			return nil
 		})
 		if err != nil {
 			if ctx.Err() == nil {
@@ -229,13 +256,23 @@ func sleep(ctx context.Context, d time.Duration) {
 
 // Missing returns the receipts whose rows are not in dsn's load_history.
 func Missing(ctx context.Context, dsn, run string, receipts []Receipt) ([]Receipt, error) {
+	return missingIn(ctx, dsn, "load_history", run, receipts)
+}
+
+// MissingEvents returns the receipts whose rows are not in dsn's
+// load_events (a load with Options.Events).
+func MissingEvents(ctx context.Context, dsn, run string, receipts []Receipt) ([]Receipt, error) {
+	return missingIn(ctx, dsn, "load_events", run, receipts)
+}
+
+func missingIn(ctx context.Context, dsn, table, run string, receipts []Receipt) ([]Receipt, error) {
 	conn, err := pgx.Connect(ctx, dsn)
 	if err != nil {
 		return nil, fmt.Errorf("check receipts: %w", err)
 	}
 	defer conn.Close(ctx)
 	have := map[[2]int64]bool{}
-	rows, err := conn.Query(ctx, `SELECT writer, seq FROM load_history WHERE run = $1`, run)
+	rows, err := conn.Query(ctx, `SELECT writer, seq FROM `+table+` WHERE run = $1`, run)
 	if err != nil {
 		return nil, fmt.Errorf("check receipts: %w", err)
 	}

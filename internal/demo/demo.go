@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -50,6 +51,17 @@ type Options struct {
 	// seen in that phase, and starts it again from its data directory a few
 	// seconds later: the cutover must then complete or abort cleanly.
 	KillLeaderAt agent.Phase
+	// AbortFirstAt aborts the first plan through the CLI (`cutover abort`)
+	// as soon as it is seen in that phase or a later one, then runs a new
+	// plan on the same pair (`cutover start`): the retry must end with the
+	// application writing on green and nothing lost. The agents hold the
+	// phases that last milliseconds (fenced, caught_up, verified,
+	// authorized) for a moment so that the abort lands in them.
+	AbortFirstAt agent.Phase
+	// TamperGreen changes a row of the key-less table on green behind the
+	// replication's back once the plan replicates: the verification must
+	// name it and the plan abort.
+	TamperGreen bool
 }
 
 // Summary is the demo's last line.
@@ -70,6 +82,13 @@ type Summary struct {
 	// plan was in when it was.
 	KilledLeader string `json:"killed_leader,omitempty"`
 	KilledAt     string `json:"killed_at,omitempty"`
+	// Plan is the plan that ran to the end; AbortedFirst is the phase in
+	// which the first plan was aborted (AbortFirstAt).
+	Plan         string `json:"plan"`
+	AbortedFirst string `json:"aborted_first_in,omitempty"`
+	// EventsMissing counts acknowledged writes whose row in the key-less
+	// table load_events is not on the final side.
+	EventsMissing int `json:"events_missing"`
 	// Audit is the plan's audit log, one line per entry.
 	Audit []string `json:"-"`
 	// Dir holds the agents' data and logs (removed unless KeepDir).
@@ -96,10 +115,11 @@ func (a *Agent) Kill() {
 }
 
 const (
-	planName = "demo"
-	routeKey = "cutover:demo:route"
-	appUser  = "app"
-	appPass  = "app-demo-password"
+	planName      = "demo"
+	retryPlanName = "demo-retry"
+	routeKey      = "cutover:demo:route"
+	appUser       = "app"
+	appPass       = "app-demo-password"
 )
 
 // Run runs the demo, writing the timeline to w.
@@ -161,6 +181,9 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 		// Fenced lasts a few milliseconds: too short to be seen by
 		// polling and killed in. The agents hold there for a while.
 		env = append(env, holdEnv+"=before catch-up=1500ms")
+	}
+	if point, ok := holdPoints[opts.AbortFirstAt]; ok {
+		env = append(env, holdEnv+"="+point+"=1500ms")
 	}
 	agents, err := startAgents(ctx, opts.Binary, dir, token, env, blue, green, rds)
 	if err != nil {
@@ -226,7 +249,7 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 		}
 		return blueApp
 	}
-	l := load.Start(appCtx, load.Options{Run: "demo", Target: target, Writers: opts.Writers, Accounts: opts.Accounts, Think: 2 * time.Millisecond})
+	l := load.Start(appCtx, load.Options{Run: "demo", Target: target, Writers: opts.Writers, Accounts: opts.Accounts, Think: 2 * time.Millisecond, Events: true})
 	say("application: %d writers on blue, following the routing key", opts.Writers)
 
 	api := &anyAgent{clients: clients}
@@ -237,6 +260,7 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 		return nil, fmt.Errorf("start plan: %w", err)
 	}
 	say("plan %q started", planName)
+	plan := planName
 
 	var prober *load.Prober
 	var killed *Agent
@@ -252,7 +276,7 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 			err := errors.New("no agent answered")
 			for _, c := range clients {
 				cctx, cancel := context.WithTimeout(ctx, time.Second)
-				q, qerr := c.Plan(cctx, planName)
+				q, qerr := c.Plan(cctx, plan)
 				cancel()
 				if qerr == nil && (err != nil || q.Index > p.Index) {
 					p, err = q, nil
@@ -262,6 +286,14 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 				last = p.Phase
 				seen[p.Phase] = time.Now()
 				say("phase %-12s epoch %-5d %s", p.Phase, p.Epoch, p.Reason)
+				if opts.TamperGreen && p.Phase == agent.PhaseReplicating {
+					// A seed row: the load never updates it, so the
+					// stream never touches it again.
+					if err := green.Exec(ctx, `UPDATE load_events SET note = 'changed on green' WHERE run = 'seed' AND seq = 7`); err != nil {
+						return p, fmt.Errorf("tamper with green: %w", err)
+					}
+					say("changed a row of the key-less table load_events on green")
+				}
 				if prober == nil && p.Phase != agent.PhasePending && p.Phase != agent.PhaseCopying {
 					// Green is fenced from the plan's first step: from here
 					// on, the application must never write to both sides.
@@ -291,6 +323,9 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 						return p, nil
 					}
 				}
+				if opts.AbortFirstAt != "" && plan == planName && p.Phase != agent.PhaseAborted && atOrAfter(p.Phase, opts.AbortFirstAt) {
+					return p, nil
+				}
 			}
 			if time.Now().After(deadline) {
 				return p, fmt.Errorf("plan stuck in %s; logs in %s", last, dir)
@@ -302,24 +337,50 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 			}
 		}
 	}
+	abortedFirst := ""
+	if opts.AbortFirstAt != "" {
+		p, err := watch(agent.PhaseAborted)
+		if err != nil {
+			return nil, err
+		}
+		if p.Phase != agent.PhaseAborted {
+			say("aborting %q in %s through the CLI", plan, p.Phase)
+			if out, err := cli(ctx, opts.Binary, agents, token, "abort", plan, "--reason", "demo: abort in "+string(p.Phase)); err != nil {
+				return nil, fmt.Errorf("cutover abort %s: %v\n%s", plan, err, out)
+			}
+			if p, err = watch(agent.PhaseAborted, agent.PhaseSwitched); err != nil {
+				return nil, err
+			}
+			if p.Phase != agent.PhaseAborted {
+				return nil, fmt.Errorf("plan %s ended %s after the abort", plan, p.Phase)
+			}
+		}
+		abortedFirst = abortedIn(ctx, clients, plan)
+		say("plan %q aborted in %s (%s); retrying on the same pair as %q", plan, abortedFirst, p.Reason, retryPlanName)
+		plan = retryPlanName
+		last = ""
+		if out, err := cli(ctx, opts.Binary, agents, token, "start", plan, "--reason", "demo: retry after an abort"); err != nil {
+			return nil, fmt.Errorf("cutover start %s: %v\n%s", plan, err, out)
+		}
+	}
 	p, err := watch(agent.PhaseSwitched, agent.PhaseAborted)
 	if err != nil {
 		return nil, err
 	}
-	sum := &Summary{Phase: string(p.Phase), Dir: dir}
+	sum := &Summary{Phase: string(p.Phase), Dir: dir, Plan: plan, AbortedFirst: abortedFirst}
 	if killed != nil {
 		sum.KilledLeader, sum.KilledAt = killed.ID, string(killedAt)
 	}
 	if p.Phase == agent.PhaseSwitched {
 		// The gate as a deployment tool sees it after the flip.
-		if g, err := api.Gate(ctx, planName); err == nil {
+		if g, err := api.Gate(ctx, plan); err == nil {
 			sum.GateOpen = g.Open
 		}
 		time.Sleep(time.Second) // the application now writes on green
 	}
 	if opts.Rollback && p.Phase == agent.PhaseSwitched {
 		if err := retry(ctx, func() error {
-			_, err := api.Transition(ctx, planName, agent.TransitionRequest{To: agent.PhaseRollingBack, Reason: "demo --rollback"})
+			_, err := api.Transition(ctx, plan, agent.TransitionRequest{To: agent.PhaseRollingBack, Reason: "demo --rollback"})
 			return err
 		}); err != nil {
 			return nil, fmt.Errorf("rollback: %w", err)
@@ -339,7 +400,7 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 
 	if p.Phase == agent.PhaseSwitched {
 		if err := retry(ctx, func() error {
-			_, err := api.Transition(ctx, planName, agent.TransitionRequest{To: agent.PhaseDone, Reason: "demo complete"})
+			_, err := api.Transition(ctx, plan, agent.TransitionRequest{To: agent.PhaseDone, Reason: "demo complete"})
 			return err
 		}); err == nil {
 			p, _ = watch(agent.PhaseDone)
@@ -355,7 +416,7 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 	var audit []agent.AuditEntry
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
 		if l := leaderOf(); l != nil {
-			if a, err := client.New(l.API, token).Audit(ctx, planName, 0); err == nil && len(a) > 0 {
+			if a, err := client.New(l.API, token).Audit(ctx, plan, 0); err == nil && len(a) > 0 {
 				audit = a
 				break
 			}
@@ -411,6 +472,11 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 		return nil, err
 	}
 	sum.WritesMissing = len(missing)
+	missingEvents, err := load.MissingEvents(ctx, final.DSN(), "demo", receipts)
+	if err != nil {
+		return nil, err
+	}
+	sum.EventsMissing = len(missingEvents)
 	if sum.RolledBack {
 		sum.MissingOnBlue = len(missing)
 	}
@@ -436,7 +502,7 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 		fmt.Fprintf(w, "  %-12s at %6.2fs  lasted %s\n", ph, at.Sub(start).Seconds(), next)
 	}
 	fmt.Fprintf(w, "  write outage (fence to gate open, leader's clock): %d ms\n", sum.OutageMS)
-	fmt.Fprintf(w, "  writes acknowledged %d (on green %d), refused while fenced %d, missing %d\n", sum.WritesAcknowledged, sum.WritesOnGreen, refused["42501"], sum.WritesMissing)
+	fmt.Fprintf(w, "  writes acknowledged %d (on green %d), refused while fenced %d, missing %d (in the key-less table: %d)\n", sum.WritesAcknowledged, sum.WritesOnGreen, refused["42501"], sum.WritesMissing, sum.EventsMissing)
 	fmt.Fprintf(w, "  samples where both sides took a write: %d of %d\n", sum.BothWritable, len(samples))
 	if both := load.BothWritable(samples); len(both) > 0 {
 		phase := agent.Phase("?")
@@ -466,7 +532,7 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 func setupDatabases(ctx context.Context, blue, green *integration.Postgres, accounts int) error {
 	role := fmt.Sprintf(`
 CREATE ROLE %s LOGIN PASSWORD '%s';
-GRANT SELECT, INSERT, UPDATE, DELETE ON load_accounts, load_history TO %s;
+GRANT SELECT, INSERT, UPDATE, DELETE ON load_accounts, load_history, load_events TO %s;
 GRANT USAGE ON SEQUENCE load_history_id_seq TO %s;`, appUser, appPass, appUser, appUser)
 	for _, side := range []*integration.Postgres{blue, green} {
 		if err := load.Setup(ctx, side.DSN(), accounts); err != nil {
@@ -476,8 +542,12 @@ GRANT USAGE ON SEQUENCE load_history_id_seq TO %s;`, appUser, appPass, appUser, 
 			return err
 		}
 	}
+	// Rows of the key-less table that the load never changes.
+	if err := blue.Exec(ctx, `INSERT INTO load_events (run, writer, seq, note) SELECT 'seed', 0, g, 'seed row ' || g FROM generate_series(1, 100) g`); err != nil {
+		return err
+	}
 	// Green starts empty: the initial copy fills it.
-	return green.Exec(ctx, "TRUNCATE load_accounts")
+	return green.Exec(ctx, "TRUNCATE load_accounts, load_events")
 }
 
 func randomToken() string {
@@ -534,22 +604,7 @@ func startAgents(ctx context.Context, binary, dir, token string, env []string, b
 log:
   format: json
 plans:
-  - name: %s
-    pairs:
-      - name: shop
-        engine: postgres
-        blue: {dsn: "%s"}
-        green: {dsn: "%s"}
-        scope: {tables: [public.load_accounts, public.load_history]}
-        fence_roles: [%s]
-    lag: {max_bytes: 1MiB, max_delay: 500ms, hold: 2s}
-    fence: {max_fence_window: 5s, drain_grace: 300ms}
-    verify: {enabled: true, chunk_time: 100ms, parallel: 2}
-    switch:
-      targets:
-        - {type: redis, dsn: "%s", key: %s}
-    rollback: {window: 1h, watch: 30s}
-`, id, filepath.Join(dir, id), ps[i].raft, peers.String(), ps[i].api, planName, blue.DSN(), green.DSN(), appUser, rds.URL(), routeKey)
+%s%s`, id, filepath.Join(dir, id), ps[i].raft, peers.String(), ps[i].api, planYAML(planName, blue, green, rds), planYAML(retryPlanName, blue, green, rds))
 		path := filepath.Join(dir, id+".yaml")
 		if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 			return nil, err
@@ -564,6 +619,79 @@ plans:
 		agents = append(agents, a)
 	}
 	return agents, nil
+}
+
+// planYAML is one plan of the agents' configuration: the demo's plan and
+// its retry (AbortFirstAt) are the same cutover of the same pair.
+func planYAML(name string, blue, green *integration.Postgres, rds *integration.Redis) string {
+	return fmt.Sprintf(`  - name: %s
+    pairs:
+      - name: shop
+        engine: postgres
+        blue: {dsn: "%s"}
+        green: {dsn: "%s"}
+        scope: {tables: [public.load_accounts, public.load_history, public.load_events]}
+        fence_roles: [%s]
+    lag: {max_bytes: 1MiB, max_delay: 500ms, hold: 2s}
+    fence: {max_fence_window: 5s, drain_grace: 300ms}
+    verify: {enabled: true, chunk_time: 100ms, parallel: 2}
+    switch:
+      targets:
+        - {type: redis, dsn: "%s", key: %s}
+    rollback: {window: 1h, watch: 30s}
+`, name, blue.DSN(), green.DSN(), appUser, rds.URL(), routeKey)
+}
+
+// holdPoints are the driver's fault points where the agents wait (the
+// test hook) so that a phase lasting milliseconds can be seen and aborted.
+var holdPoints = map[agent.Phase]string{
+	agent.PhaseFenced:     "before catch-up",
+	agent.PhaseCaughtUp:   "before verify",
+	agent.PhaseVerified:   "before authorize",
+	agent.PhaseAuthorized: "before flip intent",
+}
+
+// phaseOrder is the forward path of a plan.
+var phaseOrder = []agent.Phase{agent.PhasePending, agent.PhaseCopying, agent.PhaseReplicating, agent.PhaseReady, agent.PhaseFenced,
+	agent.PhaseCaughtUp, agent.PhaseVerified, agent.PhaseAuthorized, agent.PhaseSwitched, agent.PhaseDone}
+
+// atOrAfter reports whether p is phase q or a later one on the forward path.
+func atOrAfter(p, q agent.Phase) bool {
+	pi, qi := slices.Index(phaseOrder, p), slices.Index(phaseOrder, q)
+	return pi >= 0 && qi >= 0 && pi >= qi
+}
+
+// abortedIn reads, from the audit log, the phase a plan was aborted in.
+func abortedIn(ctx context.Context, clients []*client.Client, plan string) string {
+	for _, c := range clients {
+		entries, err := c.Audit(ctx, plan, 0)
+		if err != nil {
+			continue
+		}
+		for _, e := range entries {
+			if e.To == agent.PhaseAborted && e.Refused == "" {
+				return string(e.From)
+			}
+		}
+	}
+	return ""
+}
+
+// cli runs the cutover binary against the first agent that answers, the
+// way an operator would.
+func cli(ctx context.Context, binary string, agents []*Agent, token string, args ...string) (string, error) {
+	var out []byte
+	var err error
+	for _, a := range agents {
+		cmd := exec.CommandContext(ctx, binary, append(args, "--addr", a.API)...)
+		cmd.Env = append(os.Environ(), "CUTOVER_TOKEN="+token)
+		out, err = cmd.CombinedOutput()
+		var ee *exec.ExitError
+		if err == nil || (errors.As(err, &ee) && ee.ExitCode() == 1) {
+			return string(out), err // done, or refused by the cluster
+		}
+	}
+	return string(out), err
 }
 
 func (a *Agent) start(binary, token string) error {

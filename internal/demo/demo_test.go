@@ -72,7 +72,7 @@ func TestDemoCutsOverUnderLoadWithThreeAgentProcesses(t *testing.T) {
 	if sum.Phase != "done" || sum.Route != "green" || !sum.GateOpen {
 		t.Errorf("phase %s route %s gate %v, want done, green, open", sum.Phase, sum.Route, sum.GateOpen)
 	}
-	if sum.WritesMissing != 0 || sum.WritesOnGreen == 0 || sum.WritesAcknowledged == 0 {
+	if sum.WritesMissing != 0 || sum.EventsMissing != 0 || sum.WritesOnGreen == 0 || sum.WritesAcknowledged == 0 {
 		t.Errorf("writes: %+v", sum)
 	}
 	if sum.BothWritable != 0 {
@@ -135,5 +135,46 @@ func TestLeaderKilledAtEachPhaseCompletesOrAbortsCleanly(t *testing.T) {
 			}
 			t.Logf("killed %s at %s; ended %s\naudit:\n%s", sum.KilledLeader, sum.KilledAt, sum.Phase, story)
 		})
+	}
+}
+
+// A plan aborted through the CLI in any phase up to authorized, then a new
+// plan on the same pair: the retry must flip to a green the application
+// can write (the aborted plan left green fenced), with nothing
+// acknowledged missing, the key-less table included.
+func TestAbortedAtEachPhaseThenRetriedEndsWritingOnGreen(t *testing.T) {
+	for _, phase := range []agent.Phase{agent.PhaseCopying, agent.PhaseReplicating, agent.PhaseReady, agent.PhaseFenced, agent.PhaseCaughtUp, agent.PhaseVerified, agent.PhaseAuthorized} {
+		t.Run(string(phase), func(t *testing.T) {
+			sum, _ := runDemo(t, Options{AbortFirstAt: phase, Writers: 4, Accounts: 2000})
+			story := strings.Join(sum.Audit, "\n")
+			if sum.AbortedFirst == "" || !atOrAfter(agent.Phase(sum.AbortedFirst), phase) || atOrAfter(agent.Phase(sum.AbortedFirst), agent.PhaseSwitched) {
+				t.Errorf("the first plan was aborted in %q, want %s (or a later phase before switched)", sum.AbortedFirst, phase)
+			}
+			if sum.Plan != retryPlanName || sum.Phase != "done" || sum.Route != "green" {
+				t.Fatalf("retry: plan %s ended %s with route %q, want %s done on green\n%s", sum.Plan, sum.Phase, sum.Route, retryPlanName, story)
+			}
+			if sum.WritesOnGreen == 0 {
+				t.Errorf("the application wrote nothing on green after the flip: green is not writable")
+			}
+			if sum.WritesMissing != 0 || sum.EventsMissing != 0 || sum.BothWritable != 0 {
+				t.Errorf("%d writes missing (%d in the key-less table), %d double-writable samples", sum.WritesMissing, sum.EventsMissing, sum.BothWritable)
+			}
+		})
+	}
+}
+
+// A row of a key-less table changed on green behind the stream's back is
+// found by the verification, named, and the plan aborts.
+func TestAChangedRowOfAKeylessTableIsNamedAndThePlanAborts(t *testing.T) {
+	sum, _ := runDemo(t, Options{TamperGreen: true, Writers: 4, Accounts: 2000})
+	story := strings.Join(sum.Audit, "\n")
+	if sum.Phase != "aborted" || sum.Route == "green" {
+		t.Fatalf("ended %s with route %q, want aborted and not on green\n%s", sum.Phase, sum.Route, story)
+	}
+	if !strings.Contains(story, "load_events") || !strings.Contains(story, "changed on green") {
+		t.Errorf("the audit log does not name the changed row of load_events:\n%s", story)
+	}
+	if sum.WritesMissing != 0 || sum.BothWritable != 0 {
+		t.Errorf("%d writes missing, %d double-writable samples", sum.WritesMissing, sum.BothWritable)
 	}
 }
