@@ -817,7 +817,7 @@ func unfenceSide(ctx context.Context, d *Driver, spec config.Plan, pair config.P
 		return err
 	}
 	defer pool.Close()
-	tables, err := scopeTables(ctx, pool, pair.Scope)
+	tables, err := fenceTables(ctx, pool, pair.Scope)
 	if err != nil {
 		return fmt.Errorf("%s: %w", side, err)
 	}
