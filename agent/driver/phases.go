@@ -81,6 +81,9 @@ func (rt *planRT) replicating(ctx context.Context, plan agent.Plan, p agent.Prop
 	if err := rt.checkDrift(ctx); err != nil {
 		return rt.abort(ctx, plan.Name, p, plan.Epoch, err.Error())
 	}
+	if err := rt.checkScope(ctx); err != nil {
+		return err
+	}
 	_, err := p.Transition(ctx, plan.Name, agent.PhaseReady, plan.Epoch, "lag under threshold for the hold time; online verification clean; schemas match")
 	return err
 }
@@ -246,6 +249,9 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	}
 	if err := rt.checkDrift(ctx); err != nil {
 		return rt.abort(ctx, plan.Name, p, plan.Epoch, err.Error())
+	}
+	if err := rt.checkScope(ctx); err != nil {
+		return err
 	}
 	// Made ready before the refresh: the rows written while this runs
 	// (a few hundred ms) would otherwise all be re-hashed in the fence.

@@ -159,3 +159,23 @@ func resolveTables(ctx context.Context, q queryer, scope config.Scope) ([]*table
 	}
 	return tables, set, nil
 }
+
+// PublishedTables lists the application tables in the replicator's
+// publication on blue (pg_publication_tables, partitions as themselves),
+// as quoted identifiers, sorted; the cutover schema's bookkeeping tables
+// are left out.
+func (r *Replicator) PublishedTables(ctx context.Context) ([]string, error) {
+	if r.blue == nil {
+		return nil, errors.New("published tables: replicator not started")
+	}
+	rows, err := r.blue.Query(ctx, `SELECT schemaname::text, tablename::text FROM pg_publication_tables
+		WHERE pubname = $1 AND schemaname <> 'cutover' ORDER BY schemaname COLLATE "C", tablename COLLATE "C"`, r.name)
+	if err != nil {
+		return nil, fmt.Errorf("blue: list the publication's tables: %w", err)
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (string, error) {
+		var schema, name string
+		err := row.Scan(&schema, &name)
+		return pgx.Identifier{schema, name}.Sanitize(), err
+	})
+}
