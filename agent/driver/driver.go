@@ -112,7 +112,7 @@ func (d *Driver) runtime(ctx context.Context, plan agent.Plan) (*planRT, error) 
 	if err != nil {
 		return nil, fmt.Errorf("plan spec: %w", err)
 	}
-	rt, err := newPlanRT(ctx, d, spec)
+	rt, err := newPlanRT(ctx, d, spec, plan.Facts)
 	if err != nil {
 		return nil, err
 	}

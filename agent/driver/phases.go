@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -47,7 +48,7 @@ func (rt *planRT) copying(ctx context.Context, plan agent.Plan, p agent.Proposer
 	}
 	facts := map[string]string{}
 	for _, pr := range rt.pairs {
-		facts["slot."+pr.cfg.Name] = pr.fwd.SlotName()
+		maps.Copy(facts, pr.nameFacts())
 		facts["copied_rows."+pr.cfg.Name] = fmt.Sprint(pr.fwd.Status().Copy.Rows)
 	}
 	return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseReplicating, Detail: "initial copy done; streaming", Reason: "initial copy done", Facts: facts})
@@ -804,8 +805,12 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 // fenced plan through the API). Green stays fenced after an abort.
 func finalizePair(ctx context.Context, d *Driver, spec config.Plan, pair config.Pair, plan agent.Plan) error {
 	var errs []error
-	for _, pc := range []config.Pair{pair, reversePair(pair)} {
-		if _, err := rpg.Cleanup(ctx, spec.Name, pc, d.log); err != nil {
+	fwd, rev := rpg.PlanNames(spec.Name, pair.Name, plan.Facts)
+	for _, c := range []struct {
+		pair config.Pair
+		name string
+	}{{pair, fwd}, {reversePair(pair), rev}} {
+		if _, err := rpg.Cleanup(ctx, spec.Name, c.pair, c.name, d.log); err != nil {
 			errs = append(errs, err)
 		}
 	}

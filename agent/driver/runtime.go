@@ -90,6 +90,9 @@ type pairRT struct {
 	tables      []string
 	fenceTables []string
 	rootOf      map[string]string // partition -> its root, schema.table
+	// fwdSlot and revSlot name the slots and publications of each
+	// direction (rpg.PlanNames).
+	fwdSlot, revSlot string
 
 	bluePool, greenPool *pgxpool.Pool
 	// The fences' own pools: their sessions are warmed for the fence
@@ -138,7 +141,7 @@ func (pr *pairRT) verifierNow() *consistency.Verifier {
 	return pr.verifier
 }
 
-func newPlanRT(ctx context.Context, d *Driver, spec config.Plan) (*planRT, error) {
+func newPlanRT(ctx context.Context, d *Driver, spec config.Plan, facts map[string]string) (*planRT, error) {
 	rt := &planRT{ctx: ctx, d: d, spec: spec}
 	for _, pc := range spec.Pairs {
 		if pc.Engine != config.Postgres {
@@ -146,6 +149,7 @@ func newPlanRT(ctx context.Context, d *Driver, spec config.Plan) (*planRT, error
 			return nil, fmt.Errorf("pair %s: the plan driver supports postgres pairs; %s is not supported yet", pc.Name, pc.Engine)
 		}
 		pr := &pairRT{cfg: pc, dirty: consistency.NewDirtySet(0)}
+		pr.fwdSlot, pr.revSlot = rpg.PlanNames(spec.Name, pc.Name, facts)
 		rt.pairs = append(rt.pairs, pr)
 		var err error
 		if pr.bluePool, err = openPool(ctx, pc.Blue.DSN, "blue", 6); err != nil {
@@ -309,7 +313,7 @@ func (rt *planRT) ensureForward(ctx context.Context, pr *pairRT, epoch uint64) e
 		}
 	}
 	r, err := rpg.New(rpg.Options{
-		Plan: rt.spec.Name, Pair: pr.cfg, Epoch: epoch,
+		Plan: rt.spec.Name, Pair: pr.cfg, Slot: pr.fwdSlot, Epoch: epoch,
 		Logger:      rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name)),
 		Registerer:  rt.d.opts.Registerer,
 		OnRowChange: pr.markChanged,
@@ -379,7 +383,7 @@ func (rt *planRT) ensureReverse(ctx context.Context, pr *pairRT, epoch uint64) e
 
 func (rt *planRT) newReverse(pr *pairRT, epoch uint64) (*rpg.Replicator, error) {
 	return rpg.New(rpg.Options{
-		Plan: rt.spec.Name, Pair: reversePair(pr.cfg), Epoch: epoch,
+		Plan: rt.spec.Name, Pair: reversePair(pr.cfg), Slot: pr.revSlot, Epoch: epoch,
 		Logger:   rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name), zap.String("direction", "reverse")),
 		SkipCopy: true,
 	})

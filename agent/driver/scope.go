@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/cutover/cutover/internal/pgscope"
+	rpg "github.com/cutover/cutover/replication/postgres"
 )
 
 // errScopeChanged: the tables in scope are no longer the ones the plan
@@ -73,4 +74,9 @@ func setDiff(what string, want, got []string) string {
 		parts = append(parts, fmt.Sprintf("%s but no longer in scope: %s", what, strings.Join(extra, ", ")))
 	}
 	return strings.Join(parts, "; ")
+}
+
+// nameFacts records the pair's names in the plan.
+func (pr *pairRT) nameFacts() map[string]string {
+	return rpg.NameFacts(pr.cfg.Name, pr.fwdSlot, pr.revSlot)
 }
