@@ -220,3 +220,23 @@ func BenchmarkBreachLogAdd(b *testing.B) {
 		l.add(pglogrepl.LSN(i+20000), c, 10000)
 	}
 }
+
+func TestPlanNamesPreferWhatThePlanRecorded(t *testing.T) {
+	fwd, rev := PlanNames("shop", "db", nil)
+	if fwd != Name("shop", "db", Forward) || rev != Name("shop", "db", Reverse) {
+		t.Errorf("a plan that recorded nothing: %s %s", fwd, rev)
+	}
+	// A plan created before names carried a hash recorded its forward
+	// name: it finishes with the old scheme in both directions.
+	fwd, rev = PlanNames("shop", "db", map[string]string{FactSlot + "db": "cutover_shop_db"})
+	if fwd != "cutover_shop_db" || rev != "cutover_shop_db_rev" {
+		t.Errorf("a legacy plan: %s %s", fwd, rev)
+	}
+	facts := NameFacts("db", "cutover_a", "cutover_b")
+	if fwd, rev = PlanNames("shop", "db", facts); fwd != "cutover_a" || rev != "cutover_b" {
+		t.Errorf("recorded names: %s %s", fwd, rev)
+	}
+	if got := RecordedNames(facts); len(got) != 4 {
+		t.Errorf("RecordedNames = %v", got)
+	}
+}
