@@ -41,6 +41,7 @@ import (
 	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/fencing"
 	"github.com/cutover/cutover/internal/config"
+	"github.com/cutover/cutover/internal/pgscope"
 )
 
 // Options configure a Driver.
@@ -136,6 +137,9 @@ func (d *Driver) Drive(ctx context.Context, plan agent.Plan, p agent.Proposer) e
 	}
 	rt, err := d.runtime(ctx, plan)
 	if err != nil {
+		if errors.Is(err, pgscope.ErrScope) && plan.Phase == agent.PhaseCopying {
+			return abortBadScope(ctx, plan, p, err)
+		}
 		return err
 	}
 	log := d.log.With(zap.String("plan", plan.Name), zap.String("phase", string(plan.Phase)), zap.Uint64("epoch", plan.Epoch))

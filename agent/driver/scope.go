@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/internal/pgscope"
 	rpg "github.com/cutover/cutover/replication/postgres"
 )
@@ -74,6 +75,17 @@ func setDiff(what string, want, got []string) string {
 		parts = append(parts, fmt.Sprintf("%s but no longer in scope: %s", what, strings.Join(extra, ", ")))
 	}
 	return strings.Join(parts, "; ")
+}
+
+// abortBadScope aborts a plan whose scope cannot be resolved before it
+// changed anything (a table named in scope.tables that does not exist, or
+// nothing in scope): retrying cannot heal that.
+func abortBadScope(ctx context.Context, plan agent.Plan, p agent.Proposer, cause error) error {
+	e, err := p.Intent(ctx, plan.Name, "abort", 0)
+	if err != nil {
+		return err
+	}
+	return p.Outcome(ctx, plan.Name, e, agent.Outcome{OK: true, To: agent.PhaseAborted, Detail: "the scope cannot be resolved on blue", Reason: cause.Error()})
 }
 
 // nameFacts records the pair's names in the plan.

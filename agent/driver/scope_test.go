@@ -109,3 +109,14 @@ func TestTheDriverFencesEveryTableInScopeByQuotedNamePartitionsIncluded(t *testi
 		t.Errorf("a change to public.events_2025 counts against %q, want public.events", root)
 	}
 }
+
+func TestAScopeNamingATableThatDoesNotExistAbortsThePlanNamingIt(t *testing.T) {
+	s := newScenario(t, 50)
+	s.spec.Pairs[0].Scope = config.Scope{Tables: []string{"public.load_accounts", "public.no_such_table"}}
+	c := newCluster(t, Options{})
+	createAndStart(t, c, s.spec)
+	p := waitPhase(t, c, "shop", 60*time.Second, agent.PhaseAborted, agent.PhaseReplicating, agent.PhaseReady)
+	if p.Phase != agent.PhaseAborted || !strings.Contains(p.Reason, "public.no_such_table") {
+		t.Errorf("plan is %s (%s), want aborted naming public.no_such_table", p.Phase, p.Reason)
+	}
+}
