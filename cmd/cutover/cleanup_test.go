@@ -9,6 +9,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/cutover/cutover/integration"
 	pgrepl "github.com/cutover/cutover/replication/postgres"
 )
 
@@ -96,5 +97,51 @@ plans:
 	}
 	if got := slots(); got[other] || got[legacy] {
 		t.Errorf("orphans left after --orphans --force: %v", got)
+	}
+}
+
+func TestVerifyTakesTheDSNsAndTheScopeOfAConfigPair(t *testing.T) {
+	blue, green := startPair(t)
+	ctx := context.Background()
+	for _, s := range []*integration.Postgres{blue, green} {
+		if err := s.Exec(ctx, `CREATE TABLE events (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+			CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+			INSERT INTO events SELECT g, '2025-02-01' FROM generate_series(1, 100) g;
+			CREATE TABLE "Orders" (id int PRIMARY KEY); INSERT INTO "Orders" VALUES (1)`); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// orders (lower case) differs, but is not in the pair's scope.
+	if err := green.Exec(ctx, `DELETE FROM orders WHERE id = 1`); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "c.yaml")
+	write(t, cfg, `agent:
+  node_id: a1
+  data_dir: `+dir+`
+  api: {tokens: {operator: "tok-abcdefghijklmnopq"}}
+plans:
+  - name: shop
+    pairs:
+      - name: db
+        engine: postgres
+        blue: {dsn: "`+blue.DSN()+`"}
+        green: {dsn: "`+green.DSN()+`"}
+        scope: {tables: [events, 'public."Orders"']}
+`)
+	verify := func() (int, string) {
+		var out, errb bytes.Buffer
+		code := run([]string{"verify", "--progress", "never", "--config", cfg, "--pair", "db"}, &out, &errb)
+		return code, out.String() + errb.String()
+	}
+	if code, out := verify(); code != 0 || !strings.Contains(out, "equal: 2 tables") {
+		t.Errorf("exit %d, want 0 over events and Orders only:\n%s", code, out)
+	}
+	if err := green.Exec(ctx, `UPDATE events_2025 SET at = '2025-03-01' WHERE id = 7`); err != nil {
+		t.Fatal(err)
+	}
+	if code, out := verify(); code != 1 || !strings.Contains(out, "public.events") {
+		t.Errorf("exit %d, want 1 naming public.events:\n%s", code, out)
 	}
 }
