@@ -22,7 +22,8 @@ import (
 )
 
 // partitionedSQL is an application with a partitioned table of two levels
-// and a mixed-case table beside its lower-case namesake.
+// a mixed-case table beside its lower-case namesake, and a table whose
+// name holds a dot.
 const partitionedSQL = `
 DO $$ BEGIN CREATE ROLE app LOGIN PASSWORD 'app-password'; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
 CREATE TABLE public.events (id int, at date, region text, note text, PRIMARY KEY (id, at, region)) PARTITION BY RANGE (at);
@@ -32,6 +33,7 @@ CREATE TABLE public.events_2025_us PARTITION OF public.events_2025 FOR VALUES IN
 CREATE TABLE public.events_2026 PARTITION OF public.events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
 CREATE TABLE public."Orders" (id int PRIMARY KEY, total int);
 CREATE TABLE public.orders (id int PRIMARY KEY, total int);
+CREATE TABLE public."odd.name" (id int PRIMARY KEY);
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO app;
 `
 
@@ -46,7 +48,7 @@ func TestAPartitionedAndAMixedCaseTableAreReplicatedFencedAndVerified(t *testing
 	}
 	mustExec(t, blue, `INSERT INTO events VALUES (1, '2025-03-01', 'eu', 'a'), (2, '2025-04-01', 'us', 'b'), (3, '2026-05-01', 'eu', 'c');
 		INSERT INTO "Orders" VALUES (1, 10), (2, 20); INSERT INTO orders VALUES (1, 99)`)
-	scope := config.Scope{Tables: []string{"public.events", "Orders"}}
+	scope := config.Scope{Tables: []string{"public.events", "Orders", `public."odd.name"`}}
 	pair := config.Pair{Name: "db", Engine: config.Postgres, Scope: scope,
 		Blue: config.Endpoint{DSN: config.DSN(blue.DSN())}, Green: config.Endpoint{DSN: config.DSN(green.DSN())}}
 	bluePool := pool(t, blue.DSN())
@@ -71,11 +73,11 @@ func TestAPartitionedAndAMixedCaseTableAreReplicatedFencedAndVerified(t *testing
 	mustExec(t, blue, `INSERT INTO events VALUES (4, '2025-06-01', 'eu', 'via parent'), (5, '2026-06-01', 'us', 'via parent');
 		INSERT INTO events_2025_us VALUES (6, '2025-07-01', 'us', 'into a partition');
 		UPDATE events_2026 SET note = 'updated in a partition' WHERE id = 3;
-		INSERT INTO "Orders" VALUES (3, 30)`)
+		INSERT INTO "Orders" VALUES (3, 30); INSERT INTO "odd.name" VALUES (1)`)
 	waitApplied(t, blue, r)
 	var n int
-	if err := pool(t, green.DSN()).QueryRow(ctx, `SELECT (SELECT count(*) FROM events) * 100 + (SELECT count(*) FROM "Orders") * 10 + (SELECT count(*) FROM orders)`).Scan(&n); err != nil || n != 630 {
-		t.Fatalf("green holds %d (events*100 + Orders*10 + orders), want 630: %v", n, err)
+	if err := pool(t, green.DSN()).QueryRow(ctx, `SELECT (SELECT count(*) FROM events) * 1000 + (SELECT count(*) FROM "Orders") * 100 + (SELECT count(*) FROM orders) * 10 + (SELECT count(*) FROM "odd.name")`).Scan(&n); err != nil || n != 6301 {
+		t.Fatalf("green holds %d (events*1000 + Orders*100 + orders*10 + odd.name), want 6301: %v", n, err)
 	}
 
 	// Verified: equal, then a difference in a partition is found under
@@ -98,8 +100,8 @@ func TestAPartitionedAndAMixedCaseTableAreReplicatedFencedAndVerified(t *testing
 		}
 		return rep
 	}
-	if rep := verify(); rep.Verdict != consistency.Equal || len(rep.Tables) != 2 {
-		t.Fatalf("verdict %s over %d tables, want equal over 2", rep.Verdict, len(rep.Tables))
+	if rep := verify(); rep.Verdict != consistency.Equal || len(rep.Tables) != 3 {
+		t.Fatalf("verdict %s over %d tables, want equal over 3", rep.Verdict, len(rep.Tables))
 	}
 
 	// Fenced: every table in scope, partitions included, refuses the
@@ -117,6 +119,7 @@ func TestAPartitionedAndAMixedCaseTableAreReplicatedFencedAndVerified(t *testing
 		`INSERT INTO events_2025_eu VALUES (11, '2025-03-02', 'eu', 'x')`,
 		`UPDATE events_2026 SET note = 'x'`,
 		`INSERT INTO "Orders" VALUES (10, 1)`,
+		`INSERT INTO "odd.name" VALUES (10)`,
 	} {
 		_, err := app.Exec(ctx, sql)
 		var pgErr *pgconn.PgError
