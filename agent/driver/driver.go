@@ -46,6 +46,7 @@ import (
 	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/fencing"
 	"github.com/cutover/cutover/internal/config"
+	"github.com/cutover/cutover/internal/pgscope"
 )
 
 // Options configure a Driver.
@@ -117,7 +118,7 @@ func (d *Driver) runtime(ctx context.Context, plan agent.Plan) (*planRT, error) 
 	if err != nil {
 		return nil, fmt.Errorf("plan spec: %w", err)
 	}
-	rt, err := newPlanRT(ctx, d, spec)
+	rt, err := newPlanRT(ctx, d, spec, plan.Facts)
 	if err != nil {
 		return nil, err
 	}
@@ -146,6 +147,9 @@ func (d *Driver) Drive(ctx context.Context, plan agent.Plan, p agent.Proposer) e
 	}
 	rt, err := d.runtime(ctx, plan)
 	if err != nil {
+		if errors.Is(err, pgscope.ErrScope) && plan.Phase == agent.PhaseCopying {
+			return abortBadScope(ctx, plan, p, err)
+		}
 		return classify(err)
 	}
 	log := d.log.With(zap.String("plan", plan.Name), zap.String("phase", string(plan.Phase)), zap.Uint64("epoch", plan.Epoch))

@@ -133,7 +133,7 @@ func specForAPI(spec config.Plan) map[string]any {
 	for _, p := range spec.Pairs {
 		pairs = append(pairs, map[string]any{
 			"name": p.Name, "engine": p.Engine, "blue": map[string]any{"dsn": p.Blue.DSN.Reveal()}, "green": map[string]any{"dsn": p.Green.DSN.Reveal()},
-			"scope": map[string]any{"tables": p.Scope.Tables}, "fence_roles": p.FenceRoles,
+			"scope": map[string]any{"tables": p.Scope.Tables, "schemas": p.Scope.Schemas, "exclude_tables": p.Scope.ExcludeTables}, "fence_roles": p.FenceRoles,
 		})
 	}
 	var targets []map[string]any

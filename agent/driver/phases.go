@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -47,7 +48,7 @@ func (rt *planRT) copying(ctx context.Context, plan agent.Plan, p agent.Proposer
 	}
 	facts := map[string]string{}
 	for _, pr := range rt.pairs {
-		facts["slot."+pr.cfg.Name] = pr.fwd.SlotName()
+		maps.Copy(facts, pr.nameFacts())
 		facts["copied_rows."+pr.cfg.Name] = fmt.Sprint(pr.fwd.Status().Copy.Rows)
 	}
 	return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseReplicating, Detail: "initial copy done; streaming", Reason: "initial copy done", Facts: facts})
@@ -80,6 +81,9 @@ func (rt *planRT) replicating(ctx context.Context, plan agent.Plan, p agent.Prop
 	}
 	if err := rt.checkDrift(ctx); err != nil {
 		return rt.abort(ctx, plan.Name, p, plan.Epoch, err.Error())
+	}
+	if err := rt.checkScope(ctx); err != nil {
+		return err
 	}
 	_, err := p.Transition(ctx, plan.Name, agent.PhaseReady, plan.Epoch, "lag under threshold for the hold time; online verification clean; schemas match")
 	return err
@@ -246,6 +250,9 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	}
 	if err := rt.checkDrift(ctx); err != nil {
 		return rt.abort(ctx, plan.Name, p, plan.Epoch, err.Error())
+	}
+	if err := rt.checkScope(ctx); err != nil {
+		return err
 	}
 	// Made ready before the refresh: the rows written while this runs
 	// (a few hundred ms) would otherwise all be re-hashed in the fence.
@@ -840,8 +847,12 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 // fenced plan through the API). Green stays fenced after an abort.
 func finalizePair(ctx context.Context, d *Driver, spec config.Plan, pair config.Pair, plan agent.Plan) error {
 	var errs []error
-	for _, pc := range []config.Pair{pair, reversePair(pair)} {
-		if _, err := rpg.Cleanup(ctx, spec.Name, pc, d.log); err != nil {
+	fwd, rev := rpg.PlanNames(spec.Name, pair.Name, plan.Facts)
+	for _, c := range []struct {
+		pair config.Pair
+		name string
+	}{{pair, fwd}, {reversePair(pair), rev}} {
+		if _, err := rpg.Cleanup(ctx, spec.Name, c.pair, c.name, d.log); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -859,7 +870,7 @@ func unfenceSide(ctx context.Context, d *Driver, spec config.Plan, pair config.P
 		return err
 	}
 	defer pool.Close()
-	tables, err := scopeTables(ctx, pool, pair.Scope)
+	tables, err := fenceTables(ctx, pool, pair.Scope)
 	if err != nil {
 		return fmt.Errorf("%s: %w", side, err)
 	}

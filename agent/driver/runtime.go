@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,6 +18,7 @@ import (
 	"github.com/cutover/cutover/fencing"
 	fpg "github.com/cutover/cutover/fencing/postgres"
 	"github.com/cutover/cutover/internal/config"
+	"github.com/cutover/cutover/internal/pgscope"
 	"github.com/cutover/cutover/internal/redact"
 	rpg "github.com/cutover/cutover/replication/postgres"
 	"github.com/cutover/cutover/switch/target"
@@ -80,8 +80,19 @@ func (rt *planRT) goBackground(fns ...func()) {
 
 // pairRT is what the leader holds for one pair.
 type pairRT struct {
-	cfg    config.Pair
-	tables []string
+	cfg config.Pair
+	// scope is the pair's scope resolved on blue (internal/pgscope):
+	// tables are its roots, what verification compares, as schema.table
+	// (the verifier matches them exactly, case and all); fenceTables are
+	// all of its tables, partitions included, as quoted identifiers.
+	scopeMu     sync.Mutex
+	scope       *pgscope.Set
+	tables      []string
+	fenceTables []string
+	rootOf      map[string]string // partition -> its root, schema.table
+	// fwdSlot and revSlot name the slots and publications of each
+	// direction (rpg.PlanNames).
+	fwdSlot, revSlot string
 
 	bluePool, greenPool *pgxpool.Pool
 	// The fences' own pools: their sessions are warmed for the fence
@@ -130,7 +141,7 @@ func (pr *pairRT) verifierNow() *consistency.Verifier {
 	return pr.verifier
 }
 
-func newPlanRT(ctx context.Context, d *Driver, spec config.Plan) (*planRT, error) {
+func newPlanRT(ctx context.Context, d *Driver, spec config.Plan, facts map[string]string) (*planRT, error) {
 	rt := &planRT{ctx: ctx, d: d, spec: spec}
 	for _, pc := range spec.Pairs {
 		if pc.Engine != config.Postgres {
@@ -138,6 +149,7 @@ func newPlanRT(ctx context.Context, d *Driver, spec config.Plan) (*planRT, error
 			return nil, fmt.Errorf("pair %s: the plan driver supports postgres pairs; %s is not supported yet", pc.Name, pc.Engine)
 		}
 		pr := &pairRT{cfg: pc, dirty: consistency.NewDirtySet(0)}
+		pr.fwdSlot, pr.revSlot = rpg.PlanNames(spec.Name, pc.Name, facts)
 		rt.pairs = append(rt.pairs, pr)
 		var err error
 		if pr.bluePool, err = openPool(ctx, pc.Blue.DSN, "blue", 6); err != nil {
@@ -148,10 +160,12 @@ func newPlanRT(ctx context.Context, d *Driver, spec config.Plan) (*planRT, error
 			rt.close()
 			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
 		}
-		if pr.tables, err = scopeTables(ctx, pr.bluePool, pc.Scope); err != nil {
+		set, err := pgscope.Resolve(ctx, pr.bluePool, pc.Scope)
+		if err != nil {
 			rt.close()
-			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
+			return nil, fmt.Errorf("pair %s: blue: %w", pc.Name, err)
 		}
+		pr.setScope(set)
 		log := d.log.With(zap.String("plan", spec.Name))
 		// Blue's fenced writers wait on the drain's lock until the gate
 		// opens instead of retrying against the fence, which on a busy
@@ -166,9 +180,9 @@ func newPlanRT(ctx context.Context, d *Driver, spec config.Plan) (*planRT, error
 			rt.close()
 			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
 		}
-		pr.blueFence = fpg.New(pr.blueFencePool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.tables, Roles: pc.FenceRoles, Hold: maxWindow(spec), Logger: log.With(zap.String("side", "blue"))})
+		pr.blueFence = fpg.New(pr.blueFencePool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.fenceTables, Roles: pc.FenceRoles, Hold: maxWindow(spec), Logger: log.With(zap.String("side", "blue"))})
 		// Green's, the same for the way back (rollback).
-		pr.greenFence = fpg.New(pr.greenFencePool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.tables, Roles: pc.FenceRoles, Hold: maxWindow(spec), Logger: log.With(zap.String("side", "green"))})
+		pr.greenFence = fpg.New(pr.greenFencePool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.fenceTables, Roles: pc.FenceRoles, Hold: maxWindow(spec), Logger: log.With(zap.String("side", "green"))})
 		// Everything that can happen before the fence happens here.
 		if err := pr.blueFence.Prepare(ctx); err != nil {
 			rt.close()
@@ -200,60 +214,42 @@ func openPool(ctx context.Context, dsn config.DSN, side string, maxConns int32) 
 	return pool, nil
 }
 
-// scopeTables lists the tables a pair's scope names on blue, as
-// schema.table, the way the replication engine reads the scope.
-func scopeTables(ctx context.Context, pool *pgxpool.Pool, scope config.Scope) ([]string, error) {
-	rows, err := pool.Query(ctx, `
-		SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-		WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-		  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'cutover')
-		  AND n.nspname NOT LIKE 'pg\_toast%' AND n.nspname NOT LIKE 'pg\_temp%'
-		ORDER BY 1, 2`)
+// fenceTables lists every table of a pair's scope on the server behind
+// pool, partitions included, as quoted identifiers: what a fence revokes
+// and locks.
+func fenceTables(ctx context.Context, pool *pgxpool.Pool, scope config.Scope) ([]string, error) {
+	set, err := pgscope.Resolve(ctx, pool, scope)
 	if err != nil {
-		return nil, fmt.Errorf("list tables: %w", err)
+		return nil, err
 	}
-	qualify := func(s string) string {
-		if strings.Contains(s, ".") {
-			return s
-		}
-		return "public." + s
-	}
-	want := map[string]bool{}
-	for _, t := range scope.Tables {
-		want[qualify(t)] = true
-	}
-	schemas := map[string]bool{}
-	for _, s := range scope.Schemas {
-		schemas[s] = true
-	}
-	excluded := map[string]bool{}
-	for _, t := range scope.ExcludeTables {
-		excluded[qualify(t)] = true
-	}
-	var out []string
-	for rows.Next() {
-		var schema, name string
-		if err := rows.Scan(&schema, &name); err != nil {
-			return nil, err
-		}
-		full := schema + "." + name
-		switch {
-		case excluded[full]:
-		case len(want) > 0 || len(schemas) > 0:
-			if want[full] || schemas[schema] {
-				out = append(out, full)
-			}
-		default:
-			out = append(out, full)
+	return pgscope.Idents(set.All()), nil
+}
+
+// setScope installs a resolved scope.
+func (pr *pairRT) setScope(set *pgscope.Set) {
+	pr.scopeMu.Lock()
+	defer pr.scopeMu.Unlock()
+	pr.scope = set
+	pr.tables = pgscope.Names(set.Roots())
+	pr.fenceTables = pgscope.Idents(set.All())
+	pr.rootOf = map[string]string{}
+	for _, t := range set.Leaves() {
+		if root, _ := set.Root(t.OID); root.OID != t.OID {
+			pr.rootOf[t.String()] = root.String()
 		}
 	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("list tables: %w", err)
+}
+
+// markChanged records a replicated row change in the dirty set under the
+// table verification compares: a partition's rows under its partitioned
+// table in scope.
+func (pr *pairRT) markChanged(table string, key []string) {
+	pr.scopeMu.Lock()
+	if root, ok := pr.rootOf[table]; ok {
+		table = root
 	}
-	if len(out) == 0 {
-		return nil, errors.New("no table in scope on blue")
-	}
-	return out, nil
+	pr.scopeMu.Unlock()
+	pr.dirty.MarkChanged(table, key)
 }
 
 // close stops everything this term started for the plan. Fences stay as
@@ -317,10 +313,10 @@ func (rt *planRT) ensureForward(ctx context.Context, pr *pairRT, epoch uint64) e
 		}
 	}
 	r, err := rpg.New(rpg.Options{
-		Plan: rt.spec.Name, Pair: pr.cfg, Epoch: epoch,
+		Plan: rt.spec.Name, Pair: pr.cfg, Slot: pr.fwdSlot, Epoch: epoch,
 		Logger:      rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name)),
 		Registerer:  rt.d.opts.Registerer,
-		OnRowChange: pr.dirty.MarkChanged,
+		OnRowChange: pr.markChanged,
 	})
 	if err != nil {
 		return err
@@ -387,7 +383,7 @@ func (rt *planRT) ensureReverse(ctx context.Context, pr *pairRT, epoch uint64) e
 
 func (rt *planRT) newReverse(pr *pairRT, epoch uint64) (*rpg.Replicator, error) {
 	return rpg.New(rpg.Options{
-		Plan: rt.spec.Name, Pair: reversePair(pr.cfg), Epoch: epoch,
+		Plan: rt.spec.Name, Pair: reversePair(pr.cfg), Slot: pr.revSlot, Epoch: epoch,
 		Logger:   rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name), zap.String("direction", "reverse")),
 		SkipCopy: true,
 	})

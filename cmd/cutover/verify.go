@@ -29,6 +29,8 @@ type verifyFlags struct {
 	parallel         int
 	maxRowsPerSecond int
 	progress         string
+	// A pair of a config: its DSNs and its scope (verifyscope.go).
+	config, plan, pair string
 }
 
 func newVerifyCmd(g *globals) *cobra.Command {
@@ -67,10 +69,16 @@ be compared).`,
 	fl.IntVar(&f.parallel, "parallel", consistency.DefaultParallel, "chunks compared at once (one connection per side each)")
 	fl.IntVar(&f.maxRowsPerSecond, "max-rows-per-second", 0, "read at most this many rows per second on blue (0: no limit)")
 	fl.StringVar(&f.progress, "progress", "auto", "progress bar on stderr: auto (when a terminal), always or never")
+	fl.StringVar(&f.config, "config", "", "take the DSNs and the tables (the pair's scope) from this config's pair (--pair, and --plan when it has several)")
+	fl.StringVar(&f.plan, "plan", "", "the plan of --pair")
+	fl.StringVar(&f.pair, "pair", "", "the pair of --config")
 	return cmd
 }
 
 func runVerify(cmd *cobra.Command, g *globals, f verifyFlags) error {
+	if err := f.fromConfig(cmd.Context(), g); err != nil {
+		return err
+	}
 	if f.blue == "" {
 		f.blue = os.Getenv("CUTOVER_BLUE_DSN")
 	}

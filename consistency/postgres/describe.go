@@ -2,12 +2,15 @@ package postgres
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cutover/cutover/consistency"
+	"github.com/cutover/cutover/internal/config"
+	"github.com/cutover/cutover/internal/pgscope"
 )
 
 // Built-in type OIDs (fixed across PostgreSQL versions).
@@ -150,9 +153,19 @@ func (db *DB) Describe(ctx context.Context, names []string) ([]*consistency.Tabl
 		return rows.Err()
 	}
 	if len(names) == 0 {
-		rows, err := db.pool.Query(ctx, cols+`WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-			AND n.nspname NOT IN ('information_schema', 'cutover') AND n.nspname NOT LIKE 'pg\_%'
-			ORDER BY n.nspname, c.relname`)
+		// Every table, by the scope rule replication and the fence use
+		// (internal/pgscope): its roots, partitions under their parent.
+		var oids []uint32
+		set, err := pgscope.Resolve(ctx, db.pool, config.Scope{})
+		if err != nil && !errors.Is(err, pgscope.ErrScope) { // ErrScope: no table at all
+			return nil, err
+		}
+		if set != nil {
+			for _, t := range set.Roots() {
+				oids = append(oids, t.OID)
+			}
+		}
+		rows, err := db.pool.Query(ctx, cols+`WHERE c.oid = ANY($1::oid[]) ORDER BY n.nspname, c.relname`, oids)
 		if err != nil {
 			return nil, fmt.Errorf("list tables: %w", err)
 		}

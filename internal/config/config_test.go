@@ -258,3 +258,21 @@ func TestInvalidErrorsNeverEchoPasswords(t *testing.T) {
 		t.Errorf("error does not name the key: %v", err)
 	}
 }
+
+func TestTableNamesInScopeMayQuoteTheirParts(t *testing.T) {
+	for name, ok := range map[string]bool{
+		"orders":                true,
+		"public.Orders":         true,
+		`public."Orders"`:       true,
+		`"my.schema"."a""b"`:    true,
+		`"odd.name"`:            true,
+		"a.b.c":                 false,
+		`public."open`:          false,
+		`""`:                    false,
+		"public.orders; DROP x": false,
+	} {
+		if got := validTableName(name); got != ok {
+			t.Errorf("validTableName(%q) = %v, want %v", name, got, ok)
+		}
+	}
+}

@@ -255,12 +255,12 @@ func (p *Plan) validate(ps *problems, key string) {
 		}
 		for j, tbl := range pair.Scope.Tables {
 			if !validTableName(tbl) {
-				ps.add(fmt.Sprintf("%s.scope.tables[%d]", pk, j), "%q is not a table name (use table or schema.table)", tbl)
+				ps.add(fmt.Sprintf("%s.scope.tables[%d]", pk, j), "%q is not a table name (use table or schema.table; quote parts with other characters: public.\"Orders\")", tbl)
 			}
 		}
 		for j, tbl := range pair.Scope.ExcludeTables {
 			if !validTableName(tbl) {
-				ps.add(fmt.Sprintf("%s.scope.exclude_tables[%d]", pk, j), "%q is not a table name (use table or schema.table)", tbl)
+				ps.add(fmt.Sprintf("%s.scope.exclude_tables[%d]", pk, j), "%q is not a table name (use table or schema.table; quote parts with other characters: public.\"Orders\")", tbl)
 			}
 		}
 	}
@@ -372,7 +372,11 @@ func (t *Target) validate(ps *problems, key string) {
 	}
 }
 
-var tableRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$`)
+// tableRE is table or schema.table; a part in double quotes may hold any
+// character, with "" for a quote (internal/pgscope reads it).
+var tableRE = regexp.MustCompile(`^` + tablePart + `(\.` + tablePart + `)?$`)
+
+const tablePart = `(?:[A-Za-z_][A-Za-z0-9_$]*|"(?:[^"]|"")+")`
 
 func validTableName(s string) bool { return tableRE.MatchString(s) }
 

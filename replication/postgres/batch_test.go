@@ -104,13 +104,41 @@ func TestArrayLiteralEscapes(t *testing.T) {
 }
 
 func TestNameIsSafeShortAndDistinct(t *testing.T) {
-	if got := Name("Orders", "orders-db"); got != "cutover_orders_orders_db" {
+	if got := Name("Orders", "orders-db", Forward); !strings.HasPrefix(got, "cutover_orders_orders_db_f_") || len(got) != len("cutover_orders_orders_db_f_")+hashLen {
 		t.Errorf("Name = %q", got)
 	}
-	long1 := Name(strings.Repeat("p", 60), "pair-one")
-	long2 := Name(strings.Repeat("p", 60), "pair-two")
+	long1 := Name(strings.Repeat("p", 60), "pair-one", Forward)
+	long2 := Name(strings.Repeat("p", 60), "pair-two", Forward)
 	if len(long1) > 63 || long1 == long2 || !strings.HasPrefix(long1, NamePrefix) {
 		t.Errorf("long names %q %q", long1, long2)
+	}
+	// Names that the old scheme made equal.
+	seen := map[string]string{}
+	for _, c := range []struct {
+		plan, pair string
+		dir        Direction
+	}{
+		{"shop", "db-1", Forward}, {"shop", "db_1", Forward}, {"shop", "DB_1", Forward},
+		{"shop", "db-rev", Forward}, {"shop", "db", Reverse}, {"shop", "db", Forward},
+		{"a-b", "c", Forward}, {"a", "b-c", Forward}, {"a_b", "c", Forward},
+	} {
+		n := Name(c.plan, c.pair, c.dir)
+		if len(n) > 63 || !strings.HasPrefix(n, NamePrefix) {
+			t.Errorf("Name(%v) = %q: too long or without the prefix", c, n)
+		}
+		for _, r := range n {
+			if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '_') {
+				t.Errorf("Name(%v) = %q holds %q, which a slot name may not", c, n, r)
+			}
+		}
+		key := c.plan + "/" + c.pair + "/" + string(c.dir)
+		if other, dup := seen[n]; dup {
+			t.Errorf("%s and %s share the name %s", other, key, n)
+		}
+		seen[n] = key
+	}
+	if LegacyName("shop", "db-rev") != LegacyName("shop", "db_rev") {
+		t.Error("the legacy scheme is expected to collide here")
 	}
 }
 
@@ -190,5 +218,25 @@ func BenchmarkBreachLogAdd(b *testing.B) {
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		l.add(pglogrepl.LSN(i+20000), c, 10000)
+	}
+}
+
+func TestPlanNamesPreferWhatThePlanRecorded(t *testing.T) {
+	fwd, rev := PlanNames("shop", "db", nil)
+	if fwd != Name("shop", "db", Forward) || rev != Name("shop", "db", Reverse) {
+		t.Errorf("a plan that recorded nothing: %s %s", fwd, rev)
+	}
+	// A plan created before names carried a hash recorded its forward
+	// name: it finishes with the old scheme in both directions.
+	fwd, rev = PlanNames("shop", "db", map[string]string{FactSlot + "db": "cutover_shop_db"})
+	if fwd != "cutover_shop_db" || rev != "cutover_shop_db_rev" {
+		t.Errorf("a legacy plan: %s %s", fwd, rev)
+	}
+	facts := NameFacts("db", "cutover_a", "cutover_b")
+	if fwd, rev = PlanNames("shop", "db", facts); fwd != "cutover_a" || rev != "cutover_b" {
+		t.Errorf("recorded names: %s %s", fwd, rev)
+	}
+	if got := RecordedNames(facts); len(got) != 4 {
+		t.Errorf("RecordedNames = %v", got)
 	}
 }

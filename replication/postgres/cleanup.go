@@ -23,7 +23,7 @@ func (r *Replicator) Cleanup(ctx context.Context) error {
 	if err := r.Stop(ctx); err != nil {
 		return err
 	}
-	_, err := Cleanup(ctx, r.opts.Plan, r.opts.Pair, r.log)
+	_, err := Cleanup(ctx, r.opts.Plan, r.opts.Pair, r.name, r.log)
 	return err
 }
 
@@ -34,16 +34,19 @@ type Dropped struct {
 	Forgotten    bool // green's applied position was removed
 }
 
-// Cleanup drops the slot and the publication of one pair of a plan on
-// blue, its heartbeat row, and green's applied position for it. A
-// walsender still holding the slot is terminated first. It is idempotent:
-// what does not exist is skipped. The green side is best effort when
-// green is unreachable (blue is what must not keep a slot).
-func Cleanup(ctx context.Context, plan string, pair config.Pair, log *zap.Logger) (Dropped, error) {
+// Cleanup drops the slot and the publication named name of one pair of a
+// plan on blue (the name the plan recorded: nothing else is touched), its
+// heartbeat row, and green's applied position for it. A walsender still
+// holding the slot is terminated first. It is idempotent: what does not
+// exist is skipped. The green side is best effort when green is
+// unreachable (blue is what must not keep a slot).
+func Cleanup(ctx context.Context, plan string, pair config.Pair, name string, log *zap.Logger) (Dropped, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	name := Name(plan, pair.Name)
+	if !validSlotName(name) {
+		return Dropped{}, fmt.Errorf("cleanup: %q is not a slot name", name)
+	}
 	var out Dropped
 	blue, err := pgx.Connect(ctx, pair.Blue.DSN.Reveal())
 	if err != nil {

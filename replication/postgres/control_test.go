@@ -374,3 +374,74 @@ func pgxQueryRow(t *testing.T, s *integration.Postgres, sql string, dst any) err
 	defer conn.Close(context.Background())
 	return conn.QueryRow(context.Background(), sql).Scan(dst)
 }
+
+func TestPairsAndDirectionsWhoseOldNamesCollideGetTheirOwnSlotsAndCleanupLeavesTheOthers(t *testing.T) {
+	e := newPairEnv(t, loadSchema)
+	ctx := context.Background()
+	// Slots and publications made without a copy, so that four replicators
+	// can share one pair of servers.
+	prepare := func(pair, slot string) *Replicator {
+		t.Helper()
+		opts := e.options(t)
+		opts.Plan = "shop"
+		opts.Pair.Name = pair
+		opts.Slot = slot
+		opts.SkipCopy = true
+		r, err := New(opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Prepare(ctx); err != nil {
+			t.Fatalf("prepare %s: %v", pair, err)
+		}
+		if err := r.PrepareSlot(ctx); err != nil {
+			t.Fatalf("prepare slot of %s: %v", pair, err)
+		}
+		t.Cleanup(func() { _ = r.Stop(ctx) })
+		return r
+	}
+	// Pair names that differ only by - and _; a pair db-rev and the way
+	// back of pair db (the driver's reverse replicator is pair db-rev).
+	rs := []*Replicator{
+		prepare("db-1", ""),
+		prepare("db_1", ""),
+		prepare("db-rev", ""),
+		prepare("db-rev", Name("shop", "db", Reverse)),
+	}
+	names := map[string]bool{}
+	for _, r := range rs {
+		names[r.SlotName()] = true
+	}
+	if len(names) != len(rs) {
+		t.Fatalf("%d replicators share %d names: %v", len(rs), len(names), names)
+	}
+	slots := func() map[string]bool {
+		t.Helper()
+		left, err := Leftovers(ctx, e.pair.Blue.DSN, NamePrefix)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]bool{}
+		for _, l := range left {
+			if l.Kind == "slot" {
+				out[l.Name] = true
+			}
+		}
+		return out
+	}
+	if got := slots(); len(got) != len(rs) {
+		t.Fatalf("blue holds slots %v, want one for each of the %d replicators", got, len(rs))
+	}
+	// Cleaning up one leaves every other's slot and publication in place.
+	for _, i := range []int{0, 3} {
+		if err := rs[i].Cleanup(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := slots()
+	for i, r := range rs {
+		if want := i == 1 || i == 2; got[r.SlotName()] != want {
+			t.Errorf("slot %s of replicator %d present = %v, want %v", r.SlotName(), i, got[r.SlotName()], want)
+		}
+	}
+}

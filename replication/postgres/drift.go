@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"sort"
-	"strings"
 
 	"github.com/cutover/cutover/replication"
 )
@@ -21,13 +20,9 @@ func (r *Replicator) CompareSchemas(ctx context.Context) ([]replication.Differen
 	if r.blue == nil || r.green == nil {
 		return nil, fmt.Errorf("compare schemas: replicator not started")
 	}
-	blueAll, err := listTables(ctx, r.blue)
+	tables, _, err := resolveTables(ctx, r.blue, r.opts.Pair.Scope)
 	if err != nil {
 		return nil, fmt.Errorf("blue: %w", err)
-	}
-	tables, problems := resolveScope(blueAll, r.opts.Pair.Scope)
-	if len(problems) > 0 {
-		return nil, fmt.Errorf("scope: %s", strings.Join(problems, "; "))
 	}
 	greenAll, err := listTables(ctx, r.green)
 	if err != nil {
@@ -44,13 +39,9 @@ func (r *Replicator) SchemaFingerprint(ctx context.Context) (blue, green string,
 	if r.blue == nil || r.green == nil {
 		return "", "", fmt.Errorf("schema fingerprint: replicator not started")
 	}
-	blueAll, err := listTables(ctx, r.blue)
+	tables, _, err := resolveTables(ctx, r.blue, r.opts.Pair.Scope)
 	if err != nil {
 		return "", "", fmt.Errorf("blue: %w", err)
-	}
-	tables, problems := resolveScope(blueAll, r.opts.Pair.Scope)
-	if len(problems) > 0 {
-		return "", "", fmt.Errorf("scope: %s", strings.Join(problems, "; "))
 	}
 	greenAll, err := listTables(ctx, r.green)
 	if err != nil {

@@ -77,11 +77,10 @@ func (r *Replicator) precheck(ctx context.Context) (*checked, error) {
 		blueProblems = append(blueProblems, "max_wal_senders is 0: raise it and restart the server")
 	}
 
-	all, err := listTables(ctx, r.blue)
+	tables, _, problems, err := scopeTables(ctx, r.blue, r.opts.Pair.Scope)
 	if err != nil {
 		return nil, fmt.Errorf("blue: %w", err)
 	}
-	tables, problems := resolveScope(all, r.opts.Pair.Scope)
 	blueProblems = append(blueProblems, problems...)
 	var noKey, notOwned []string
 	for _, t := range tables {

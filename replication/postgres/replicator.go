@@ -28,6 +28,11 @@ var _ replication.Replicator = (*Replicator)(nil)
 type Options struct {
 	Plan string
 	Pair config.Pair
+	// Slot names the slot and the publication. Default Name(Plan,
+	// Pair.Name, Forward). A plan passes the names it recorded, so that a
+	// plan created under an older naming scheme goes on with its own, and
+	// the reverse direction its Name(..., Reverse).
+	Slot string
 	// Epoch is the fencing token of the leader running this replicator
 	// (the plan's epoch). It is stored on green with every batch; an
 	// applier with a lower epoch stops with ErrSuperseded. Replicators of
@@ -153,7 +158,7 @@ type Status struct {
 }
 
 // Replicator replicates one PostgreSQL pair: blue into green, through a
-// publication and a pgoutput slot both named Name(plan, pair).
+// publication and a pgoutput slot both named Options.Slot.
 //
 // It is run by the leader. Every write it makes on green carries the
 // applied position and only moves it forward, so a deposed leader's
@@ -211,9 +216,15 @@ func New(opts Options) (*Replicator, error) {
 		return nil, fmt.Errorf("postgres replicator: pair %s is engine %s", opts.Pair.Name, opts.Pair.Engine)
 	}
 	opts.defaults()
+	if opts.Slot == "" {
+		opts.Slot = Name(opts.Plan, opts.Pair.Name, Forward)
+	}
+	if !validSlotName(opts.Slot) {
+		return nil, fmt.Errorf("postgres replicator: %q is not a slot name (1 to 63 of a-z, 0-9 and _)", opts.Slot)
+	}
 	r := &Replicator{
 		opts:     opts,
-		name:     Name(opts.Plan, opts.Pair.Name),
+		name:     opts.Slot,
 		resumeCh: make(chan struct{}),
 		markers:  map[string]pglogrepl.LSN{},
 		waiters:  map[string][]chan pglogrepl.LSN{},

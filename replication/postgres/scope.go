@@ -2,13 +2,14 @@ package postgres
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"sort"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cutover/cutover/internal/config"
+	"github.com/cutover/cutover/internal/pgscope"
 )
 
 // bookkeeping tables are replicated with every pair but are not application
@@ -118,83 +119,63 @@ func listTables(ctx context.Context, q queryer) (map[TableName]*tableInfo, error
 	return out, nil
 }
 
-// parseTableName reads "schema.table" or "table" (schema public); quoted
-// parts keep their case and dots.
-func parseTableName(s string) TableName {
-	s = strings.TrimSpace(s)
-	parts := splitQualified(s)
-	if len(parts) == 1 {
-		return TableName{"public", parts[0]}
+// scopeTables resolves the pair's scope on blue (internal/pgscope: the
+// rule every part of cutover shares) and returns the tables replication
+// publishes and copies, its leaves, with their details. Problems with the
+// scope itself come back as problems, for the pre-check's report.
+func scopeTables(ctx context.Context, q queryer, scope config.Scope) (tables []*tableInfo, set *pgscope.Set, problems []string, err error) {
+	set, err = pgscope.Resolve(ctx, q, scope)
+	if errors.Is(err, pgscope.ErrScope) {
+		return nil, nil, []string{err.Error() + " on blue"}, nil
 	}
-	return TableName{parts[0], parts[1]}
-}
-
-func splitQualified(s string) []string {
-	var parts []string
-	var cur strings.Builder
-	quoted := false
-	for i := 0; i < len(s); i++ {
-		ch := s[i]
-		switch {
-		case ch == '"' && quoted && i+1 < len(s) && s[i+1] == '"':
-			cur.WriteByte('"')
-			i++
-		case ch == '"':
-			quoted = !quoted
-		case ch == '.' && !quoted && len(parts) == 0:
-			parts = append(parts, cur.String())
-			cur.Reset()
-		default:
-			cur.WriteByte(ch)
-		}
+	if err != nil {
+		return nil, nil, nil, err
 	}
-	return append(parts, cur.String())
-}
-
-// resolveScope picks the tables of scope out of all. Named tables that do
-// not exist are errors; an empty result is an error too (a pair that
-// replicates nothing is a mistake in the config).
-func resolveScope(all map[TableName]*tableInfo, scope config.Scope) ([]*tableInfo, []string) {
-	var problems []string
-	schemas := map[string]bool{}
-	for _, s := range scope.Schemas {
-		schemas[s] = true
+	all, err := listTables(ctx, q)
+	if err != nil {
+		return nil, nil, nil, err
 	}
-	exclude := map[TableName]bool{}
-	for _, t := range scope.ExcludeTables {
-		exclude[parseTableName(t)] = true
-	}
-	picked := map[TableName]*tableInfo{}
-	if len(scope.Tables) > 0 {
-		for _, s := range scope.Tables {
-			tn := parseTableName(s)
-			t, ok := all[tn]
-			if !ok {
-				problems = append(problems, fmt.Sprintf("table %s named in scope.tables does not exist on blue", tn))
-				continue
-			}
-			picked[tn] = t
-		}
-	} else {
-		for tn, t := range all {
-			if len(schemas) == 0 || schemas[tn.Schema] {
-				picked[tn] = t
-			}
-		}
-	}
-	var out []*tableInfo
-	for tn, t := range picked {
-		if len(schemas) > 0 && !schemas[tn.Schema] && len(scope.Tables) == 0 {
+	for _, l := range set.Leaves() {
+		t, ok := all[TableName{l.Schema, l.Name}]
+		if !ok {
+			// Dropped between the two reads, or a table without a column.
+			problems = append(problems, fmt.Sprintf("table %s has no columns to replicate (or was dropped meanwhile)", l))
 			continue
 		}
-		if exclude[tn] {
-			continue
-		}
-		out = append(out, t)
+		tables = append(tables, t)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Name.String() < out[j].Name.String() })
-	if len(out) == 0 && len(problems) == 0 {
-		problems = append(problems, "no table is in scope on blue (check scope.schemas, scope.tables and scope.exclude_tables)")
+	return tables, set, problems, nil
+}
+
+// resolveTables is scopeTables for the checks that run after the
+// pre-check: any problem is an error.
+func resolveTables(ctx context.Context, q queryer, scope config.Scope) ([]*tableInfo, *pgscope.Set, error) {
+	tables, set, problems, err := scopeTables(ctx, q, scope)
+	if err != nil {
+		return nil, nil, err
 	}
-	return out, problems
+	if len(problems) > 0 {
+		return nil, nil, fmt.Errorf("scope: %s", strings.Join(problems, "; "))
+	}
+	return tables, set, nil
+}
+
+// PublishedTables lists the application tables in the replicator's
+// publication on blue (pg_publication_tables, partitions as themselves),
+// as quoted identifiers, sorted; the cutover schema's bookkeeping tables
+// are left out.
+func (r *Replicator) PublishedTables(ctx context.Context) ([]string, error) {
+	if r.blue == nil {
+		return nil, errors.New("published tables: replicator not started")
+	}
+	rows, err := r.blue.Query(ctx, `SELECT schemaname::text, tablename::text FROM pg_publication_tables
+		WHERE pubname = $1 AND schemaname <> 'cutover' ORDER BY schemaname COLLATE "C", tablename COLLATE "C"`, r.name)
+	if err != nil {
+		return nil, fmt.Errorf("blue: list the publication's tables: %w", err)
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (string, error) {
+		var schema, name string
+		err := row.Scan(&schema, &name)
+		return pgx.Identifier{schema, name}.Sanitize(), err
+	})
 }

@@ -34,10 +34,9 @@ type sequence struct {
 
 const sequencesSQL = `
 SELECT n.nspname, c.relname, s.seqincrement,
-	coalesce((SELECT dn.nspname || '.' || dc.relname FROM pg_depend d
-		JOIN pg_class dc ON dc.oid = d.refobjid JOIN pg_namespace dn ON dn.oid = dc.relnamespace
+	coalesce((SELECT d.refobjid::int8 FROM pg_depend d
 		WHERE d.classid = 'pg_class'::regclass AND d.objid = s.seqrelid AND d.refclassid = 'pg_class'::regclass
-			AND d.deptype IN ('a', 'i') LIMIT 1), '')
+			AND d.deptype IN ('a', 'i') LIMIT 1), 0)
 FROM pg_sequence s
 JOIN pg_class c ON c.oid = s.seqrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -48,19 +47,17 @@ ORDER BY 1, 2`
 // identity) a table in scope, and unowned ones in a schema that holds a
 // table in scope or is named in scope.schemas.
 func scopedSequences(ctx context.Context, blue *pgxpool.Pool, scope config.Scope) ([]sequence, error) {
-	all, err := listTables(ctx, blue)
+	_, set, err := resolveTables(ctx, blue, scope)
 	if err != nil {
 		return nil, err
 	}
-	tables, problems := resolveScope(all, scope)
-	if len(problems) > 0 {
-		return nil, fmt.Errorf("scope: %s", strings.Join(problems, "; "))
-	}
-	inScope := map[string]bool{}
+	// By OID, over every table in scope: a serial column of a partitioned
+	// table is owned by the parent, not by its partitions.
+	inScope := map[int64]bool{}
 	schemas := map[string]bool{}
-	for _, t := range tables {
-		inScope[t.Name.String()] = true
-		schemas[t.Name.Schema] = true
+	for _, t := range set.All() {
+		inScope[int64(t.OID)] = true
+		schemas[t.Schema] = true
 	}
 	for _, s := range scope.Schemas {
 		schemas[s] = true
@@ -72,12 +69,12 @@ func scopedSequences(ctx context.Context, blue *pgxpool.Pool, scope config.Scope
 	var out []sequence
 	for rows.Next() {
 		var s sequence
-		var owner string
+		var owner int64
 		if err := rows.Scan(&s.name.Schema, &s.name.Name, &s.increment, &owner); err != nil {
 			rows.Close()
 			return nil, fmt.Errorf("blue: list sequences: %w", err)
 		}
-		if (owner != "" && inScope[owner]) || (owner == "" && schemas[s.name.Schema]) {
+		if (owner != 0 && inScope[owner]) || (owner == 0 && schemas[s.name.Schema]) {
 			out = append(out, s)
 		}
 	}
