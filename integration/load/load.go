@@ -49,7 +49,10 @@ CREATE TABLE IF NOT EXISTS load_events (
 	seq    bigint NOT NULL,
 	note   text
 );
-ALTER TABLE load_events REPLICA IDENTITY FULL;`
+ALTER TABLE load_events REPLICA IDENTITY FULL;
+-- Not a key (rows may repeat): an index that the apply of an UPDATE or
+-- DELETE matched on the whole row can use on green.
+CREATE INDEX IF NOT EXISTS load_events_run_writer_seq ON load_events (run, writer, seq);`
 
 // Setup creates the tables on dsn and fills accounts (idempotent).
 func Setup(ctx context.Context, dsn string, accounts int) error {

@@ -171,7 +171,7 @@ func TestAChangedRowOfAKeylessTableIsNamedAndThePlanAborts(t *testing.T) {
 	if sum.Phase != "aborted" || sum.Route == "green" {
 		t.Fatalf("ended %s with route %q, want aborted and not on green\n%s", sum.Phase, sum.Route, story)
 	}
-	if !strings.Contains(story, "load_events") || !strings.Contains(story, "changed on green") {
+	if !strings.Contains(story, "public.load_events changed") || !strings.Contains(story, "{seq 7}") {
 		t.Errorf("the audit log does not name the changed row of load_events:\n%s", story)
 	}
 	if sum.WritesMissing != 0 || sum.BothWritable != 0 {

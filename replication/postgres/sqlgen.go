@@ -283,8 +283,10 @@ func seq(n int) []int {
 
 // where renders the row lookup of a single-row update or delete: by key,
 // or for REPLICA IDENTITY FULL by every value of the old row (first
-// match, like native apply), and appends its parameters.
+// match, like native apply), and appends its parameters. It returns the
+// statement's shape for the cache of prepared statements.
 func (rs *relState) where(o *op, firstParam int, params [][]byte) (string, []int, [][]byte) {
+	len0 := len(params)
 	if len(rs.keyCols) > 0 {
 		var where []string
 		for i, k := range rs.keyCols {
@@ -293,19 +295,31 @@ func (rs *relState) where(o *op, firstParam int, params [][]byte) (string, []int
 		}
 		return strings.Join(where, " AND "), nil, params
 	}
-	cols := present(rs, o.old, false)
+	// A value is matched with = and a NULL with IS NULL, not both with
+	// IS NOT DISTINCT FROM (the same test for non-NULL values), because
+	// no index can serve IS NOT DISTINCT FROM: with =, an index on green
+	// (any index, not only a key) saves a scan of the whole table per
+	// change. The shape of the statement then depends on which values
+	// are NULL: such columns are listed as -(c+1).
+	var shape []int
 	var where []string
-	for i, c := range cols {
-		p := "$" + strconv.Itoa(firstParam+i)
+	for _, c := range present(rs, o.old, false) {
 		name := quoteIdent(rs.rel.Columns[c].Name)
-		if rs.textCmp[c] {
-			where = append(where, name+"::text IS NOT DISTINCT FROM "+p+"::text")
-		} else {
-			where = append(where, name+" IS NOT DISTINCT FROM "+p+"::"+rs.types[c])
+		if o.old[c].Kind == valNull {
+			where = append(where, name+" IS NULL")
+			shape = append(shape, -(c + 1))
+			continue
 		}
+		p := "$" + strconv.Itoa(firstParam+len(params)-len0)
+		if rs.textCmp[c] {
+			where = append(where, name+"::text = "+p+"::text")
+		} else {
+			where = append(where, name+" = "+p+"::"+rs.types[c])
+		}
+		shape = append(shape, c)
 		params = append(params, rowParam(o.old[c]))
 	}
-	return "ctid = (SELECT ctid FROM " + rs.name.Quoted() + " WHERE " + strings.Join(where, " AND ") + " LIMIT 1)", cols, params
+	return "ctid = (SELECT ctid FROM " + rs.name.Quoted() + " WHERE " + strings.Join(where, " AND ") + " LIMIT 1)", shape, params
 }
 
 // rowUpdate updates one row, setting set (nil: every present column; the
