@@ -31,7 +31,17 @@ func (rt *planRT) copying(ctx context.Context, plan agent.Plan, p agent.Proposer
 	if err != nil {
 		return err
 	}
-	if err := rt.forEach(func(pr *pairRT) error { return pr.greenFence.Fence(ctx, epoch) }); err != nil {
+	if err := rt.forEach(func(pr *pairRT) error {
+		if err := pr.greenFence.Fence(ctx, epoch); err != nil {
+			return err
+		}
+		// Since when green has been fenced (an earlier plan's fence is
+		// adopted, with its time): a copy may empty what only cutover
+		// wrote there meanwhile (a retried plan).
+		st, err := pr.greenFence.State(ctx)
+		pr.greenFencedSince = st.Since
+		return err
+	}); err != nil {
 		return rt.abort(ctx, plan.Name, p, epoch, "fence green: "+err.Error())
 	}
 	for _, pr := range rt.pairs {

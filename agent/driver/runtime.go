@@ -81,6 +81,9 @@ func (rt *planRT) goBackground(fns ...func()) {
 // pairRT is what the leader holds for one pair.
 type pairRT struct {
 	cfg config.Pair
+	// greenFencedSince is when green's fence went up, read at copying
+	// (replication's Options.GreenFencedSince).
+	greenFencedSince time.Time
 	// scope is the pair's scope resolved on blue (internal/pgscope):
 	// tables are its roots, what verification compares, as schema.table
 	// (the verifier matches them exactly, case and all); fenceTables are
@@ -314,9 +317,10 @@ func (rt *planRT) ensureForward(ctx context.Context, pr *pairRT, epoch uint64) e
 	}
 	r, err := rpg.New(rpg.Options{
 		Plan: rt.spec.Name, Pair: pr.cfg, Slot: pr.fwdSlot, Epoch: epoch,
-		Logger:      rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name)),
-		Registerer:  rt.d.opts.Registerer,
-		OnRowChange: pr.markChanged,
+		GreenFencedSince: pr.greenFencedSince,
+		Logger:           rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name)),
+		Registerer:       rt.d.opts.Registerer,
+		OnRowChange:      pr.markChanged,
 	})
 	if err != nil {
 		return err

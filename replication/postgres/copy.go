@@ -37,6 +37,9 @@ import (
 //     after the snapshot.
 func (r *Replicator) copyAll(ctx context.Context, tables []*tableInfo) error {
 	start := time.Now()
+	if _, err := r.green.Exec(ctx, `INSERT INTO cutover.copies (slot) VALUES ($1)`, r.name); err != nil {
+		return fmt.Errorf("green: record copy start: %w", err)
+	}
 	if _, err := r.green.Exec(ctx, beginCopySQL, r.name, int64(r.opts.Epoch)); err != nil {
 		return fmt.Errorf("green: record copy start: %w", err)
 	}

@@ -6,9 +6,12 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/zap"
 
 	"github.com/cutover/cutover/replication"
 )
@@ -157,7 +160,15 @@ func (r *Replicator) precheck(ctx context.Context) (*checked, error) {
 				return nil, fmt.Errorf("green: %w", err)
 			}
 			if len(nonEmpty) > 0 {
-				greenProblems = append(greenProblems, fmt.Sprintf("tables already hold rows on green, and the initial copy needs them empty: %s (TRUNCATE them on green, or check that the green DSN points where you think)", strings.Join(nonEmpty, ", ")))
+				onlyOurs, err := filledByCutoverSince(ctx, r.green, r.opts.GreenFencedSince)
+				if err != nil {
+					return nil, fmt.Errorf("green: %w", err)
+				}
+				if onlyOurs {
+					r.log.Warn("green's tables hold rows that only cutover wrote (an earlier plan's copy) while green stayed fenced; the copy empties them", zap.Strings("tables", nonEmpty), zap.Time("green_fenced_since", r.opts.GreenFencedSince))
+				} else {
+					greenProblems = append(greenProblems, fmt.Sprintf("tables already hold rows on green, and the initial copy needs them empty: %s (TRUNCATE them on green, or check that the green DSN points where you think; rows left by an earlier plan's copy are emptied by the copy only while green has stayed fenced since that copy began)", strings.Join(nonEmpty, ", ")))
+				}
 			}
 		}
 		if out.applied != nil && out.applied.Copied && !slotExists {
@@ -271,4 +282,25 @@ func keyText(t *tableInfo) string {
 		return "(none)"
 	}
 	return "(" + strings.Join(key, ", ") + ")"
+}
+
+// filledByCutoverSince reports whether everything in green's tables was
+// written by cutover while green stayed fenced: a copy began on green
+// (recorded in cutover.copies once its pre-check had found the tables
+// empty), the first one after fencedSince, and green's fence has been up
+// since then.
+func filledByCutoverSince(ctx context.Context, green *pgxpool.Pool, fencedSince time.Time) (bool, error) {
+	if fencedSince.IsZero() {
+		return false, nil
+	}
+	var ours bool
+	err := green.QueryRow(ctx, `SELECT count(*) > 0 AND min(began_at) >= $1 FROM cutover.copies`, fencedSince).Scan(&ours)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "42P01" {
+		return false, nil // no copy ever began here
+	}
+	if err != nil {
+		return false, fmt.Errorf("read cutover.copies: %w", err)
+	}
+	return ours, nil
 }

@@ -45,6 +45,13 @@ type Options struct {
 	// fenced): reverse replication after the switch. Green's tables need
 	// not be empty.
 	SkipCopy bool
+	// GreenFencedSince is when green's fence against application writes
+	// went up, if it has stayed up since (zero: unknown, or not fenced).
+	// A first copy needs green's tables empty, except when every row in
+	// them was written by cutover while green was fenced: a plan aborted
+	// after its copy, retried on the same pair. Green then holds nothing
+	// an application wrote, and the copy empties it again.
+	GreenFencedSince time.Time
 	// Logger receives progress and problems; nil logs nothing.
 	Logger *zap.Logger
 	// Registerer receives the replicator's metrics (labelled by plan and

@@ -101,6 +101,13 @@ CREATE TABLE IF NOT EXISTS cutover.applied (
 	epoch       bigint      NOT NULL DEFAULT 0
 );
 ALTER TABLE cutover.applied ADD COLUMN IF NOT EXISTS epoch bigint NOT NULL DEFAULT 0;
+-- Every initial copy that began on this server, kept after the plan is
+-- cleaned up: proof that rows left in green's tables were written by
+-- cutover (see Options.GreenFencedSince).
+CREATE TABLE IF NOT EXISTS cutover.copies (
+	slot     text        NOT NULL,
+	began_at timestamptz NOT NULL DEFAULT now()
+);
 -- claim_apply opens every apply batch. It locks the slot's row for the
 -- rest of the transaction, so appliers take turns, and fails
 --   CUT02 when a higher epoch (a newer leader) has applied: the caller is
