@@ -436,14 +436,17 @@ func TestAWriterOutsideTheFenceHeldInTheWindowAbortsThePlan(t *testing.T) {
 	c := newCluster(t, Options{Fault: func(point string) error {
 		if point == "before catch-up" && started.CompareAndSwap(false, true) {
 			go func() {
-				_, err := batch.Exec(context.Background(), "UPDATE load_accounts SET balance = 4242 WHERE id = 7")
+				// An account the load below never touches (it writes
+				// accounts 1-100): the balance then tells whether this
+				// write landed.
+				_, err := batch.Exec(context.Background(), "UPDATE load_accounts SET balance = 4242 WHERE id = 150")
 				written <- err
 			}()
 			time.Sleep(100 * time.Millisecond) // the write reaches the hold
 		}
 		return nil
 	}})
-	l := load.Start(ctx, load.Options{Run: "outside", Target: s.appDSN, Writers: 2, Accounts: 200, Think: 5 * time.Millisecond})
+	l := load.Start(ctx, load.Options{Run: "outside", Target: s.appDSN, Writers: 2, Accounts: 100, Think: 5 * time.Millisecond})
 	createAndStart(t, c, s.spec)
 	p := waitPhase(t, c, "shop", 90*time.Second, agent.PhaseAborted, agent.PhaseAuthorized, agent.PhaseSwitched)
 	receipts, _ := l.Stop()
@@ -462,7 +465,7 @@ func TestAWriterOutsideTheFenceHeldInTheWindowAbortsThePlan(t *testing.T) {
 		t.Fatal("the held write never ended")
 	}
 	var balance int64
-	if err := batch.QueryRow(context.Background(), "SELECT balance FROM load_accounts WHERE id = 7").Scan(&balance); err != nil || balance != 4242 {
+	if err := batch.QueryRow(context.Background(), "SELECT balance FROM load_accounts WHERE id = 150").Scan(&balance); err != nil || balance != 4242 {
 		t.Errorf("the held write is not on blue: balance %d, %v", balance, err)
 	}
 	missing, err := load.Missing(context.Background(), s.blue.DSN(), "outside", receipts)
