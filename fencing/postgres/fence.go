@@ -524,6 +524,18 @@ BEGIN
 				FROM jsonb_array_elements(v_pending) g
 				GROUP BY 1, 2, 3, 4, 5
 			LOOP
+				-- A grantor without the grant option "grants" nothing, with
+				-- only a warning: wait for the grant that gives it back.
+				IF NOT (SELECT bool_and(CASE WHEN v_g.col IS NULL
+				                 THEN has_table_privilege(v_g.grantor, v_g.tbl, p || ' WITH GRANT OPTION')
+				                 ELSE has_column_privilege(v_g.grantor, v_g.tbl::regclass,
+				                          (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = v_g.tbl::regclass AND quote_ident(a.attname) = v_g.col),
+				                          p || ' WITH GRANT OPTION') END)
+				        FROM unnest(string_to_array(v_g.privs, ', ')) p) THEN
+					v_next := v_next || v_g.grants;
+					v_err := format('%s holds no grant option to give %s on %s', v_g.grantor, v_g.privs, v_g.tbl);
+					CONTINUE;
+				END IF;
 				BEGIN
 					EXECUTE format('SET LOCAL ROLE %I', v_g.grantor);
 					EXECUTE format('GRANT %s%s ON %s TO %s%s', v_g.privs, coalesce(' (' || v_g.col || ')', ''), v_g.tbl, v_g.grantee,

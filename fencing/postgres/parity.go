@@ -82,6 +82,19 @@ SELECT line FROM (
 	       CASE WHEN x.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(x.grantee)) END, x.privilege_type)
 	FROM pg_catalog.pg_default_acl d LEFT JOIN pg_catalog.pg_namespace n ON n.oid = d.defaclnamespace,
 	     pg_catalog.aclexplode(d.defaclacl) x
+	WHERE (x.grantee, x.privilege_type) NOT IN (
+		SELECT y.grantee, y.privilege_type FROM pg_catalog.aclexplode(pg_catalog.acldefault(
+			CASE WHEN d.defaclobjtype = 'S' THEN 's' ELSE d.defaclobjtype END, d.defaclrole)) y)
+	UNION
+	SELECT format('default privileges of %s in %s on %s: %s may not %s',
+	       pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(d.defaclrole)),
+	       CASE WHEN d.defaclnamespace = 0 THEN 'every schema' ELSE 'schema ' || pg_catalog.quote_ident(n.nspname) END,
+	       CASE d.defaclobjtype WHEN 'r' THEN 'tables' WHEN 'S' THEN 'sequences' WHEN 'f' THEN 'functions' WHEN 'T' THEN 'types' WHEN 'n' THEN 'schemas' ELSE d.defaclobjtype::text END,
+	       CASE WHEN y.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(y.grantee)) END, y.privilege_type)
+	FROM pg_catalog.pg_default_acl d LEFT JOIN pg_catalog.pg_namespace n ON n.oid = d.defaclnamespace,
+	     pg_catalog.aclexplode(pg_catalog.acldefault(CASE WHEN d.defaclobjtype = 'S' THEN 's' ELSE d.defaclobjtype END, d.defaclrole)) y
+	WHERE d.defaclnamespace = 0
+	  AND (y.grantee, y.privilege_type) NOT IN (SELECT x.grantee, x.privilege_type FROM pg_catalog.aclexplode(d.defaclacl) x)
 ) l`
 
 // privilegeLines is paritySQL on f's database, with f's tables and roles.
