@@ -892,34 +892,33 @@ type Unfenced struct {
 	// privileges given back.
 	WasFenced bool
 	Restored  int
-	// Owner is the fence state found before the unfence.
-	Owner fencing.State
+}
+
+// Inspect readies the bookkeeping as Prepare does (the schema's owners
+// checked, the server-side functions created, a v2 fence folded in) but
+// resolves no table and no role, and reports the fence state: what an
+// operator needs before BreakGlassUnfence, to see who owns the fence.
+func (f *Fencer) Inspect(ctx context.Context) (fencing.State, error) {
+	if err := f.setUp(ctx); err != nil {
+		return fencing.State{}, err
+	}
+	return f.State(ctx)
 }
 
 // BreakGlassUnfence gives back every saved privilege without an epoch: for
-// an operator whose cluster is gone (cutover unfence), so it needs no
+// an operator whose cluster may be gone (cutover unfence), so it needs no
 // quorum and skips the epoch guard, and it clears the stored epoch so that
-// a new cluster, whose epochs count from the start, can fence again. It
-// needs no Prepare (no table, no role is resolved), and does nothing on a
-// database that was never fenced. Whether a live plan owns the fence is
-// the caller's to check first (State).
+// a new cluster, whose epochs count from the start, can fence again. Call
+// Inspect first (and check there that no live plan owns the fence). A
+// database that is not fenced is left as it is.
 func (f *Fencer) BreakGlassUnfence(ctx context.Context) (Unfenced, error) {
 	var out Unfenced
-	if err := f.setUp(ctx); err != nil {
-		return out, err
-	}
-	st, err := f.State(ctx)
-	if err != nil {
-		return out, err
-	}
-	out.Owner = st
 	res, err := f.unfence(ctx, 0, true)
 	if err != nil {
 		return out, fmt.Errorf("break-glass unfence: %w", err)
 	}
 	out.WasFenced, out.Restored = res.WasFenced, res.Restored
-	f.log.Warn("unfenced by hand (break-glass)", zap.Bool("was_fenced", res.WasFenced), zap.Int("privileges_restored", res.Restored),
-		zap.String("owner_plan", st.Plan), zap.String("owner_pair", st.Pair), zap.Uint64("owner_epoch", st.Epoch))
+	f.log.Warn("unfenced by hand (break-glass)", zap.Bool("was_fenced", res.WasFenced), zap.Int("privileges_restored", res.Restored))
 	return out, nil
 }
 
