@@ -24,7 +24,7 @@
 // last lock and the last termination, never before.
 //
 // Fence, drain and marker run inside the database, in a procedure created at
-// Prepare (cutover.fence_v1): FenceDrain puts the fence up, drains and
+// Prepare (cutover.fence_v3): FenceDrain puts the fence up, drains and
 // writes the marker in one network round trip, which is what the outage
 // pays for on a busy server (see fenceProcSQL).
 //
@@ -37,15 +37,34 @@
 // whole window, fence to gate open, about 125 ms released at catch-up and
 // 50 ms held to the end (agent/driver BenchmarkCutoverWindow). The REVOKE
 // and the lock request go out at once, and the marker follows in a second
-// round trip. The server ends the holding session by itself after
-// Options.Hold idle. The lock also holds back writers outside the fence:
-// HeldBreaches finds them while they wait.
+// round trip. While the Fencer holds, a keepalive every Hold/3 keeps the
+// session from going idle; if the agent goes away, the server ends the
+// holding session by itself after Options.Hold idle. CheckHold tells
+// whether the lock is still held. The lock also holds back writers
+// outside the fence: HeldBreaches finds them while they wait.
 //
 // Cost: one catalog update per table and privilege holder to fence, the same
 // to unfence; no table rewrite, no restart, no connection churn. The
-// privileges taken away are saved in cutover.fence_state on the fenced
+// privileges taken away are saved in cutover.fence_state_v3 on the fenced
 // database itself, so any agent can unfence after a crash, restoring the same
-// grantor, grantee, privilege and grant option.
+// grantor, grantee, privilege and grant option. That state is the
+// database's, whichever plan fenced it: a later plan's fence adopts it, its
+// unfence restores the original, and the epoch guard is the database's
+// (epochs are the Raft indices of one cluster: a later plan's are higher).
+// An operator can lift it without the cluster (BreakGlassUnfence, cutover
+// unfence). PrivilegeParity proves, before the gate opens, that green once
+// unfenced gives the application what blue gave it.
+//
+// Trust: the agent runs the functions in schema cutover as itself, often a
+// superuser. Prepare refuses a schema (or an object in it) owned by a role
+// that is neither the agent's nor a superuser (internal/pgsafe), revokes
+// CREATE on it from PUBLIC, and every function pins search_path to
+// pg_catalog, pg_temp.
+//
+// Tables: Options.Tables are quoted, schema-qualified identifiers; inside
+// the database they are OIDs, printed back from the catalogs. A REVOKE on
+// a partitioned table does not reach its partitions: they must be in
+// Options.Tables too.
 //
 // Limits: superusers and roles outside the fence's scope are not fenced
 // (breach detection in the change stream catches their writes); SECURITY
@@ -78,21 +97,27 @@ var _ fencing.Fencer = (*Fencer)(nil)
 
 // Options configure a Fencer.
 type Options struct {
-	// Plan and Pair name the fence; its state row is keyed by them.
+	// Plan and Pair name who fences: the fence state records them as its
+	// owner, and the marker its plan.
 	Plan, Pair string
-	// Tables are the application tables in scope, as schema.table.
+	// Tables are the application tables in scope, as quoted qualified
+	// identifiers (pgx.Identifier{schema, table}.Sanitize(), e.g.
+	// "public"."Orders"), partitions included: a REVOKE on a partitioned
+	// table does not stop writes made to its partitions directly.
 	Tables []string
-	// Roles are the application roles to fence. Empty means every role that
-	// holds a write privilege on a table in scope, except superusers and the
-	// agent's own role.
+	// Roles are the application roles to fence, with every role they are
+	// members of. Empty means every role except superusers, the agent's own
+	// role and the roles it is a member of (in pg_auth_members). Prepare
+	// refuses a fence that would take write privileges from no role but
+	// PUBLIC.
 	Roles []string
 	// Logger receives one line per fence, drain and unfence.
 	Logger *zap.Logger
 	// Hold, when positive, keeps the drain's lock on a session of its own
-	// from the marker until Release or Unfence, for at most this long: the
-	// server ends the holding session by itself after Hold idle
-	// (idle_in_transaction_session_timeout), so a vanished agent cannot
-	// keep the tables locked. While held, fenced writers wait for the lock
+	// from the marker until Release or Unfence. A keepalive every Hold/3
+	// keeps it while the Fencer lives; the server ends the holding session
+	// by itself after Hold idle (idle_in_transaction_session_timeout), so a
+	// vanished agent cannot keep the tables locked. While held, fenced writers wait for the lock
 	// instead of failing, and fail (or, after Unfence, succeed) once it is
 	// released; readers are not affected. On a busy server this is what
 	// keeps the window short: refused writers retrying in a loop take the
@@ -697,8 +722,9 @@ func (f *Fencer) migrateLegacy(ctx context.Context) error {
 
 // Prepare checks that the tables exist and have keys the fence can lock,
 // that the agent may change their privileges, and that the fenced roles are
-// not superusers (a superuser cannot be fenced), and creates the bookkeeping
-// tables. It changes no privilege.
+// not superusers (a superuser cannot be fenced); readies the bookkeeping
+// (see setUp: the schema's owners are checked first); and refuses a fence
+// that would stop no role but PUBLIC. It changes no privilege.
 func (f *Fencer) Prepare(ctx context.Context) error {
 	if len(f.opts.Tables) == 0 {
 		return errors.New("fence: no tables in scope")
