@@ -81,7 +81,7 @@ func (rt *planRT) replicating(ctx context.Context, plan agent.Plan, p agent.Prop
 	if err := rt.checkDrift(ctx); err != nil {
 		return rt.abort(ctx, plan.Name, p, plan.Epoch, err.Error())
 	}
-	if err := rt.privilegeParity(ctx); err != nil {
+	if err := rt.privilegeParity(ctx, plan.Epoch); err != nil {
 		return err // stays in replicating with the reason: grants can be fixed
 	}
 	_, err := p.Transition(ctx, plan.Name, agent.PhaseReady, plan.Epoch, "lag under threshold for the hold time; online verification clean; schemas match")
@@ -250,7 +250,7 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	if err := rt.checkDrift(ctx); err != nil {
 		return rt.abort(ctx, plan.Name, p, plan.Epoch, err.Error())
 	}
-	if err := rt.privilegeParity(ctx); err != nil {
+	if err := rt.privilegeParity(ctx, plan.Epoch); err != nil {
 		return err
 	}
 	// Made ready before the refresh: the rows written while this runs
@@ -458,9 +458,14 @@ func (rt *planRT) readyWindow(ctx context.Context, sides func(pr *pairRT) (*fpg.
 
 // privilegeParity fails, listing the differences, unless every fenced role
 // will have on green once unfenced what it has on blue: else the flip
-// sends the application to a green it cannot write.
-func (rt *planRT) privilegeParity(ctx context.Context) error {
+// sends the application to a green it cannot write. Green is fenced again
+// first, so that what an operator granted there to fix a difference is
+// saved for the unfence, not left for the application to write with.
+func (rt *planRT) privilegeParity(ctx context.Context, epoch uint64) error {
 	return rt.forEach(func(pr *pairRT) error {
+		if err := pr.greenFence.Fence(ctx, epoch); err != nil {
+			return err
+		}
 		diffs, err := fpg.PrivilegeParity(ctx, pr.blueFence, pr.greenFence)
 		if err != nil {
 			return fmt.Errorf("privilege parity: %w", err)
