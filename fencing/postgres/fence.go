@@ -117,9 +117,9 @@ type Options struct {
 	// from the marker until Release or Unfence. A keepalive every Hold/3
 	// keeps it while the Fencer lives; the server ends the holding session
 	// by itself after Hold idle (idle_in_transaction_session_timeout), so a
-	// vanished agent cannot keep the tables locked. While held, fenced writers wait for the lock
-	// instead of failing, and fail (or, after Unfence, succeed) once it is
-	// released; readers are not affected. On a busy server this is what
+	// vanished agent cannot keep the tables locked. While held, fenced
+	// writers wait for the lock instead of failing, and fail (or, after
+	// Unfence, succeed) once it is released; readers are not affected. On a busy server this is what
 	// keeps the window short: refused writers retrying in a loop take the
 	// CPU that decoding, apply, verification and Raft need. It also holds
 	// back writes by roles outside the fence: HeldBreaches lists them while
