@@ -23,6 +23,10 @@ var (
 	ErrWindowExceeded = errors.New("fence window exceeded")
 	// ErrNotFenced: an operation that needs the fence found it lifted.
 	ErrNotFenced = errors.New("not fenced")
+	// ErrHoldLost: the drain's hold on the fenced side (Drained.Held) is
+	// no longer there, so writers outside the fence may have written
+	// since; the gate must not open on its strength.
+	ErrHoldLost = errors.New("hold lost")
 )
 
 // Fencer fences one database. Implementations keep their state (the epoch
@@ -104,4 +108,7 @@ type State struct {
 	Epoch  uint64
 	// Since is when the current fence was put up (zero when not fenced).
 	Since time.Time
+	// Plan and Pair own the fence: the last to put it up (or, unfenced,
+	// the last that did). Empty when unknown.
+	Plan, Pair string
 }

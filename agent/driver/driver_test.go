@@ -473,3 +473,49 @@ func TestAWriterOutsideTheFenceHeldInTheWindowAbortsThePlan(t *testing.T) {
 		t.Errorf("acknowledged writes missing on blue: %d (%v)", len(missing), err)
 	}
 }
+
+// Green without a grant the application has on blue would take the
+// traffic and refuse its writes: the plan stays in replicating, naming
+// the grant, until it is given on green; then it cuts over.
+func TestAGreenLackingAnApplicationGrantStaysInReplicatingUntilItIsGiven(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := newScenario(t, 200)
+	if err := s.green.Exec(ctx, "REVOKE UPDATE ON load_accounts FROM app"); err != nil {
+		t.Fatal(err)
+	}
+	s.followRoute(ctx)
+	c := newCluster(t, Options{})
+	createAndStart(t, c, s.spec)
+	deadline := time.Now().Add(90 * time.Second)
+	for !c.LogsContain("on blue, not on green once unfenced: role app may UPDATE on public.load_accounts") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the missing grant was never named\n%s", tail(c.Logs(), 40))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	p, err := c.Client(0).Plan(ctx, "shop")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Phase != agent.PhaseReplicating {
+		t.Fatalf("plan is %s with green lacking a grant, want replicating (%s)", p.Phase, p.Reason)
+	}
+	// Granted while green is fenced: the next check fences it again (the
+	// grant is saved, not usable) and finds the sides equal.
+	if err := s.green.Exec(ctx, "GRANT UPDATE ON load_accounts TO app"); err != nil {
+		t.Fatal(err)
+	}
+	p = waitPhase(t, c, "shop", 120*time.Second, agent.PhaseSwitched, agent.PhaseAborted)
+	if p.Phase != agent.PhaseSwitched {
+		t.Fatalf("plan ended %s: %s\n%s", p.Phase, p.Reason, tail(c.Logs(), 40))
+	}
+	app, err := pgxConnect(s.green.DSNFor("cutover", "app", "app-password"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close(context.Background())
+	if _, err := app.Exec(ctx, "UPDATE load_accounts SET balance = balance + 1 WHERE id = 1"); err != nil {
+		t.Errorf("the application cannot update on green after the flip: %v", err)
+	}
+}

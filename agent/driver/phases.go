@@ -95,6 +95,9 @@ func (rt *planRT) replicating(ctx context.Context, plan agent.Plan, p agent.Prop
 	if err := rt.checkScope(ctx); err != nil {
 		return err
 	}
+	if err := rt.privilegeParity(ctx, plan.Epoch); err != nil {
+		return err // stays in replicating with the reason: grants can be fixed
+	}
 	_, err := p.Transition(ctx, plan.Name, agent.PhaseReady, plan.Epoch, "lag under threshold for the hold time; online verification clean; schemas match")
 	return err
 }
@@ -264,6 +267,9 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	if err := rt.checkScope(ctx); err != nil {
 		return err
 	}
+	if err := rt.privilegeParity(ctx, plan.Epoch); err != nil {
+		return err
+	}
 	// Made ready before the refresh: the rows written while this runs
 	// (a few hundred ms) would otherwise all be re-hashed in the fence.
 	if err := rt.readyWindow(ctx, func(pr *pairRT) (*fpg.Fencer, *rpg.Replicator) { return pr.blueFence, pr.fwd }); err != nil {
@@ -405,7 +411,14 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 				// Writers held since the drain that the fence would not
 				// stop (roles outside it) would land on blue once the hold
 				// is released: a breach, caught before it lands.
-				err := rt.forEach(func(pr *pairRT) error { return heldBreachCheck(ctx, pr.blueFence, "blue", pr.cfg.Name) })
+				// The hold must still be there: once lost, such writers
+				// may have landed unseen.
+				err := rt.forEach(func(pr *pairRT) error {
+					if err := pr.blueFence.CheckHold(ctx); err != nil {
+						return err
+					}
+					return heldBreachCheck(ctx, pr.blueFence, "blue", pr.cfg.Name)
+				})
 				if err != nil {
 					return err
 				}
@@ -463,6 +476,27 @@ func (rt *planRT) readyWindow(ctx context.Context, sides func(pr *pairRT) (*fpg.
 			return err
 		}
 		return r.ResolveSequences(ctx)
+	})
+}
+
+// privilegeParity fails, listing the differences, unless every fenced role
+// will have on green once unfenced what it has on blue: else the flip
+// sends the application to a green it cannot write. Green is fenced again
+// first, so that what an operator granted there to fix a difference is
+// saved for the unfence, not left for the application to write with.
+func (rt *planRT) privilegeParity(ctx context.Context, epoch uint64) error {
+	return rt.forEach(func(pr *pairRT) error {
+		if err := pr.greenFence.Fence(ctx, epoch); err != nil {
+			return err
+		}
+		diffs, err := fpg.PrivilegeParity(ctx, pr.blueFence, pr.greenFence)
+		if err != nil {
+			return fmt.Errorf("privilege parity: %w", err)
+		}
+		if len(diffs) > 0 {
+			return fmt.Errorf("the application's privileges on green once unfenced differ from blue's (grant them on green): %s", strings.Join(diffs, "; "))
+		}
+		return nil
 	})
 }
 

@@ -24,7 +24,7 @@
 // last lock and the last termination, never before.
 //
 // Fence, drain and marker run inside the database, in a procedure created at
-// Prepare (cutover.fence_v1): FenceDrain puts the fence up, drains and
+// Prepare (cutover.fence_v3): FenceDrain puts the fence up, drains and
 // writes the marker in one network round trip, which is what the outage
 // pays for on a busy server (see fenceProcSQL).
 //
@@ -37,15 +37,34 @@
 // whole window, fence to gate open, about 125 ms released at catch-up and
 // 50 ms held to the end (agent/driver BenchmarkCutoverWindow). The REVOKE
 // and the lock request go out at once, and the marker follows in a second
-// round trip. The server ends the holding session by itself after
-// Options.Hold idle. The lock also holds back writers outside the fence:
-// HeldBreaches finds them while they wait.
+// round trip. While the Fencer holds, a keepalive every Hold/3 keeps the
+// session from going idle; if the agent goes away, the server ends the
+// holding session by itself after Options.Hold idle. CheckHold tells
+// whether the lock is still held. The lock also holds back writers
+// outside the fence: HeldBreaches finds them while they wait.
 //
 // Cost: one catalog update per table and privilege holder to fence, the same
 // to unfence; no table rewrite, no restart, no connection churn. The
-// privileges taken away are saved in cutover.fence_state on the fenced
+// privileges taken away are saved in cutover.fence_state_v3 on the fenced
 // database itself, so any agent can unfence after a crash, restoring the same
-// grantor, grantee, privilege and grant option.
+// grantor, grantee, privilege and grant option. That state is the
+// database's, whichever plan fenced it: a later plan's fence adopts it, its
+// unfence restores the original, and the epoch guard is the database's
+// (epochs are the Raft indices of one cluster: a later plan's are higher).
+// An operator can lift it without the cluster (BreakGlassUnfence, cutover
+// unfence). PrivilegeParity proves, before the gate opens, that green once
+// unfenced gives the application what blue gave it.
+//
+// Trust: the agent runs the functions in schema cutover as itself, often a
+// superuser. Prepare refuses a schema (or an object in it) owned by a role
+// that is neither the agent's nor a superuser (internal/pgsafe), revokes
+// CREATE on it from PUBLIC, and every function pins search_path to
+// pg_catalog, pg_temp.
+//
+// Tables: Options.Tables are quoted, schema-qualified identifiers; inside
+// the database they are OIDs, printed back from the catalogs. A REVOKE on
+// a partitioned table does not reach its partitions: they must be in
+// Options.Tables too.
 //
 // Limits: superusers and roles outside the fence's scope are not fenced
 // (breach detection in the change stream catches their writes); SECURITY
@@ -59,6 +78,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -70,29 +90,36 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/cutover/cutover/fencing"
+	"github.com/cutover/cutover/internal/pgsafe"
 )
 
 var _ fencing.Fencer = (*Fencer)(nil)
 
 // Options configure a Fencer.
 type Options struct {
-	// Plan and Pair name the fence; its state row is keyed by them.
+	// Plan and Pair name who fences: the fence state records them as its
+	// owner, and the marker its plan.
 	Plan, Pair string
-	// Tables are the application tables in scope, as schema.table.
+	// Tables are the application tables in scope, as quoted qualified
+	// identifiers (pgx.Identifier{schema, table}.Sanitize(), e.g.
+	// "public"."Orders"), partitions included: a REVOKE on a partitioned
+	// table does not stop writes made to its partitions directly.
 	Tables []string
-	// Roles are the application roles to fence. Empty means every role that
-	// holds a write privilege on a table in scope, except superusers and the
-	// agent's own role.
+	// Roles are the application roles to fence, with every role they are
+	// members of. Empty means every role except superusers, the agent's own
+	// role and the roles it is a member of (in pg_auth_members). Prepare
+	// refuses a fence that would take write privileges from no role but
+	// PUBLIC.
 	Roles []string
 	// Logger receives one line per fence, drain and unfence.
 	Logger *zap.Logger
 	// Hold, when positive, keeps the drain's lock on a session of its own
-	// from the marker until Release or Unfence, for at most this long: the
-	// server ends the holding session by itself after Hold idle
-	// (idle_in_transaction_session_timeout), so a vanished agent cannot
-	// keep the tables locked. While held, fenced writers wait for the lock
-	// instead of failing, and fail (or, after Unfence, succeed) once it is
-	// released; readers are not affected. On a busy server this is what
+	// from the marker until Release or Unfence. A keepalive every Hold/3
+	// keeps it while the Fencer lives; the server ends the holding session
+	// by itself after Hold idle (idle_in_transaction_session_timeout), so a
+	// vanished agent cannot keep the tables locked. While held, fenced
+	// writers wait for the lock instead of failing, and fail (or, after
+	// Unfence, succeed) once it is released; readers are not affected. On a busy server this is what
 	// keeps the window short: refused writers retrying in a loop take the
 	// CPU that decoding, apply, verification and Raft need. It also holds
 	// back writes by roles outside the fence: HeldBreaches lists them while
@@ -110,7 +137,7 @@ type Fencer struct {
 	tableOIDs []uint32 // set by Prepare
 
 	mu     sync.Mutex
-	held   *pgxpool.Conn   // the session holding the drain's lock (Options.Hold)
+	held   *holdSession    // the session holding the drain's lock (Options.Hold)
 	warmed map[uint32]bool // backend PIDs that ran warmSession
 }
 
@@ -126,17 +153,28 @@ func New(pool *pgxpool.Pool, opts Options) *Fencer {
 }
 
 // SchemaSQL creates the fencer's bookkeeping on the fenced database.
+//
+// The fence state belongs to the database, not to a plan: one row
+// (cutover.fence_state_v3) holds the original grants saved by whichever
+// fence came first, the highest epoch seen, and the plan and pair that own
+// the fence now. A fence over an existing fence adopts what is saved, and an
+// unfence restores the original, whichever plan asks: a retried plan never
+// flips to a green that its predecessor left fenced with nothing saved.
+// Nobody but the schema's owner may create objects in it (see
+// internal/pgsafe).
 const SchemaSQL = `
 CREATE SCHEMA IF NOT EXISTS cutover;
-CREATE TABLE IF NOT EXISTS cutover.fence_state (
-	plan        text        NOT NULL,
-	pair        text        NOT NULL,
+REVOKE CREATE ON SCHEMA cutover FROM PUBLIC;
+CREATE TABLE IF NOT EXISTS cutover.fence_state_v3 (
+	id          boolean     PRIMARY KEY DEFAULT true CHECK (id),
 	epoch       bigint      NOT NULL,
 	fenced      boolean     NOT NULL,
 	saved       jsonb       NOT NULL DEFAULT '[]',
+	plan        text,
+	pair        text,
 	fenced_at   timestamptz,
 	unfenced_at timestamptz,
-	PRIMARY KEY (plan, pair)
+	unfenced_by text
 );
 CREATE TABLE IF NOT EXISTS cutover.markers (
 	nonce      text        PRIMARY KEY,
@@ -145,13 +183,25 @@ CREATE TABLE IF NOT EXISTS cutover.markers (
 	written_at timestamptz NOT NULL DEFAULT now()
 );`
 
-// fenceProcName and drainFuncName are the server-side fence. Their
-// version is in their names so that agents of different versions never
-// replace each other's.
+// The server-side fence. Their version is in their names so that agents of
+// different versions never replace each other's. v3: state per database,
+// membership (not inheritance) closure, dependent grants saved, search_path
+// pinned.
 const (
-	fenceProcName = "cutover.fence_v2"
-	drainFuncName = "cutover.drain_v2"
+	fenceProcName   = "cutover.fence_v3"
+	drainFuncName   = "cutover.drain_v3"
+	writeACLName    = "cutover.write_acl_v3"
+	unfenceFuncName = "cutover.unfence_v3"
+	stateTable      = "cutover.fence_state_v3"
+	// legacyStateTable is v2's state, one row per plan and pair: a fence
+	// left in it is folded into the database's state at Prepare.
+	legacyStateTable = "cutover.fence_state"
 )
+
+// pinPath is every function's search path: the agent runs them as itself
+// (often a superuser), so nothing they call may resolve to an object that
+// another role created in a schema of its own, or to a temporary one.
+const pinPath = "pg_catalog, pg_temp"
 
 // drainFuncSQL waits for in-flight write transactions on the tables in
 // scope to end, terminating after the grace period those that still hold
@@ -166,7 +216,7 @@ const (
 // to the calling transaction.
 const drainFuncSQL = `
 CREATE OR REPLACE FUNCTION ` + drainFuncName + `(p_tables oid[], p_grace_ms int, p_hold_ms int)
-RETURNS jsonb LANGUAGE plpgsql AS $drain$
+RETURNS jsonb LANGUAGE plpgsql SET search_path = ` + pinPath + ` AS $drain$
 DECLARE
 	v_killed jsonb := '[]';
 	v_attempt int := 0;
@@ -181,6 +231,8 @@ BEGIN
 		-- vanished agent never leaves the tables locked past the bound.
 		PERFORM set_config('idle_in_transaction_session_timeout', p_hold_ms || 'ms', true);
 	END IF;
+	-- Names printed from OIDs with only pg_catalog in the path: schema
+	-- qualified and quoted, exact whatever their case.
 	SELECT 'LOCK TABLE ' || string_agg(c.oid::regclass::text, ', ' ORDER BY c.oid) || ' IN SHARE MODE'
 	INTO v_locks FROM pg_class c WHERE c.oid = ANY(p_tables);
 	-- An autovacuum or autoanalyze of a table in scope holds SHARE UPDATE
@@ -245,6 +297,33 @@ BEGIN
 END
 $drain$`
 
+// writeACLSQL lists the write privileges on the tables (and their columns)
+// held by the roles p_roles (0 is PUBLIC), or, p_in false, by every other
+// role, in the form the fence saves: table and column as quoted names
+// (schema qualified), grantor as a role name, grantee quoted or PUBLIC. A
+// NULL ACL is the owner's default.
+const writeACLSQL = `
+CREATE OR REPLACE FUNCTION ` + writeACLName + `(p_tables oid[], p_roles oid[], p_in boolean)
+RETURNS jsonb LANGUAGE sql SET search_path = ` + pinPath + ` AS $acl$
+	SELECT coalesce(jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
+		'table', a.tbl, 'column', a.col, 'grantor', pg_get_userbyid(a.grantor)::text,
+		'grantee', CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END,
+		'privilege', a.privilege_type, 'grantable', a.is_grantable)) ORDER BY a.tbl, a.col, a.grantee, a.privilege_type), '[]')
+	FROM (
+		SELECT format('%I.%I', n.nspname, c.relname) AS tbl, NULL::text AS col, x.grantor, x.grantee, x.privilege_type, x.is_grantable
+		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
+		     aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) x
+		WHERE c.oid = ANY(p_tables)
+		UNION ALL
+		SELECT format('%I.%I', n.nspname, c.relname), quote_ident(att.attname), x.grantor, x.grantee, x.privilege_type, x.is_grantable
+		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+		     JOIN pg_attribute att ON att.attrelid = c.oid AND att.attacl IS NOT NULL AND NOT att.attisdropped,
+		     aclexplode(att.attacl) x
+		WHERE c.oid = ANY(p_tables)) a
+	WHERE a.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')
+	  AND (a.grantee = ANY(p_roles)) = p_in
+$acl$`
+
 // fenceProcSQL is the fence, drain and marker as one procedure, created at
 // Prepare (before the outage), so that putting up the fence costs one
 // network round trip instead of about fifteen. On a loaded two-core server
@@ -256,15 +335,25 @@ $drain$`
 // The procedure commits twice (transaction control in a procedure, PG 11+):
 // the REVOKE must be committed, hence visible to every session, before the
 // drain waits, or pre-fence writers would go on writing until terminated.
-// p_fence, p_lock and p_marker select the parts, so Fence, Drain and
-// FenceDrain share this one implementation: the marker is written with the
-// drain's lock held, taken here (p_lock) or by a holding session (p_lock
-// false: the caller holds it, see Options.Hold). Errors: CU001 stale
-// epoch, CU002 not fenced.
+// A procedure that commits cannot carry a SET clause, so it pins its
+// search path itself, first thing and after each commit. p_fence, p_lock
+// and p_marker select the parts, so Fence, Drain and FenceDrain share this
+// one implementation: the marker is written with the drain's lock held,
+// taken here (p_lock) or by a holding session (p_lock false: the caller
+// holds it, see Options.Hold). Errors: CU001 stale epoch, CU002 not fenced.
+//
+// The roles fenced are those named (none named: every role that is neither
+// a superuser, nor the agent's, nor one the agent really is a member of in
+// pg_auth_members, which pg_has_role cannot tell for a superuser), every
+// role they are members of (membership, not inheritance: a NOINHERIT
+// member can still SET ROLE and write), and PUBLIC.
 //
 // The write privileges revoked are grouped per grantor, grantee, table and
 // column, so each table's ACL is rewritten once per holder, not once per
-// privilege.
+// privilege. REVOKE ... CASCADE also takes away what a fenced role granted
+// with its grant option to roles outside the fence: those grants are seen
+// gone after the REVOKE and saved with the rest, so that the unfence gives
+// them back.
 const fenceProcSQL = `
 CREATE OR REPLACE PROCEDURE ` + fenceProcName + `(
 	p_plan text, p_pair text, p_epoch bigint, p_tables oid[], p_roles text[],
@@ -275,58 +364,55 @@ DECLARE
 	v_epoch bigint;
 	v_fenced boolean;
 	v_saved jsonb;
+	v_roles oid[];
 	v_current jsonb;
+	v_others jsonb;
+	v_lost jsonb := '[]';
 	v_stmt record;
 	v_revoked int := 0;
-	v_called timestamptz := clock_timestamp();
+	v_called timestamptz := pg_catalog.clock_timestamp();
 BEGIN
+	PERFORM pg_catalog.set_config('search_path', '` + pinPath + `', true);
 	IF p_fence THEN
-		INSERT INTO cutover.fence_state (plan, pair, epoch, fenced) VALUES (p_plan, p_pair, 0, false) ON CONFLICT DO NOTHING;
-		SELECT epoch, saved INTO v_epoch, v_saved FROM cutover.fence_state WHERE plan = p_plan AND pair = p_pair FOR UPDATE;
+		INSERT INTO ` + stateTable + ` (id, epoch, fenced) VALUES (true, 0, false) ON CONFLICT DO NOTHING;
+		SELECT epoch, CASE WHEN fenced THEN saved ELSE '[]' END INTO v_epoch, v_saved FROM ` + stateTable + ` WHERE id FOR UPDATE;
 		IF v_epoch > p_epoch THEN
-			RAISE EXCEPTION 'presented %, %/% has seen %', p_epoch, p_plan, p_pair, v_epoch USING ERRCODE = 'CU001';
+			RAISE EXCEPTION 'presented %, the database has seen %', p_epoch, v_epoch USING ERRCODE = 'CU001';
 		END IF;
 	END IF;
 	IF p_fence OR NOT p_marker THEN
-		-- The write privileges held by the fenced roles, every role they
-		-- inherit from, and PUBLIC; a NULL ACL is the owner's default.
-		WITH fenced AS (
+		WITH RECURSIVE agent_roles AS (
+			SELECT r.oid FROM pg_roles r WHERE r.rolname = current_user
+			UNION SELECT m.roleid FROM pg_auth_members m JOIN agent_roles a ON m.member = a.oid
+		), closure AS (
 			SELECT r.oid FROM pg_roles r
 			WHERE CASE WHEN cardinality(p_roles) > 0
 			           THEN r.rolname = ANY(p_roles)
-			           ELSE NOT r.rolsuper AND r.rolname <> current_user
-			               AND NOT pg_has_role(current_user, r.oid, 'MEMBER') END
-		), inherited AS (
-			SELECT r.oid FROM pg_roles r
-			WHERE EXISTS (SELECT 1 FROM fenced f WHERE pg_has_role(f.oid, r.oid, 'USAGE'))
-			  AND NOT r.rolsuper AND r.rolname <> current_user
-			UNION SELECT 0
-		), acl AS (
-			SELECT c.oid::regclass::text AS tbl, NULL::text AS col, a.*
-			FROM pg_class c, aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
-			WHERE c.oid = ANY(p_tables)
-			UNION ALL
-			SELECT c.oid::regclass::text, quote_ident(att.attname), a.*
-			FROM pg_class c JOIN pg_attribute att ON att.attrelid = c.oid AND att.attacl IS NOT NULL,
-			     aclexplode(att.attacl) a
-			WHERE c.oid = ANY(p_tables)
+			           ELSE NOT r.rolsuper AND r.oid NOT IN (SELECT oid FROM agent_roles) AND r.rolname NOT LIKE 'pg\_%' END
+			UNION SELECT m.roleid FROM pg_auth_members m JOIN closure c ON m.member = c.oid
 		)
-		SELECT coalesce(jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
-			'table', tbl, 'column', col, 'grantor', pg_get_userbyid(grantor)::text,
-			'grantee', CASE WHEN grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(grantee)) END,
-			'privilege', privilege_type, 'grantable', is_grantable)) ORDER BY tbl, col, grantee, privilege_type), '[]')
-		INTO v_current
-		FROM acl
-		WHERE privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')
-		  AND grantee IN (SELECT oid FROM inherited);
+		SELECT coalesce(array_agg(c.oid), '{}') || 0::oid INTO v_roles
+		FROM closure c JOIN pg_roles r ON r.oid = c.oid
+		WHERE NOT r.rolsuper AND r.rolname <> current_user;
+		v_current := ` + writeACLName + `(p_tables, v_roles, true);
 		IF NOT p_fence THEN
-			-- A dry run (no part selected): what the fence would revoke.
-			-- Run on every session that may fence, it also leaves this
-			-- procedure compiled and its queries planned there.
-			result := jsonb_build_object('would_revoke', v_current);
+			-- A dry run (no part selected): what the fence would revoke,
+			-- and who holds write privileges the fence takes (or took)
+			-- away. Run on every session that may fence, it also leaves
+			-- this procedure compiled and its queries planned there.
+			result := jsonb_build_object('would_revoke', v_current, 'holders', (
+				SELECT coalesce(jsonb_agg(DISTINCT g->>'grantee'), '[]') FROM (
+					SELECT g FROM jsonb_array_elements(v_current) g
+					UNION ALL
+					SELECT g FROM ` + stateTable + ` s, jsonb_array_elements(s.saved) g
+					WHERE s.fenced AND g->>'table' IN (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = ANY(p_tables))
+					  AND (g->>'grantee' = 'PUBLIC' OR g->>'grantee' IN (SELECT quote_ident(r.rolname) FROM pg_roles r WHERE r.oid = ANY(v_roles)))) h));
 			RETURN;
 		END IF;
 
+		IF EXISTS (SELECT 1 FROM jsonb_array_elements(v_current) g WHERE (g->>'grantable')::boolean) THEN
+			v_others := ` + writeACLName + `(p_tables, v_roles, false);
+		END IF;
 		FOR v_stmt IN
 			SELECT g->>'grantor' AS grantor,
 			       format('REVOKE %s ON %s FROM %s CASCADE',
@@ -341,33 +427,42 @@ BEGIN
 			RESET ROLE;
 			v_revoked := v_revoked + 1;
 		END LOOP;
+		IF v_others IS NOT NULL THEN
+			-- Grants of roles outside the fence that the CASCADE took.
+			SELECT coalesce(jsonb_agg(o), '[]') INTO v_lost
+			FROM jsonb_array_elements(v_others) o
+			WHERE o::text NOT IN (SELECT a::text FROM jsonb_array_elements(` + writeACLName + `(p_tables, v_roles, false)) a);
+		END IF;
 
-		-- Saved: what an earlier fence of this run saved, then what was
-		-- granted since; one entry per grant, whatever its grant option.
+		-- Saved: what an earlier fence of this database saved, whichever
+		-- plan put it up, then what was granted since; one entry per grant,
+		-- whatever its grant option.
 		SELECT coalesce(jsonb_agg(g ORDER BY g->>'table', ord), '[]') INTO v_saved FROM (
 			SELECT DISTINCT ON (g->>'table', g->>'column', g->>'grantor', g->>'grantee', g->>'privilege') g, ord
 			FROM (SELECT g, 0 AS src, ord FROM jsonb_array_elements(v_saved) WITH ORDINALITY s(g, ord)
 			      UNION ALL
-			      SELECT g, 1, ord FROM jsonb_array_elements(v_current) WITH ORDINALITY c(g, ord)) u
+			      SELECT g, 1, ord FROM jsonb_array_elements(v_current || v_lost) WITH ORDINALITY c(g, ord)) u
 			ORDER BY g->>'table', g->>'column', g->>'grantor', g->>'grantee', g->>'privilege', src, ord) d;
-		UPDATE cutover.fence_state
-		SET epoch = p_epoch, fenced = true, saved = v_saved,
-		    fenced_at = coalesce(CASE WHEN fenced THEN fenced_at END, now()), unfenced_at = NULL
-		WHERE plan = p_plan AND pair = p_pair;
+		UPDATE ` + stateTable + `
+		SET epoch = p_epoch, fenced = true, saved = v_saved, plan = p_plan, pair = p_pair,
+		    fenced_at = CASE WHEN fenced THEN fenced_at ELSE now() END, unfenced_at = NULL, unfenced_by = NULL
+		WHERE id;
 		-- From this commit on, every session's next write statement fails.
 		COMMIT;
+		PERFORM pg_catalog.set_config('search_path', '` + pinPath + `', true);
 	END IF;
-	result := jsonb_build_object('revoked', v_revoked, 'fence_us', (extract(epoch FROM clock_timestamp() - v_called) * 1e6)::bigint);
+	result := jsonb_build_object('revoked', v_revoked, 'dependent_saved', jsonb_array_length(v_lost),
+		'fence_us', (extract(epoch FROM clock_timestamp() - v_called) * 1e6)::bigint);
 	IF NOT p_marker THEN
 		RETURN;
 	END IF;
 
-	SELECT epoch, fenced INTO v_epoch, v_fenced FROM cutover.fence_state WHERE plan = p_plan AND pair = p_pair FOR UPDATE;
+	SELECT epoch, fenced INTO v_epoch, v_fenced FROM ` + stateTable + ` WHERE id FOR UPDATE;
 	IF v_epoch > p_epoch THEN
-		RAISE EXCEPTION 'presented %, %/% has seen %', p_epoch, p_plan, p_pair, v_epoch USING ERRCODE = 'CU001';
+		RAISE EXCEPTION 'presented %, the database has seen %', p_epoch, v_epoch USING ERRCODE = 'CU001';
 	END IF;
 	IF v_fenced IS NOT TRUE THEN
-		RAISE EXCEPTION '%/% is not fenced', p_plan, p_pair USING ERRCODE = 'CU002';
+		RAISE EXCEPTION 'the database is not fenced' USING ERRCODE = 'CU002';
 	END IF;
 	IF p_lock THEN
 		result := result || ` + drainFuncName + `(p_tables, p_grace_ms, 0);
@@ -376,15 +471,13 @@ BEGIN
 	-- transaction begun before the fence.
 	INSERT INTO cutover.markers (nonce, plan, epoch) VALUES (p_nonce, p_plan, p_epoch);
 	COMMIT;
+	PERFORM pg_catalog.set_config('search_path', '` + pinPath + `', true);
 	-- Read after the marker's commit, so after the last lock and the last
 	-- termination.
 	result := result || jsonb_build_object('lsn', pg_current_wal_lsn()::text,
 		'total_us', (extract(epoch FROM clock_timestamp() - v_called) * 1e6)::bigint);
 END
 $proc$`
-
-// unfenceFuncName restores what the fence took away.
-const unfenceFuncName = "cutover.unfence_v2"
 
 // unfenceFuncSQL gives back every saved privilege, each granted by its
 // original grantor, and records the unfence, in one round trip: on green
@@ -395,16 +488,20 @@ const unfenceFuncName = "cutover.unfence_v2"
 // the privilege WITH GRANT OPTION from another can only be restored after
 // that one, so it loops until no more progress is made. The saved state
 // is checked against the catalogs before anything runs (tables, columns,
-// roles, privileges), so that a tampered state row cannot run other SQL.
+// roles, privileges), and what runs is built from catalog names only, so
+// that a tampered state row cannot run other SQL. p_break_glass (cutover
+// unfence) skips the epoch guard and clears the epoch: the cluster whose
+// epochs it guarded may be gone, and a new one counts from the start.
 // Called with a NULL plan it only compiles (Warm). Errors: CU001 stale
 // epoch.
 const unfenceFuncSQL = `
-CREATE OR REPLACE FUNCTION ` + unfenceFuncName + `(p_plan text, p_pair text, p_epoch bigint)
-RETURNS jsonb LANGUAGE plpgsql AS $unfence$
+CREATE OR REPLACE FUNCTION ` + unfenceFuncName + `(p_plan text, p_pair text, p_epoch bigint, p_break_glass boolean)
+RETURNS jsonb LANGUAGE plpgsql SET search_path = ` + pinPath + ` AS $unfence$
 DECLARE
 	v_epoch bigint;
 	v_fenced boolean;
 	v_saved jsonb;
+	v_bad jsonb;
 	v_pending jsonb;
 	v_next jsonb;
 	v_g record;
@@ -414,32 +511,35 @@ BEGIN
 	IF p_plan IS NULL THEN
 		RETURN '{}';
 	END IF;
-	INSERT INTO cutover.fence_state (plan, pair, epoch, fenced) VALUES (p_plan, p_pair, 0, false) ON CONFLICT DO NOTHING;
-	SELECT epoch, fenced, saved INTO v_epoch, v_fenced, v_saved FROM cutover.fence_state WHERE plan = p_plan AND pair = p_pair FOR UPDATE;
-	IF v_epoch > p_epoch THEN
-		RAISE EXCEPTION 'presented %, %/% has seen %', p_epoch, p_plan, p_pair, v_epoch USING ERRCODE = 'CU001';
+	INSERT INTO ` + stateTable + ` (id, epoch, fenced) VALUES (true, 0, false) ON CONFLICT DO NOTHING;
+	SELECT epoch, fenced, saved INTO v_epoch, v_fenced, v_saved FROM ` + stateTable + ` WHERE id FOR UPDATE;
+	IF NOT p_break_glass AND v_epoch > p_epoch THEN
+		RAISE EXCEPTION 'presented %, the database has seen %', p_epoch, v_epoch USING ERRCODE = 'CU001';
 	END IF;
 	IF v_fenced THEN
-		-- Checked against the catalogs first: what runs below is built
-		-- from catalog names only.
-		IF EXISTS (SELECT 1 FROM jsonb_array_elements(v_saved) g
-		           WHERE (SELECT c.oid::regclass FROM pg_class c WHERE c.oid::regclass::text = g->>'table' AND c.relkind IN ('r', 'p')) IS NULL
-		              OR NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = g->>'grantor')
-		              OR (g->>'grantee' <> 'PUBLIC' AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE quote_ident(r.rolname) = g->>'grantee'))
-		              OR g->>'privilege' NOT IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')
-		              OR (g ? 'column' AND NOT EXISTS (SELECT 1 FROM pg_attribute a
-		                  WHERE a.attrelid = (SELECT c.oid::regclass FROM pg_class c WHERE c.oid::regclass::text = g->>'table' AND c.relkind IN ('r', 'p')) AND quote_ident(a.attname) = g->>'column' AND NOT a.attisdropped))) THEN
-			RAISE EXCEPTION 'saved privileges of %/% name tables, columns or roles that no longer exist, or unknown privileges: %', p_plan, p_pair, v_saved;
+		-- Every saved grant resolved against the catalogs: the statements
+		-- below are built from catalog names only.
+		WITH tabs AS (
+			SELECT c.oid, format('%I.%I', n.nspname, c.relname) AS name
+			FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p')
+		), resolved AS (
+			SELECT g, t.name AS tbl, t.oid AS reloid,
+			       (SELECT r.rolname::text FROM pg_roles r WHERE r.rolname = g->>'grantor') AS grantor,
+			       CASE WHEN g->>'grantee' = 'PUBLIC' THEN 'PUBLIC'
+			            ELSE (SELECT quote_ident(r.rolname) FROM pg_roles r WHERE quote_ident(r.rolname) = g->>'grantee') END AS grantee,
+			       (SELECT quote_ident(a.attname) FROM pg_attribute a
+			        WHERE a.attrelid = t.oid AND quote_ident(a.attname) = g->>'column' AND NOT a.attisdropped) AS col
+			FROM jsonb_array_elements(v_saved) g LEFT JOIN tabs t ON t.name = g->>'table'
+		)
+		SELECT coalesce(jsonb_agg(g) FILTER (WHERE reloid IS NULL OR grantor IS NULL OR grantee IS NULL
+		                                      OR g->>'privilege' NOT IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')
+		                                      OR (g ? 'column' AND col IS NULL)), '[]'),
+		       coalesce(jsonb_agg(jsonb_strip_nulls(jsonb_build_object('grantor', grantor, 'table', tbl, 'column', col, 'grantee', grantee,
+		                'privilege', g->>'privilege', 'grantable', coalesce((g->>'grantable')::boolean, false)))), '[]')
+		INTO v_bad, v_pending FROM resolved;
+		IF jsonb_array_length(v_bad) > 0 THEN
+			RAISE EXCEPTION 'saved privileges name tables, columns or roles that no longer exist, or unknown privileges: %', v_bad;
 		END IF;
-		SELECT coalesce(jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
-			'grantor', (SELECT r.rolname::text FROM pg_roles r WHERE r.rolname = g->>'grantor'),
-			'table', (SELECT c.oid::regclass FROM pg_class c WHERE c.oid::regclass::text = g->>'table' AND c.relkind IN ('r', 'p'))::text,
-			'column', (SELECT quote_ident(a.attname) FROM pg_attribute a
-				WHERE g ? 'column' AND a.attrelid = (SELECT c.oid::regclass FROM pg_class c WHERE c.oid::regclass::text = g->>'table' AND c.relkind IN ('r', 'p')) AND quote_ident(a.attname) = g->>'column'),
-			'grantee', CASE WHEN g->>'grantee' = 'PUBLIC' THEN 'PUBLIC' ELSE (SELECT quote_ident(r.rolname) FROM pg_roles r WHERE quote_ident(r.rolname) = g->>'grantee') END,
-			'privilege', g->>'privilege',
-			'grantable', coalesce((g->>'grantable')::boolean, false)))), '[]')
-		INTO v_pending FROM jsonb_array_elements(v_saved) g;
 		LOOP
 			v_next := '[]';
 			FOR v_g IN
@@ -449,6 +549,18 @@ BEGIN
 				FROM jsonb_array_elements(v_pending) g
 				GROUP BY 1, 2, 3, 4, 5
 			LOOP
+				-- A grantor without the grant option "grants" nothing, with
+				-- only a warning: wait for the grant that gives it back.
+				IF NOT (SELECT bool_and(CASE WHEN v_g.col IS NULL
+				                 THEN has_table_privilege(v_g.grantor, v_g.tbl, p || ' WITH GRANT OPTION')
+				                 ELSE has_column_privilege(v_g.grantor, v_g.tbl::regclass,
+				                          (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = v_g.tbl::regclass AND quote_ident(a.attname) = v_g.col),
+				                          p || ' WITH GRANT OPTION') END)
+				        FROM unnest(string_to_array(v_g.privs, ', ')) p) THEN
+					v_next := v_next || v_g.grants;
+					v_err := format('%s holds no grant option to give %s on %s', v_g.grantor, v_g.privs, v_g.tbl);
+					CONTINUE;
+				END IF;
 				BEGIN
 					EXECUTE format('SET LOCAL ROLE %I', v_g.grantor);
 					EXECUTE format('GRANT %s%s ON %s TO %s%s', v_g.privs, coalesce(' (' || v_g.col || ')', ''), v_g.tbl, v_g.grantee,
@@ -462,15 +574,17 @@ BEGIN
 			END LOOP;
 			EXIT WHEN jsonb_array_length(v_next) = 0;
 			IF jsonb_array_length(v_next) = jsonb_array_length(v_pending) THEN
-				RAISE EXCEPTION 'cannot restore % privilege(s) of %/%: %', jsonb_array_length(v_next), p_plan, p_pair, v_err;
+				RAISE EXCEPTION 'cannot restore % privilege(s): %', jsonb_array_length(v_next), v_err;
 			END IF;
 			v_pending := v_next;
 		END LOOP;
 	END IF;
-	UPDATE cutover.fence_state
-	SET epoch = p_epoch, fenced = false, saved = '[]', unfenced_at = CASE WHEN fenced THEN now() ELSE unfenced_at END
-	WHERE plan = p_plan AND pair = p_pair;
-	RETURN jsonb_build_object('restored', v_restored);
+	UPDATE ` + stateTable + `
+	SET epoch = CASE WHEN p_break_glass THEN 0 ELSE p_epoch END, fenced = false, saved = '[]',
+	    unfenced_at = CASE WHEN fenced THEN now() ELSE unfenced_at END,
+	    unfenced_by = CASE WHEN fenced THEN p_plan || '/' || p_pair || CASE WHEN p_break_glass THEN ' (break-glass)' ELSE '' END ELSE unfenced_by END
+	WHERE id;
+	RETURN jsonb_build_object('restored', v_restored, 'was_fenced', v_fenced);
 END
 $unfence$`
 
@@ -478,19 +592,20 @@ $unfence$`
 // body (pg_proc.prosrc is the text between the dollar quotes).
 var serverObjects = []struct{ name, sql, body string }{
 	{drainFuncName, drainFuncSQL, strings.Split(drainFuncSQL, "$drain$")[1]},
+	{writeACLName, writeACLSQL, strings.Split(writeACLSQL, "$acl$")[1]},
 	{fenceProcName, fenceProcSQL, strings.Split(fenceProcSQL, "$proc$")[1]},
 	{unfenceFuncName, unfenceFuncSQL, strings.Split(unfenceFuncSQL, "$unfence$")[1]},
 }
 
-// createFenceProc creates the drain function and the fence procedure unless
-// they are there already with these bodies. Agents preparing at the same
-// moment may collide on the catalog row; the check is then retried.
+// createFenceProc creates the server-side functions unless they are there
+// already with these bodies. Agents preparing at the same moment may
+// collide on the catalog row; the check is then retried.
 func createFenceProc(ctx context.Context, pool *pgxpool.Pool) error {
 	for _, obj := range serverObjects {
 		var err error
 		for attempt := 0; attempt < 5; attempt++ {
 			var body *string
-			err = pool.QueryRow(ctx, `SELECT prosrc FROM pg_proc WHERE oid = to_regproc($1)`, obj.name).Scan(&body)
+			err = pool.QueryRow(ctx, `SELECT prosrc FROM pg_catalog.pg_proc WHERE oid = pg_catalog.to_regproc($1)`, obj.name).Scan(&body)
 			if err != nil && !errors.Is(err, pgx.ErrNoRows) {
 				return fmt.Errorf("fence: look up %s: %w", obj.name, err)
 			}
@@ -509,16 +624,14 @@ func createFenceProc(ctx context.Context, pool *pgxpool.Pool) error {
 	return nil
 }
 
-// Prepare checks that the tables exist and have keys the fence can lock,
-// that the agent may change their privileges, and that the fenced roles are
-// not superusers (a superuser cannot be fenced), and creates the bookkeeping
-// tables. It changes no privilege.
-func (f *Fencer) Prepare(ctx context.Context) error {
-	if len(f.opts.Tables) == 0 {
-		return errors.New("fence: no tables in scope")
-	}
-	if f.opts.Hold > 0 && f.pool.Config().MaxConns < warmSessions {
-		return fmt.Errorf("fence: holding the drain's lock takes a session of its own: the pool needs at least %d connections, it has %d", warmSessions, f.pool.Config().MaxConns)
+// setUp makes the bookkeeping ready on the database: the schema checked
+// (before and after creating what is missing: a role that is not the
+// agent's nor a superuser must own nothing in it), the state table and the
+// server-side functions created, and a fence left by v2's per-plan state
+// folded into the database's state.
+func (f *Fencer) setUp(ctx context.Context) error {
+	if err := pgsafe.CheckSchema(ctx, f.pool, "cutover"); err != nil {
+		return fmt.Errorf("fence: %w", err)
 	}
 	if _, err := f.pool.Exec(ctx, SchemaSQL); err != nil {
 		var pgErr *pgconn.PgError
@@ -529,6 +642,95 @@ func (f *Fencer) Prepare(ctx context.Context) error {
 	}
 	if err := createFenceProc(ctx, f.pool); err != nil {
 		return err
+	}
+	if err := pgsafe.CheckSchema(ctx, f.pool, "cutover"); err != nil {
+		return fmt.Errorf("fence: %w", err)
+	}
+	return f.migrateLegacy(ctx)
+}
+
+// migrateLegacy folds the fences left in v2's per-plan state table into the
+// database's state, so that an upgrade forgets no fence: their saved grants
+// join what is saved (table names made schema qualified the way v2's
+// sessions resolved them), the highest epoch is kept, and the old rows are
+// marked unfenced.
+func (f *Fencer) migrateLegacy(ctx context.Context) error {
+	var exists bool
+	if err := f.pool.QueryRow(ctx, `SELECT pg_catalog.to_regclass($1) IS NOT NULL`, legacyStateTable).Scan(&exists); err != nil {
+		return fmt.Errorf("fence: look up %s: %w", legacyStateTable, err)
+	}
+	if !exists {
+		return nil
+	}
+	err := pgx.BeginFunc(ctx, f.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `INSERT INTO `+stateTable+` (id, epoch, fenced) VALUES (true, 0, false) ON CONFLICT DO NOTHING`); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `SELECT 1 FROM `+stateTable+` WHERE id FOR UPDATE`); err != nil {
+			return err
+		}
+		type legacy struct {
+			plan, pair string
+			epoch      int64
+			since      *time.Time
+			saved      []byte
+		}
+		rows, err := tx.Query(ctx, `
+			SELECT plan, pair, epoch, fenced_at, (
+				SELECT coalesce(jsonb_agg(CASE WHEN c.oid IS NULL THEN g
+					ELSE jsonb_set(g, '{table}', to_jsonb(format('%I.%I', n.nspname, c.relname))) END), '[]')
+				FROM jsonb_array_elements(saved) g
+				LEFT JOIN pg_class c ON c.oid = to_regclass(g->>'table')
+				LEFT JOIN pg_namespace n ON n.oid = c.relnamespace)
+			FROM `+legacyStateTable+` WHERE fenced ORDER BY epoch FOR UPDATE`)
+		if err != nil {
+			return err
+		}
+		olds, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (legacy, error) {
+			var l legacy
+			err := r.Scan(&l.plan, &l.pair, &l.epoch, &l.since, &l.saved)
+			return l, err
+		})
+		if err != nil {
+			return err
+		}
+		for _, l := range olds {
+			_, err := tx.Exec(ctx, `
+				UPDATE `+stateTable+` s SET
+					saved = (SELECT coalesce(jsonb_agg(g), '[]') FROM (
+						SELECT DISTINCT ON (g->>'table', g->>'column', g->>'grantor', g->>'grantee', g->>'privilege') g
+						FROM (SELECT g, 0 AS src FROM jsonb_array_elements(CASE WHEN s.fenced THEN s.saved ELSE '[]' END) g
+						      UNION ALL SELECT g, 1 FROM jsonb_array_elements($1::jsonb) g) u
+						ORDER BY g->>'table', g->>'column', g->>'grantor', g->>'grantee', g->>'privilege', src) d),
+					epoch = greatest(s.epoch, $2), fenced = true,
+					plan = CASE WHEN s.fenced THEN s.plan ELSE $3 END, pair = CASE WHEN s.fenced THEN s.pair ELSE $4 END,
+					fenced_at = CASE WHEN s.fenced THEN s.fenced_at ELSE coalesce($5, now()) END, unfenced_at = NULL, unfenced_by = NULL
+				WHERE id`, l.saved, l.epoch, l.plan, l.pair, l.since)
+			if err != nil {
+				return err
+			}
+			f.log.Warn("folded a fence left by an older agent into the database's fence state", zap.String("old_plan", l.plan), zap.String("old_pair", l.pair), zap.Int64("old_epoch", l.epoch))
+		}
+		_, err = tx.Exec(ctx, `UPDATE `+legacyStateTable+` SET fenced = false, saved = '[]', unfenced_at = now() WHERE fenced`)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("fence: fold %s into %s: %w", legacyStateTable, stateTable, err)
+	}
+	return nil
+}
+
+// Prepare checks that the tables exist and have keys the fence can lock,
+// that the agent may change their privileges, and that the fenced roles are
+// not superusers (a superuser cannot be fenced); readies the bookkeeping
+// (see setUp: the schema's owners are checked first); and refuses a fence
+// that would stop no role but PUBLIC. It changes no privilege.
+func (f *Fencer) Prepare(ctx context.Context) error {
+	if len(f.opts.Tables) == 0 {
+		return errors.New("fence: no tables in scope")
+	}
+	if f.opts.Hold > 0 && f.pool.Config().MaxConns < warmSessions {
+		return fmt.Errorf("fence: holding the drain's lock takes a session of its own: the pool needs at least %d connections, it has %d", warmSessions, f.pool.Config().MaxConns)
 	}
 	rows, err := f.pool.Query(ctx, `
 		SELECT t.name, c.oid, pg_has_role(current_user, c.relowner, 'USAGE') OR r.rolsuper
@@ -580,6 +782,27 @@ func (f *Fencer) Prepare(ctx context.Context) error {
 		if len(supers) > 0 {
 			return fmt.Errorf("fence: roles %s are superusers, which no privilege can fence: give the application a non-superuser role", strings.Join(supers, ", "))
 		}
+	}
+	if err := f.setUp(ctx); err != nil {
+		return err
+	}
+	// A fence that would stop no application role is refused now, before
+	// anything is changed: a superuser agent once fenced only PUBLIC, and
+	// the application wrote on.
+	dry, err := f.callOn(ctx, f.pool, 0, 0, 0, "", oids)
+	if err != nil {
+		return fmt.Errorf("fence: dry run: %w", err)
+	}
+	if !slices.ContainsFunc(dry.Holders, func(h string) bool { return h != "PUBLIC" }) {
+		who := "every role that is not a superuser, the agent's or one it is a member of"
+		if len(f.opts.Roles) > 0 {
+			who = strings.Join(f.opts.Roles, ", ")
+		}
+		held := "no write privilege"
+		if len(dry.Holders) > 0 {
+			held = "only PUBLIC's write privileges"
+		}
+		return fmt.Errorf("fence: the fence would take %s on the tables in scope from %s (and the roles they are members of): it would stop no application role; name the application's roles in fence_roles, or grant them their privileges", held, who)
 	}
 	f.tableOIDs = oids
 	return f.Warm(ctx)
@@ -638,10 +861,10 @@ func (f *Fencer) Warm(ctx context.Context) error {
 // warmSession runs the fence procedure as a dry run and the drain
 // function on no table, as the fence would run them (simple protocol).
 func (f *Fencer) warmSession(ctx context.Context, conn *pgx.Conn) error {
-	if _, err := f.callOn(ctx, conn, 0, 0, 0, ""); err != nil {
+	if _, err := f.callOn(ctx, conn, 0, 0, 0, "", f.tableOIDs); err != nil {
 		return err
 	}
-	_, err := conn.PgConn().Exec(ctx, fmt.Sprintf("SELECT %s('{}'::oid[], 1, 0); SELECT %s(NULL, NULL, NULL)", drainFuncName, unfenceFuncName)).ReadAll()
+	_, err := conn.PgConn().Exec(ctx, fmt.Sprintf("SELECT %s('{}'::oid[], 1, 0); SELECT %s(NULL, NULL, NULL, NULL)", drainFuncName, unfenceFuncName)).ReadAll()
 	return err
 }
 
@@ -681,28 +904,78 @@ func (f *Fencer) Unfence(ctx context.Context, epoch uint64) error {
 	}
 	defer f.Release(ctx)
 	start := time.Now()
-	var raw []byte
-	err := f.pool.QueryRow(ctx, "SELECT "+unfenceFuncName+"($1::text, $2::text, $3::bigint)", pgx.QueryExecModeSimpleProtocol,
-		f.opts.Plan, f.opts.Pair, int64(epoch)).Scan(&raw)
+	res, err := f.unfence(ctx, epoch, false)
 	if err != nil {
-		return fmt.Errorf("unfence %s/%s: %w", f.opts.Plan, f.opts.Pair, lockErr(err))
-	}
-	var res struct {
-		Restored int `json:"restored"`
-	}
-	if err := json.Unmarshal(raw, &res); err != nil {
-		return fmt.Errorf("unfence %s/%s: result: %w", f.opts.Plan, f.opts.Pair, err)
+		return fmt.Errorf("unfence %s/%s: %w", f.opts.Plan, f.opts.Pair, err)
 	}
 	f.log.Info("unfenced", zap.Uint64("epoch", epoch), zap.Int("privileges_restored", res.Restored), zap.Duration("took", time.Since(start)))
 	return nil
 }
 
-// State reports the fence state stored on the database.
+// Unfenced is what a break-glass unfence did.
+type Unfenced struct {
+	// WasFenced says the database was fenced; Restored counts the
+	// privileges given back.
+	WasFenced bool
+	Restored  int
+}
+
+// Inspect readies the bookkeeping as Prepare does (the schema's owners
+// checked, the server-side functions created, a v2 fence folded in) but
+// resolves no table and no role, and reports the fence state: what an
+// operator needs before BreakGlassUnfence, to see who owns the fence.
+func (f *Fencer) Inspect(ctx context.Context) (fencing.State, error) {
+	if err := f.setUp(ctx); err != nil {
+		return fencing.State{}, err
+	}
+	return f.State(ctx)
+}
+
+// BreakGlassUnfence gives back every saved privilege without an epoch: for
+// an operator whose cluster may be gone (cutover unfence), so it needs no
+// quorum and skips the epoch guard, and it clears the stored epoch so that
+// a new cluster, whose epochs count from the start, can fence again. Call
+// Inspect first (and check there that no live plan owns the fence). A
+// database that is not fenced is left as it is.
+func (f *Fencer) BreakGlassUnfence(ctx context.Context) (Unfenced, error) {
+	var out Unfenced
+	res, err := f.unfence(ctx, 0, true)
+	if err != nil {
+		return out, fmt.Errorf("break-glass unfence: %w", err)
+	}
+	out.WasFenced, out.Restored = res.WasFenced, res.Restored
+	f.log.Warn("unfenced by hand (break-glass)", zap.Bool("was_fenced", res.WasFenced), zap.Int("privileges_restored", res.Restored))
+	return out, nil
+}
+
+type unfenceResult struct {
+	Restored  int  `json:"restored"`
+	WasFenced bool `json:"was_fenced"`
+}
+
+func (f *Fencer) unfence(ctx context.Context, epoch uint64, breakGlass bool) (unfenceResult, error) {
+	var res unfenceResult
+	var raw []byte
+	err := f.pool.QueryRow(ctx, "SELECT "+unfenceFuncName+"($1::text, $2::text, $3::bigint, $4::boolean)", pgx.QueryExecModeSimpleProtocol,
+		f.opts.Plan, f.opts.Pair, int64(epoch), breakGlass).Scan(&raw)
+	if err != nil {
+		return res, lockErr(err)
+	}
+	if err := json.Unmarshal(raw, &res); err != nil {
+		return res, fmt.Errorf("result: %w", err)
+	}
+	return res, nil
+}
+
+// State reports the fence state stored on the database: whether it is
+// fenced, the highest epoch it has seen, and the plan and pair that own
+// the fence (the last to put it up).
 func (f *Fencer) State(ctx context.Context) (fencing.State, error) {
 	var st fencing.State
 	var epoch int64
 	var since *time.Time
-	err := f.pool.QueryRow(ctx, `SELECT epoch, fenced, fenced_at FROM cutover.fence_state WHERE plan = $1 AND pair = $2`, f.opts.Plan, f.opts.Pair).Scan(&epoch, &st.Fenced, &since)
+	var plan, pair *string
+	err := f.pool.QueryRow(ctx, `SELECT epoch, fenced, fenced_at, plan, pair FROM `+stateTable+` WHERE id`).Scan(&epoch, &st.Fenced, &since, &plan, &pair)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return st, nil
 	}
@@ -716,6 +989,9 @@ func (f *Fencer) State(ctx context.Context) (fencing.State, error) {
 	st.Epoch = uint64(epoch)
 	if st.Fenced && since != nil {
 		st.Since = *since
+	}
+	if plan != nil && pair != nil {
+		st.Plan, st.Pair = *plan, *pair
 	}
 	return st, nil
 }
@@ -812,7 +1088,7 @@ func (f *Fencer) drainHolding(ctx context.Context, epoch uint64, grace time.Dura
 	f.log.Debug("drain round trips", zap.Duration("fence", fenceRTT), zap.Duration("fence_server", time.Duration(fres.res.FenceUS)*time.Microsecond), zap.Duration("hold", holdRTT), zap.Duration("hold_acquired", hres.acquired),
 		zap.Duration("marker", time.Since(markerStart)), zap.Duration("marker_server", time.Duration(mres.TotalUS)*time.Microsecond))
 	f.mu.Lock()
-	f.held = conn
+	f.held = startHold(conn, f.opts.Hold, f.log)
 	f.mu.Unlock()
 	res := hres
 	res.Revoked, res.FenceUS = fres.res.Revoked, fres.res.FenceUS
@@ -857,13 +1133,45 @@ func (f *Fencer) hold(ctx context.Context, grace time.Duration) (procResult, *pg
 // within a second is closed, which ends the hold as surely.
 func (f *Fencer) Release(ctx context.Context) {
 	f.mu.Lock()
-	conn := f.held
+	h := f.held
 	f.held = nil
 	f.mu.Unlock()
-	if conn != nil {
-		releaseHold(ctx, conn)
+	if h != nil {
+		h.release(ctx)
 		f.log.Info("released the hold on the tables")
 	}
+}
+
+// Holding says whether this Fencer holds the drain's lock and its last
+// keepalive found the holding session alive. See CheckHold.
+func (f *Fencer) Holding() bool {
+	f.mu.Lock()
+	h := f.held
+	f.mu.Unlock()
+	return h != nil && h.lost() == nil
+}
+
+// CheckHold returns nil when no hold is asked for (Options.Hold zero), and
+// otherwise whether the drain's lock is still held, asking the holding
+// session now: an error wrapping fencing.ErrHoldLost when nothing is held
+// (released, never taken, or taken by a deposed leader's Fencer) or the
+// session is gone (the server ended it, the network dropped it). Once
+// lost, writers outside the fence may have written: the caller must not
+// open the gate on the strength of the hold.
+func (f *Fencer) CheckHold(ctx context.Context) error {
+	if f.opts.Hold <= 0 {
+		return nil
+	}
+	f.mu.Lock()
+	h := f.held
+	f.mu.Unlock()
+	if h == nil {
+		return fmt.Errorf("%w: %s/%s: nothing is held", fencing.ErrHoldLost, f.opts.Plan, f.opts.Pair)
+	}
+	if err := h.ping(ctx); err != nil {
+		return fmt.Errorf("%w: %s/%s: %v", fencing.ErrHoldLost, f.opts.Plan, f.opts.Pair, err)
+	}
+	return nil
 }
 
 // ReleaseRefusingAll ends the hold like Release, but first cancels the
@@ -942,6 +1250,91 @@ func (f *Fencer) HeldBreaches(ctx context.Context) ([]fencing.Session, error) {
 	return out, nil
 }
 
+// holdSession is the session holding the drain's lock. The server ends it
+// after Options.Hold idle in its transaction
+// (idle_in_transaction_session_timeout), which bounds the hold if the
+// agent goes away; while the Fencer holds it, a keepalive statement every
+// Hold/3 resets that clock, so that a flip that takes longer than Hold does
+// not let writers outside the fence through after the gate opened. Every
+// statement on the session (keepalive, ping, rollback) runs under mu.
+type holdSession struct {
+	conn     *pgxpool.Conn
+	interval time.Duration
+	log      *zap.Logger
+	stop     chan struct{}
+	stopOnce sync.Once
+	done     chan struct{}
+
+	mu  sync.Mutex
+	err error // why the session no longer holds the lock; sticky
+}
+
+func startHold(conn *pgxpool.Conn, hold time.Duration, log *zap.Logger) *holdSession {
+	h := &holdSession{conn: conn, interval: max(hold/3, time.Millisecond), log: log, stop: make(chan struct{}), done: make(chan struct{})}
+	go h.keepalive()
+	return h
+}
+
+func (h *holdSession) keepalive() {
+	defer close(h.done)
+	t := time.NewTicker(h.interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-h.stop:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), h.interval)
+		err := h.ping(ctx)
+		cancel()
+		if err != nil {
+			h.log.Error("the hold on the tables is lost: its session no longer answers", zap.Error(err))
+			return
+		}
+	}
+}
+
+// ping runs a statement on the holding session: it resets the server's
+// idle clock and proves the session (and so its lock) is still there.
+func (h *holdSession) ping(ctx context.Context) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.err != nil {
+		return h.err
+	}
+	if err := h.conn.Conn().PgConn().Exec(ctx, "SELECT 1").Close(); err != nil {
+		h.err = err
+	}
+	return h.err
+}
+
+func (h *holdSession) lost() error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.err
+}
+
+// stopKeepalive stops the keepalives (and waits for the one under way).
+func (h *holdSession) stopKeepalive() {
+	h.stopOnce.Do(func() { close(h.stop) })
+	<-h.done
+}
+
+// release stops the keepalive and ends the hold.
+func (h *holdSession) release(ctx context.Context) {
+	h.stopKeepalive()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.err != nil {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		defer cancel()
+		_ = h.conn.Hijack().Close(cctx)
+		return
+	}
+	releaseHold(ctx, h.conn)
+}
+
 // releaseHold rolls back the holding transaction and gives the session
 // back to the pool, or closes it.
 func releaseHold(ctx context.Context, conn *pgxpool.Conn) {
@@ -957,6 +1350,12 @@ func releaseHold(ctx context.Context, conn *pgxpool.Conn) {
 // procResult is what the fence procedure and the drain function report.
 type procResult struct {
 	Revoked int `json:"revoked"`
+	// DependentSaved counts grants of roles outside the fence that the
+	// REVOKE's CASCADE took, saved to be given back.
+	DependentSaved int `json:"dependent_saved"`
+	// Holders are the grantees (quoted, or PUBLIC) whose write privileges
+	// the fence takes or took away (a dry run's).
+	Holders []string `json:"holders"`
 	// FenceUS and TotalUS are the server's time from the call to the
 	// REVOKE's commit and to the marker's (the rest is network and
 	// scheduling).
@@ -992,17 +1391,17 @@ const (
 // query: one round trip on any pooled session, with no statement to
 // prepare first on a session that has not run it yet.
 func (f *Fencer) call(ctx context.Context, epoch uint64, parts int, grace time.Duration, nonce string) (procResult, error) {
-	return f.callOn(ctx, f.pool, epoch, parts, grace, nonce)
+	if f.tableOIDs == nil {
+		return procResult{}, errors.New("Prepare has not run")
+	}
+	return f.callOn(ctx, f.pool, epoch, parts, grace, nonce, f.tableOIDs)
 }
 
 // callOn is call on q: the pool, or one of its sessions.
 func (f *Fencer) callOn(ctx context.Context, q interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
-}, epoch uint64, parts int, grace time.Duration, nonce string) (procResult, error) {
+}, epoch uint64, parts int, grace time.Duration, nonce string, tables []uint32) (procResult, error) {
 	var res procResult
-	if f.tableOIDs == nil {
-		return res, errors.New("Prepare has not run")
-	}
 	var raw []byte
 	// A procedure may commit only when CALLed outside a transaction block:
 	// on a pooled connection, it is.
@@ -1011,7 +1410,7 @@ func (f *Fencer) callOn(ctx context.Context, q interface {
 		roles = []string{}
 	}
 	err := q.QueryRow(ctx, "CALL "+fenceProcName+"($1::text, $2::text, $3::bigint, $4::oid[], $5::text[], $6::boolean, $7::boolean, $8::boolean, $9::int, $10::text, NULL)",
-		pgx.QueryExecModeSimpleProtocol, f.opts.Plan, f.opts.Pair, int64(epoch), f.tableOIDs, roles,
+		pgx.QueryExecModeSimpleProtocol, f.opts.Plan, f.opts.Pair, int64(epoch), tables, roles,
 		parts&partFence != 0, parts&partLock != 0, parts&partMarker != 0, int32(max(grace.Milliseconds(), 1)), nonce).Scan(&raw)
 	if err != nil {
 		return res, lockErr(err)

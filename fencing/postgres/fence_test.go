@@ -391,7 +391,7 @@ func TestPrepareRefusesWhatCannotBeFenced(t *testing.T) {
 	}
 	app := newPool(t, pg.DSNFor("cutover", "app", "app-password"))
 	err := New(app, Options{Plan: "p", Pair: "db", Tables: []string{"public.accounts"}}).Prepare(ctx)
-	if err == nil || !strings.Contains(err.Error(), "fence: the agent's role may not create schema cutover") {
+	if err == nil || !strings.Contains(err.Error(), "fence: the agent's role can neither revoke nor grant on public.accounts") {
 		t.Errorf("prepare as a role that may not create the schema or revoke: err = %v", err)
 	}
 }
@@ -544,7 +544,11 @@ func TestAHoldNobodyReleasesEndsOnTheServerAfterItsBound(t *testing.T) {
 	if _, err := f.FenceDrain(ctx, 1, 100*time.Millisecond); err != nil {
 		t.Fatal(err)
 	}
-	// The agent "vanishes" without releasing: the server ends the hold.
+	// The agent "vanishes" without releasing: its keepalives stop, and the
+	// server ends the hold.
+	f.mu.Lock()
+	f.held.stopKeepalive()
+	f.mu.Unlock()
 	write := startWrite(writer, "UPDATE accounts SET balance = 7 WHERE id = 2")
 	err := result(t, write)
 	if sqlState(err) != "42501" {
@@ -599,7 +603,7 @@ func TestTheDrainRetriesWhenAWriterDeadlocksWithIt(t *testing.T) {
 			deadline := time.Now().Add(10 * time.Second)
 			for {
 				var waiting bool
-				if err := e.agent.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%drain_v2%' OR query LIKE '%fence_v2%' AND wait_event_type = 'Lock')`).Scan(&waiting); err != nil {
+				if err := e.agent.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%drain_v3%' OR query LIKE '%fence_v3%' AND wait_event_type = 'Lock')`).Scan(&waiting); err != nil {
 					t.Fatal(err)
 				}
 				if waiting {
@@ -699,7 +703,7 @@ func TestUnfenceRefusesASavedStateThatNamesWhatDoesNotExist(t *testing.T) {
 		`[{"table": "accounts", "grantee": "app", "grantor": "postgres", "privilege": "INSERT ON notes TO PUBLIC; DROP TABLE notes; --"}]`,
 		`[{"table": "accounts", "column": "id) ON notes TO PUBLIC; --", "grantee": "app", "grantor": "postgres", "privilege": "INSERT"}]`,
 	} {
-		if _, err := e.agent.Exec(ctx, `UPDATE cutover.fence_state SET saved = $1::jsonb WHERE plan = 'p1' AND pair = 'db'`, bad); err != nil {
+		if _, err := e.agent.Exec(ctx, `UPDATE cutover.fence_state_v3 SET saved = $1::jsonb`, bad); err != nil {
 			t.Fatal(err)
 		}
 		err := e.fencer.Unfence(ctx, 2)

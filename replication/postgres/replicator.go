@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/cutover/cutover/internal/config"
+	"github.com/cutover/cutover/internal/pgsafe"
 	"github.com/cutover/cutover/replication"
 )
 
@@ -437,11 +438,22 @@ func redactErr(err error) error {
 // prepare creates the schema on both sides and the publication. It runs
 // only after every pre-check passed.
 func (r *Replicator) prepare(ctx context.Context, chk *checked) error {
-	if _, err := r.blue.Exec(ctx, sourceSchemaSQL); err != nil {
-		return fmt.Errorf("blue: create cutover schema: %w", err)
-	}
-	if _, err := r.green.Exec(ctx, targetSchemaSQL); err != nil {
-		return fmt.Errorf("green: create cutover schema: %w", err)
+	// The schema's functions run as the agent: checked before and after,
+	// so that none of them is owned by a role that could replace it.
+	for _, side := range []struct {
+		name string
+		pool *pgxpool.Pool
+		sql  string
+	}{{"blue", r.blue, sourceSchemaSQL}, {"green", r.green, targetSchemaSQL}} {
+		if err := pgsafe.CheckSchema(ctx, side.pool, "cutover"); err != nil {
+			return fmt.Errorf("%s: %w", side.name, err)
+		}
+		if _, err := side.pool.Exec(ctx, side.sql); err != nil {
+			return fmt.Errorf("%s: create cutover schema: %w", side.name, err)
+		}
+		if err := pgsafe.CheckSchema(ctx, side.pool, "cutover"); err != nil {
+			return fmt.Errorf("%s: %w", side.name, err)
+		}
 	}
 	list := strings.Join(append(quotedNames(chk.tables), heartbeatTable.Quoted(), markersTable.Quoted()), ", ")
 	var exists bool
