@@ -294,9 +294,13 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 					}
 					say("changed a row of the key-less table load_events on green")
 				}
-				if prober == nil && p.Phase != agent.PhasePending && p.Phase != agent.PhaseCopying {
-					// Green is fenced from the plan's first step: from here
-					// on, the application must never write to both sides.
+				if prober == nil && atOrAfter(p.Phase, agent.PhaseReplicating) {
+					// Green is fenced in the plan's first step (copying):
+					// from here on, the application must never write to
+					// both sides. A plan aborted before that step ran
+					// (an abort in copying) may never have fenced green:
+					// green is then as the operator left it, so the
+					// probe starts with the plan that replicates.
 					prober = load.StartProber(appCtx, blueApp, greenApp, 10*time.Millisecond)
 				}
 				if opts.KillLeaderAt != "" && p.Phase == opts.KillLeaderAt && killed == nil {
