@@ -214,22 +214,7 @@ func (tr *tableRun) diffBucketRows(ctx context.Context, in []uint64, nbits int, 
 		*out = rows
 		return nil
 	}
-	var err error
-	if tr.w == nil {
-		eg, ectx := errgroup.WithContext(ctx)
-		eg.Go(func() error { return fetch(ectx, tr.v.blue, "blue", &br) })
-		eg.Go(func() error { return fetch(ectx, tr.v.green, "green", &gr) })
-		err = eg.Wait()
-	} else {
-		err = fetch(ctx, tr.v.blue, "blue", &br)
-		if err == nil {
-			err = tr.waitGreen(ctx)
-		}
-		if err == nil {
-			err = fetch(ctx, tr.v.green, "green", &gr)
-		}
-	}
-	if err != nil {
+	if err := tr.bothSides(ctx, fetch, &br, &gr); err != nil {
 		return err
 	}
 	if tr.moved(gen) {

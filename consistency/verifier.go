@@ -1047,12 +1047,30 @@ func (tr *tableRun) bisect(ctx context.Context, s Span, b, g Digest, gen uint64,
 	return nil
 }
 
+// bothSides runs fetch on blue into br and on green into gr: at once when
+// the pass reads both at one point (fenced), or blue first and green once
+// it has applied past blue's position (online).
+func (tr *tableRun) bothSides(ctx context.Context, fetch func(ctx context.Context, db Database, side string, out *[]Row) error, br, gr *[]Row) error {
+	if tr.w == nil {
+		eg, ectx := errgroup.WithContext(ctx)
+		eg.Go(func() error { return fetch(ectx, tr.v.blue, "blue", br) })
+		eg.Go(func() error { return fetch(ectx, tr.v.green, "green", gr) })
+		return eg.Wait()
+	}
+	if err := fetch(ctx, tr.v.blue, "blue", br); err != nil {
+		return err
+	}
+	if err := tr.waitGreen(ctx); err != nil {
+		return err
+	}
+	return fetch(ctx, tr.v.green, "green", gr)
+}
+
 // diffRows fetches the rows of a small span from both sides and records
 // each difference.
 func (tr *tableRun) diffRows(ctx context.Context, s Span, gen uint64) error {
 	limit := int(tr.v.opts.BisectRows)*4 + 64
 	var br, gr []Row
-	var err error
 	fetch := func(ctx context.Context, db Database, side string, out *[]Row) error {
 		rows, err := db.Rows(ctx, tr.t, s, limit)
 		if err != nil {
@@ -1061,21 +1079,7 @@ func (tr *tableRun) diffRows(ctx context.Context, s Span, gen uint64) error {
 		*out = rows
 		return nil
 	}
-	if tr.w == nil {
-		eg, ectx := errgroup.WithContext(ctx)
-		eg.Go(func() error { return fetch(ectx, tr.v.blue, "blue", &br) })
-		eg.Go(func() error { return fetch(ectx, tr.v.green, "green", &gr) })
-		err = eg.Wait()
-	} else {
-		err = fetch(ctx, tr.v.blue, "blue", &br)
-		if err == nil {
-			err = tr.waitGreen(ctx)
-		}
-		if err == nil {
-			err = fetch(ctx, tr.v.green, "green", &gr)
-		}
-	}
-	if err != nil {
+	if err := tr.bothSides(ctx, fetch, &br, &gr); err != nil {
 		return err
 	}
 	if tr.w != nil && tr.d != nil && tr.d.changedSince(tr.t.Name, s, gen) {
