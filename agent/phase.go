@@ -7,7 +7,7 @@ import (
 )
 
 // Phase is where a plan stands. The order and the allowed moves are those of
-// DESIGN.md:
+// docs/design.md:
 //
 //	pending -> copying -> replicating -> ready -> fenced -> caught_up -> verified -> authorized -> switched -> done
 //	   any phase up to authorized   -> aborted

@@ -1,5 +1,5 @@
 // Package driver is the leader's plan driver: it carries a plan through the
-// phases of DESIGN.md for every pair, committing each intent through Raft
+// phases of docs/design.md for every pair, committing each intent through Raft
 // before acting and each outcome after.
 //
 // # Resume rules (a new leader finds the plan in this phase)

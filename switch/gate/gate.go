@@ -2,7 +2,7 @@
 // now?", its HTTP shape, and a client that asks it.
 //
 // The gate is open only when the committed phase of the plan is authorized
-// or switched (DESIGN.md, invariant 2). The agent answers it linearizably:
+// or switched (docs/design.md, invariant 2). The agent answers it linearizably:
 // the leader confirms its leadership with a majority before answering, a
 // follower asks the leader, and a node that cannot reach a majority answers
 // closed within a bounded time. This package holds no Raft: the agent
