@@ -234,10 +234,14 @@ type Target struct {
 	// Webhook: URL, extra headers (often secret), timeout and retries.
 	URL     string                   `yaml:"url,omitempty" json:"url,omitempty"`
 	Headers map[string]redact.Secret `yaml:"headers,omitempty" json:"headers,omitempty"`
-	// Command: argv, run without a shell.
-	Command []string `yaml:"command,omitempty" json:"command,omitempty"`
-	Timeout Duration `yaml:"timeout" json:"timeout,omitempty"`
-	Retries int      `yaml:"retries,omitempty" json:"retries,omitempty"`
+	// Command: argv, run without a shell. EnvAllow names the variables of
+	// the agent's environment the command inherits (default PATH); it gets
+	// the CUTOVER_* variables of the flip and nothing else, so that the
+	// agent's secrets do not leak into it.
+	Command  []string `yaml:"command,omitempty" json:"command,omitempty"`
+	EnvAllow []string `yaml:"env_allow,omitempty" json:"env_allow,omitempty"`
+	Timeout  Duration `yaml:"timeout" json:"timeout,omitempty"`
+	Retries  int      `yaml:"retries,omitempty" json:"retries,omitempty"`
 }
 
 // Defaults used where the file is silent.

@@ -94,6 +94,9 @@ func (c *Config) applyDefaults() {
 			if t.Retries == 0 && t.Type == TargetWebhook {
 				t.Retries = DefaultTargetRetries
 			}
+			if t.Type == TargetCommand && t.EnvAllow == nil {
+				t.EnvAllow = []string{"PATH"}
+			}
 			if t.Type == TargetRedis {
 				if t.Key == "" {
 					t.Key = "cutover:" + p.Name + ":route"
@@ -359,6 +362,11 @@ func (t *Target) validate(ps *problems, key string) {
 		if len(t.Command) == 0 || t.Command[0] == "" {
 			ps.add(key+".command", "required for a command target: the program and its arguments as a list")
 		}
+		for i, name := range t.EnvAllow {
+			if !envNameRE.MatchString(name) {
+				ps.add(fmt.Sprintf("%s.env_allow[%d]", key, i), "%q is not an environment variable name", name)
+			}
+		}
 	case "":
 		ps.add(key+".type", "required: redis, webhook or command")
 	default:
@@ -371,6 +379,8 @@ func (t *Target) validate(ps *problems, key string) {
 		ps.add(key+".retries", "%d is out of range (0-20)", t.Retries)
 	}
 }
+
+var envNameRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
 // tableRE is table or schema.table; a part in double quotes may hold any
 // character, with "" for a quote (internal/pgscope reads it).
