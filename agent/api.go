@@ -36,6 +36,11 @@ import (
 //   - /healthz, /readyz and /metrics are always open (they reveal phases and
 //     indexes, never specs or secrets).
 //
+// Nothing an unauthenticated client sends is read beyond the headers
+// (except the gate's POST form, whose body may carry the read token, read
+// under a short deadline): a refused call's connection is closed at once,
+// so that a client trickling a body cannot hold it. See serverLimits.
+//
 // Tokens are compared in constant time (on their SHA-256, so that not even
 // the length leaks) and never logged: request logs carry the method, route,
 // status, duration and remote address only.
@@ -184,6 +189,43 @@ func (s *statusRecorder) WriteHeader(code int) {
 	s.ResponseWriter.WriteHeader(code)
 }
 
+// Unwrap lets http.ResponseController reach the connection's deadlines.
+func (s *statusRecorder) Unwrap() http.ResponseWriter { return s.ResponseWriter }
+
+// Limits of the API server. The write timeout covers the longest answer:
+// a write's 15 s commit plus forwarding, or a read waiting for an index.
+const (
+	apiReadHeaderTimeout = 5 * time.Second
+	apiReadTimeout       = 30 * time.Second
+	apiWriteTimeout      = 45 * time.Second
+	apiIdleTimeout       = 2 * time.Minute
+	apiMaxHeaderBytes    = 64 << 10
+	// bodyTimeout bounds reading an authorized write's body (1 MiB at most).
+	bodyTimeout = 10 * time.Second
+	// gateBodyTimeout bounds reading the gate's POST form (64 KiB at most),
+	// which anyone may send: its body may carry the read token.
+	gateBodyTimeout = 2 * time.Second
+)
+
+// serverLimits sets the API server's timeouts and header limit.
+func serverLimits(s *http.Server) {
+	s.ReadHeaderTimeout = apiReadHeaderTimeout
+	s.ReadTimeout = apiReadTimeout
+	s.WriteTimeout = apiWriteTimeout
+	s.IdleTimeout = apiIdleTimeout
+	s.MaxHeaderBytes = apiMaxHeaderBytes
+}
+
+// dropBody makes sure a refused call's body is never read: no more reads on
+// the connection, which closes after the answer.
+func dropBody(w http.ResponseWriter, r *http.Request) {
+	if r.ContentLength == 0 {
+		return
+	}
+	w.Header().Set("Connection", "close")
+	_ = http.NewResponseController(w).SetReadDeadline(time.Now())
+}
+
 func (n *Node) instrument(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
@@ -246,6 +288,7 @@ func (n *Node) readAllowed(token string) bool {
 func (n *Node) read(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if !n.readAllowed(bearer(r)) {
+			dropBody(w, r)
 			unauthorized(w, "a read or operator token is required")
 			return
 		}
@@ -260,12 +303,15 @@ func (n *Node) write(h writeHandler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		switch n.roleOf(bearer(r)) {
 		case roleNone:
+			dropBody(w, r)
 			unauthorized(w, "the operator token is required")
 			return
 		case roleRead:
+			dropBody(w, r)
 			writeJSON(w, http.StatusForbidden, errorBody{Error: "the read token cannot change anything: use the operator token", Code: "forbidden"})
 			return
 		}
+		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(bodyTimeout))
 		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 1<<20))
 		if err != nil {
 			writeJSON(w, http.StatusBadRequest, errorBody{Error: "read body: " + err.Error(), Code: "bad_request"})
@@ -442,12 +488,14 @@ func (n *Node) handleGate(w http.ResponseWriter, r *http.Request) {
 		var hook struct {
 			Metadata map[string]string `json:"metadata"`
 		}
-		body, _ := io.ReadAll(http.MaxBytesReader(w, r.Body, 64<<10))
-		if json.Unmarshal(body, &hook) == nil {
+		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(gateBodyTimeout))
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 64<<10))
+		if err == nil && json.Unmarshal(body, &hook) == nil {
 			token = hook.Metadata["token"]
 		}
 	}
 	if !n.readAllowed(token) {
+		dropBody(w, r)
 		unauthorized(w, "a read or operator token is required")
 		return
 	}

@@ -77,6 +77,11 @@ type Config struct {
 
 	// TLS, when set, turns on mutual TLS for Raft and for the API.
 	TLS *TLS
+	// Insecure lets Raft and the API listen on a non-loopback address
+	// without TLS; InsecureOpenReads lets the API listen on one without a
+	// read token. Without them Start refuses such addresses.
+	Insecure          bool
+	InsecureOpenReads bool
 
 	// Plans are the plans of the configuration file, which POST /v1/plans
 	// can create by name.
@@ -148,6 +153,9 @@ func Start(cfg Config) (n *Node, err error) {
 	}
 	if cfg.OperatorToken == "" {
 		return nil, errors.New("start agent: an operator token is required")
+	}
+	if err := checkExposure(cfg); err != nil {
+		return nil, fmt.Errorf("start agent: %w", err)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
@@ -303,10 +311,10 @@ func Start(cfg Config) (n *Node, err error) {
 	n.client = &http.Client{Transport: transport}
 	n.metrics = newMetrics(n)
 	n.server = &http.Server{
-		Handler:           n.routes(),
-		ReadHeaderTimeout: 5 * time.Second,
-		ErrorLog:          zap.NewStdLog(n.log.Named("http")),
+		Handler:  n.routes(),
+		ErrorLog: zap.NewStdLog(n.log.Named("http")),
 	}
+	serverLimits(n.server)
 	if cfg.TLS != nil {
 		n.server.TLSConfig = cfg.TLS.ServerConfig()
 	}
@@ -328,6 +336,19 @@ func Start(cfg Config) (n *Node, err error) {
 	go n.monitorLeadership(ctx)
 	n.log.Info("agent started", zap.String("raft", advertise), zap.String("api", n.apiURL))
 	return n, nil
+}
+
+// checkExposure refuses to listen beyond loopback without TLS or with open
+// reads, unless the configuration says it accepts that.
+func checkExposure(cfg Config) error {
+	raftAddr, apiAddr := cfg.RaftBind, cfg.APIListen
+	if cfg.RaftListener != nil {
+		raftAddr = cfg.RaftListener.Addr().String()
+	}
+	if cfg.APIListener != nil {
+		apiAddr = cfg.APIListener.Addr().String()
+	}
+	return config.ExposureError(config.ExposureProblems(raftAddr, apiAddr, cfg.TLS != nil, cfg.ReadToken != "", cfg.Insecure, cfg.InsecureOpenReads))
 }
 
 func setDur(dst *time.Duration, v time.Duration) {

@@ -121,6 +121,8 @@ func agentConfig(c *config.Config, log *zap.Logger) (agent.Config, error) {
 		APIAdvertise:      a.API.Advertise,
 		OperatorToken:     a.API.Tokens.Operator,
 		ReadToken:         a.API.Tokens.Read,
+		Insecure:          a.Insecure,
+		InsecureOpenReads: a.API.InsecureOpenReads,
 		Plans:             c.Plans,
 		Logger:            log,
 		Registry:          reg,

@@ -29,6 +29,10 @@ type Agent struct {
 	Raft    Raft   `yaml:"raft" json:"raft"`
 	API     API    `yaml:"api" json:"api"`
 	TLS     TLS    `yaml:"tls,omitempty" json:"tls,omitempty"`
+	// Insecure lets Raft and the API listen on a non-loopback address
+	// without TLS (a lab, a network already encrypted). Off, the agent
+	// refuses, saying why.
+	Insecure bool `yaml:"insecure,omitempty" json:"insecure,omitempty"`
 }
 
 // Raft holds the consensus transport settings.
@@ -65,6 +69,9 @@ type API struct {
 	// Advertise is the base URL peers use to forward requests here.
 	Advertise string `yaml:"advertise" json:"advertise"`
 	Tokens    Tokens `yaml:"tokens" json:"tokens"`
+	// InsecureOpenReads lets the API listen on a non-loopback address with
+	// no read token, open to anyone who reaches it. Off, the agent refuses.
+	InsecureOpenReads bool `yaml:"insecure_open_reads,omitempty" json:"insecure_open_reads,omitempty"`
 }
 
 // Tokens authorize API calls. Mutating calls need OperatorToken; read calls

@@ -188,6 +188,9 @@ func (c *Config) validate() []Problem {
 			}
 		}
 	}
+	if a.Raft.Bind != "" && a.API.Listen != "" {
+		ps = append(ps, ExposureProblems(a.Raft.Bind, a.API.Listen, t.Enabled(), a.API.Tokens.Read != "", a.Insecure, a.API.InsecureOpenReads)...)
+	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
