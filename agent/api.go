@@ -230,6 +230,9 @@ func (n *Node) instrument(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		rec := &statusRecorder{ResponseWriter: w, code: http.StatusOK}
+		// Every answer says which state it reflects; reads and writes
+		// stamp a fresher index when they answer.
+		n.setIndex(rec)
 		next.ServeHTTP(rec, r)
 		route := r.Pattern
 		if route == "" {
@@ -292,6 +295,9 @@ func (n *Node) read(h http.HandlerFunc) http.HandlerFunc {
 			unauthorized(w, "a read or operator token is required")
 			return
 		}
+		if !n.readAt(w, r) {
+			return
+		}
 		h(w, r)
 	}
 }
@@ -338,6 +344,9 @@ func (n *Node) write(h writeHandler) http.HandlerFunc {
 		ctx, cancel := context.WithTimeout(r.Context(), 15*time.Second)
 		defer cancel()
 		status, v, err := h(ctx, r, body, o)
+		// The write is applied here (or refused, which the audit log
+		// records): the index covers it, for the client's next read.
+		n.setIndex(w)
 		if err != nil {
 			n.writeError(w, err)
 			return
@@ -401,8 +410,10 @@ func (n *Node) forward(w http.ResponseWriter, r *http.Request, body []byte) {
 		return
 	}
 	defer resp.Body.Close()
-	if ct := resp.Header.Get("Content-Type"); ct != "" {
-		w.Header().Set("Content-Type", ct)
+	for _, h := range []string{"Content-Type", HeaderIndex} {
+		if v := resp.Header.Get(h); v != "" {
+			w.Header().Set(h, v)
+		}
 	}
 	w.WriteHeader(resp.StatusCode)
 	io.Copy(w, io.LimitReader(resp.Body, 16<<20))
@@ -501,6 +512,7 @@ func (n *Node) handleGate(w http.ResponseWriter, r *http.Request) {
 	}
 	forwarded := r.Header.Get(hdrForwardedBy) != "" && n.roleOf(token) == roleOperator
 	resp := n.gate(r.Context(), r.PathValue("plan"), forwarded)
+	n.setIndex(w)
 	gate.Write(w, resp, r.URL.Query().Get("format"))
 }
 
