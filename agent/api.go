@@ -173,6 +173,7 @@ func (n *Node) routes() http.Handler {
 	mux.HandleFunc("POST /v1/plans/{name}/start", n.write(n.phaseHandler(PhaseCopying, "start")))
 	mux.HandleFunc("POST /v1/plans/{name}/abort", n.write(n.phaseHandler(PhaseAborted, "abort")))
 	mux.HandleFunc("POST /v1/plans/{name}/transition", n.write(n.phaseHandler("", "")))
+	mux.HandleFunc("DELETE /v1/plans/{name}", n.write(n.handleDeletePlan))
 	mux.HandleFunc("POST /v1/members", n.write(n.handleAddMember))
 	mux.HandleFunc("DELETE /v1/members/{id}", n.write(n.handleRemoveMember))
 	return n.instrument(mux)
@@ -655,6 +656,14 @@ func (n *Node) handleAddMember(ctx context.Context, r *http.Request, body []byte
 		return 0, nil, err
 	}
 	return http.StatusOK, n.Status().Members, nil
+}
+
+func (n *Node) handleDeletePlan(ctx context.Context, r *http.Request, body []byte, o Origin) (int, any, error) {
+	o.Reason = r.URL.Query().Get("reason")
+	if err := n.DeletePlan(ctx, r.PathValue("name"), o); err != nil {
+		return 0, nil, err
+	}
+	return http.StatusOK, map[string]string{"deleted": r.PathValue("name")}, nil
 }
 
 func (n *Node) handleRemoveMember(ctx context.Context, r *http.Request, body []byte, o Origin) (int, any, error) {

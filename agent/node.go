@@ -87,6 +87,11 @@ type Config struct {
 	// can create by name.
 	Plans []config.Plan
 
+	// AuditMax and StepsMax cap the audit log and each plan's steps
+	// (0: DefaultAuditMax, DefaultStepsMax); older entries are compacted.
+	AuditMax int
+	StepsMax int
+
 	// GateTimeout bounds a gate answer (default 1.5s): a node that cannot
 	// confirm the answer with a majority within it answers closed.
 	GateTimeout time.Duration
@@ -426,6 +431,7 @@ func (n *Node) Propose(ctx context.Context, c Command) (*Result, error) {
 	}
 	c.At = time.Now().UTC()
 	c.Node = n.cfg.NodeID
+	c.AuditMax, c.StepsMax = n.cfg.AuditMax, n.cfg.StepsMax
 	data, err := json.Marshal(c)
 	if err != nil {
 		return nil, fmt.Errorf("encode command: %w", err)
@@ -480,6 +486,13 @@ func (n *Node) CreatePlan(ctx context.Context, spec config.Plan, source string, 
 func (n *Node) Transition(ctx context.Context, plan string, to Phase, ifEpoch uint64, o Origin) (Plan, error) {
 	res, err := n.Propose(ctx, Command{Op: OpTransition, Plan: plan, To: to, IfEpoch: ifEpoch, Actor: o.Actor, Origin: OriginOperator, Via: o.Via, Reason: o.Reason})
 	return resultPlan(res, err)
+}
+
+// DeletePlan forgets a finished (terminal, finalized) plan; its audit
+// entries and reports stay.
+func (n *Node) DeletePlan(ctx context.Context, plan string, o Origin) error {
+	_, err := n.Propose(ctx, Command{Op: OpDeletePlan, Plan: plan, Actor: o.Actor, Origin: OriginOperator, Via: o.Via, Reason: o.Reason})
+	return err
 }
 
 func resultPlan(res *Result, err error) (Plan, error) {

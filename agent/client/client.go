@@ -254,6 +254,12 @@ func (c *Client) Transition(ctx context.Context, plan string, req agent.Transiti
 	return p, c.do(ctx, http.MethodPost, "/v1/plans/"+url.PathEscape(plan)+"/transition", req, &p)
 }
 
+// DeletePlan forgets a finished (terminal, finalized) plan; its audit
+// entries stay.
+func (c *Client) DeletePlan(ctx context.Context, plan, reason string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/plans/"+url.PathEscape(plan)+"?reason="+url.QueryEscape(reason), nil, nil)
+}
+
 // Members lists the Raft configuration.
 func (c *Client) Members(ctx context.Context) ([]agent.MemberStatus, error) {
 	var m []agent.MemberStatus

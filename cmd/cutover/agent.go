@@ -123,6 +123,8 @@ func agentConfig(c *config.Config, log *zap.Logger) (agent.Config, error) {
 		ReadToken:         a.API.Tokens.Read,
 		Insecure:          a.Insecure,
 		InsecureOpenReads: a.API.InsecureOpenReads,
+		AuditMax:          a.History.AuditMax,
+		StepsMax:          a.History.StepsMax,
 		Plans:             c.Plans,
 		Logger:            log,
 		Registry:          reg,

@@ -33,6 +33,16 @@ type Agent struct {
 	// without TLS (a lab, a network already encrypted). Off, the agent
 	// refuses, saying why.
 	Insecure bool `yaml:"insecure,omitempty" json:"insecure,omitempty"`
+	// History caps the replicated history.
+	History History `yaml:"history,omitempty" json:"history,omitempty"`
+}
+
+// History caps the audit log and each plan's steps; past a cap the oldest
+// entries are folded into one summary entry (export the log first to keep
+// them: cutover audit export).
+type History struct {
+	AuditMax int `yaml:"audit_max,omitempty" json:"audit_max,omitempty"`
+	StepsMax int `yaml:"steps_max,omitempty" json:"steps_max,omitempty"`
 }
 
 // Raft holds the consensus transport settings.
@@ -270,4 +280,6 @@ const (
 	DefaultRollbackWatch     = 5 * time.Minute
 	DefaultHealthInterval    = 5 * time.Second
 	DefaultHealthFailures    = 3
+	DefaultAuditMax          = 10000
+	DefaultStepsMax          = 1000
 )

@@ -33,6 +33,12 @@ func (c *Config) applyDefaults() {
 	if a.API.Listen == "" {
 		a.API.Listen = DefaultAPIListen
 	}
+	if a.History.AuditMax == 0 {
+		a.History.AuditMax = DefaultAuditMax
+	}
+	if a.History.StepsMax == 0 {
+		a.History.StepsMax = DefaultStepsMax
+	}
 	if a.API.Advertise == "" && a.API.Listen != "" {
 		scheme := "http"
 		if a.TLS.Enabled() {
@@ -190,6 +196,12 @@ func (c *Config) validate() []Problem {
 	}
 	if a.Raft.Bind != "" && a.API.Listen != "" {
 		ps = append(ps, ExposureProblems(a.Raft.Bind, a.API.Listen, t.Enabled(), a.API.Tokens.Read != "", a.Insecure, a.API.InsecureOpenReads)...)
+	}
+	if a.History.AuditMax < 100 {
+		ps.add("agent.history.audit_max", "%d is too small: keep at least 100 audit entries", a.History.AuditMax)
+	}
+	if a.History.StepsMax < 10 {
+		ps.add("agent.history.steps_max", "%d is too small: keep at least 10 steps per plan", a.History.StepsMax)
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
