@@ -3,6 +3,8 @@ package agent_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"reflect"
 	"testing"
 	"time"
 
@@ -54,5 +56,24 @@ func TestPlanDeleteThroughAFollowerOnlyForAFinishedPlan(t *testing.T) {
 	audit, err := cl.Audit(ctx, "orders", 0)
 	if err != nil || len(audit) == 0 || audit[len(audit)-1].Op != agent.OpDeletePlan || audit[len(audit)-1].Reason != "finished" {
 		t.Errorf("the deletion is not in the audit log: %v %+v", err, audit)
+	}
+}
+
+func TestEveryNodeCompactsTheAuditLogAlike(t *testing.T) {
+	c := agenttest.New(t, agenttest.Options{Tweak: func(_ int, cfg *agent.Config) { cfg.AuditMax, cfg.StepsMax = 20, 10 }})
+	leader := c.Leader(10 * time.Second)
+	cl := c.Client(leader.Index)
+	for i := 0; i < 30; i++ {
+		mustCreate(t, cl, fmt.Sprintf("plan%d", i))
+	}
+	c.WaitReplicated(10 * time.Second)
+	want := c.Node(leader.Index).FSM().Audit("", 0)
+	if len(want) > 20 || want[0].Op != agent.OpCompacted || want[0].Summary == nil || want[0].Summary.Ops["create_plan"] == 0 {
+		t.Fatalf("the leader's log is not compacted: %d entries, first %+v", len(want), want[0])
+	}
+	for _, m := range c.Members() {
+		if got := c.Node(m.Index).FSM().Audit("", 0); !reflect.DeepEqual(got, want) {
+			t.Errorf("%s holds a different audit log (%d entries, the leader %d)", m.ID, len(got), len(want))
+		}
 	}
 }
