@@ -548,6 +548,9 @@ func (n *Node) handlePlan(w http.ResponseWriter, r *http.Request) {
 
 func (n *Node) handleAudit(w http.ResponseWriter, r *http.Request) {
 	limit, _ := strconv.Atoi(r.URL.Query().Get("limit"))
+	if r.URL.Query().Has("all") {
+		limit = 0 // the whole log, for export
+	}
 	writeJSON(w, http.StatusOK, n.fsm.Audit(r.URL.Query().Get("plan"), limit))
 }
 

@@ -225,6 +225,8 @@ func (c *Client) Audit(ctx context.Context, plan string, limit int) ([]agent.Aud
 	}
 	if limit > 0 {
 		q.Set("limit", strconv.Itoa(limit))
+	} else {
+		q.Set("all", "")
 	}
 	var a []agent.AuditEntry
 	return a, c.do(ctx, http.MethodGet, "/v1/audit?"+q.Encode(), nil, &a)
