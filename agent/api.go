@@ -36,6 +36,11 @@ import (
 //   - /healthz, /readyz and /metrics are always open (they reveal phases and
 //     indexes, never specs or secrets).
 //
+// Nothing an unauthenticated client sends is read beyond the headers
+// (except the gate's POST form, whose body may carry the read token, read
+// under a short deadline): a refused call's connection is closed at once,
+// so that a client trickling a body cannot hold it. See serverLimits.
+//
 // Tokens are compared in constant time (on their SHA-256, so that not even
 // the length leaks) and never logged: request logs carry the method, route,
 // status, duration and remote address only.
@@ -168,6 +173,7 @@ func (n *Node) routes() http.Handler {
 	mux.HandleFunc("POST /v1/plans/{name}/start", n.write(n.phaseHandler(PhaseCopying, "start")))
 	mux.HandleFunc("POST /v1/plans/{name}/abort", n.write(n.phaseHandler(PhaseAborted, "abort")))
 	mux.HandleFunc("POST /v1/plans/{name}/transition", n.write(n.phaseHandler("", "")))
+	mux.HandleFunc("DELETE /v1/plans/{name}", n.write(n.handleDeletePlan))
 	mux.HandleFunc("POST /v1/members", n.write(n.handleAddMember))
 	mux.HandleFunc("DELETE /v1/members/{id}", n.write(n.handleRemoveMember))
 	return n.instrument(mux)
@@ -184,10 +190,50 @@ func (s *statusRecorder) WriteHeader(code int) {
 	s.ResponseWriter.WriteHeader(code)
 }
 
+// Unwrap lets http.ResponseController reach the connection's deadlines.
+func (s *statusRecorder) Unwrap() http.ResponseWriter { return s.ResponseWriter }
+
+// Limits of the API server. The write timeout covers the longest answer:
+// a write's 15 s commit plus forwarding, or a read waiting for an index.
+const (
+	apiReadHeaderTimeout = 5 * time.Second
+	apiReadTimeout       = 30 * time.Second
+	apiWriteTimeout      = 45 * time.Second
+	apiIdleTimeout       = 2 * time.Minute
+	apiMaxHeaderBytes    = 64 << 10
+	// bodyTimeout bounds reading an authorized write's body (1 MiB at most).
+	bodyTimeout = 10 * time.Second
+	// gateBodyTimeout bounds reading the gate's POST form (64 KiB at most),
+	// which anyone may send: its body may carry the read token.
+	gateBodyTimeout = 2 * time.Second
+)
+
+// serverLimits sets the API server's timeouts and header limit.
+func serverLimits(s *http.Server) {
+	s.ReadHeaderTimeout = apiReadHeaderTimeout
+	s.ReadTimeout = apiReadTimeout
+	s.WriteTimeout = apiWriteTimeout
+	s.IdleTimeout = apiIdleTimeout
+	s.MaxHeaderBytes = apiMaxHeaderBytes
+}
+
+// dropBody makes sure a refused call's body is never read: no more reads on
+// the connection, which closes after the answer.
+func dropBody(w http.ResponseWriter, r *http.Request) {
+	if r.ContentLength == 0 {
+		return
+	}
+	w.Header().Set("Connection", "close")
+	_ = http.NewResponseController(w).SetReadDeadline(time.Now())
+}
+
 func (n *Node) instrument(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		rec := &statusRecorder{ResponseWriter: w, code: http.StatusOK}
+		// Every answer says which state it reflects; reads and writes
+		// stamp a fresher index when they answer.
+		n.setIndex(rec)
 		next.ServeHTTP(rec, r)
 		route := r.Pattern
 		if route == "" {
@@ -246,7 +292,11 @@ func (n *Node) readAllowed(token string) bool {
 func (n *Node) read(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if !n.readAllowed(bearer(r)) {
+			dropBody(w, r)
 			unauthorized(w, "a read or operator token is required")
+			return
+		}
+		if !n.readAt(w, r) {
 			return
 		}
 		h(w, r)
@@ -260,12 +310,15 @@ func (n *Node) write(h writeHandler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		switch n.roleOf(bearer(r)) {
 		case roleNone:
+			dropBody(w, r)
 			unauthorized(w, "the operator token is required")
 			return
 		case roleRead:
+			dropBody(w, r)
 			writeJSON(w, http.StatusForbidden, errorBody{Error: "the read token cannot change anything: use the operator token", Code: "forbidden"})
 			return
 		}
+		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(bodyTimeout))
 		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 1<<20))
 		if err != nil {
 			writeJSON(w, http.StatusBadRequest, errorBody{Error: "read body: " + err.Error(), Code: "bad_request"})
@@ -292,6 +345,9 @@ func (n *Node) write(h writeHandler) http.HandlerFunc {
 		ctx, cancel := context.WithTimeout(r.Context(), 15*time.Second)
 		defer cancel()
 		status, v, err := h(ctx, r, body, o)
+		// The write is applied here (or refused, which the audit log
+		// records): the index covers it, for the client's next read.
+		n.setIndex(w)
 		if err != nil {
 			n.writeError(w, err)
 			return
@@ -355,8 +411,10 @@ func (n *Node) forward(w http.ResponseWriter, r *http.Request, body []byte) {
 		return
 	}
 	defer resp.Body.Close()
-	if ct := resp.Header.Get("Content-Type"); ct != "" {
-		w.Header().Set("Content-Type", ct)
+	for _, h := range []string{"Content-Type", HeaderIndex} {
+		if v := resp.Header.Get(h); v != "" {
+			w.Header().Set(h, v)
+		}
 	}
 	w.WriteHeader(resp.StatusCode)
 	io.Copy(w, io.LimitReader(resp.Body, 16<<20))
@@ -442,17 +500,20 @@ func (n *Node) handleGate(w http.ResponseWriter, r *http.Request) {
 		var hook struct {
 			Metadata map[string]string `json:"metadata"`
 		}
-		body, _ := io.ReadAll(http.MaxBytesReader(w, r.Body, 64<<10))
-		if json.Unmarshal(body, &hook) == nil {
+		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(gateBodyTimeout))
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 64<<10))
+		if err == nil && json.Unmarshal(body, &hook) == nil {
 			token = hook.Metadata["token"]
 		}
 	}
 	if !n.readAllowed(token) {
+		dropBody(w, r)
 		unauthorized(w, "a read or operator token is required")
 		return
 	}
 	forwarded := r.Header.Get(hdrForwardedBy) != "" && n.roleOf(token) == roleOperator
 	resp := n.gate(r.Context(), r.PathValue("plan"), forwarded)
+	n.setIndex(w)
 	gate.Write(w, resp, r.URL.Query().Get("format"))
 }
 
@@ -487,6 +548,9 @@ func (n *Node) handlePlan(w http.ResponseWriter, r *http.Request) {
 
 func (n *Node) handleAudit(w http.ResponseWriter, r *http.Request) {
 	limit, _ := strconv.Atoi(r.URL.Query().Get("limit"))
+	if r.URL.Query().Has("all") {
+		limit = 0 // the whole log, for export
+	}
 	writeJSON(w, http.StatusOK, n.fsm.Audit(r.URL.Query().Get("plan"), limit))
 }
 
@@ -595,6 +659,14 @@ func (n *Node) handleAddMember(ctx context.Context, r *http.Request, body []byte
 		return 0, nil, err
 	}
 	return http.StatusOK, n.Status().Members, nil
+}
+
+func (n *Node) handleDeletePlan(ctx context.Context, r *http.Request, body []byte, o Origin) (int, any, error) {
+	o.Reason = r.URL.Query().Get("reason")
+	if err := n.DeletePlan(ctx, r.PathValue("name"), o); err != nil {
+		return 0, nil, err
+	}
+	return http.StatusOK, map[string]string{"deleted": r.PathValue("name")}, nil
 }
 
 func (n *Node) handleRemoveMember(ctx context.Context, r *http.Request, body []byte, o Origin) (int, any, error) {

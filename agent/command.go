@@ -58,6 +58,8 @@ const (
 	OpSetMember Op = "set_member"
 	// OpRemoveMember forgets a member.
 	OpRemoveMember Op = "remove_member"
+	// OpDeletePlan forgets a finished (terminal, finalized) plan.
+	OpDeletePlan Op = "delete_plan"
 	// OpDriverError records how the leader's driver fares with a plan that
 	// fails and is retried: the consecutive failures, the total retries and
 	// the last (redacted) error. It changes neither the phase nor the
@@ -120,6 +122,12 @@ type Command struct {
 	// retries of the plan (driver_error); Detail holds the last error.
 	Failures int `json:"failures,omitempty"`
 	Retries  int `json:"retries,omitempty"`
+
+	// AuditMax and StepsMax are the proposer's history caps (0: the
+	// defaults). They travel in the command so that every node compacts
+	// the same way (see history.go).
+	AuditMax int `json:"audit_max,omitempty"`
+	StepsMax int `json:"steps_max,omitempty"`
 }
 
 // Result is what applying a command produced, as returned to the proposer.

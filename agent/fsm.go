@@ -89,6 +89,10 @@ func (s *state) apply(index uint64, data []byte) *Result {
 		res.Plan = &v
 	}
 	s.Audit = append(s.Audit, entry)
+	s.compactAudit(cmd.AuditMax)
+	if p := s.Plans[cmd.Plan]; p != nil {
+		p.compactSteps(cmd.StepsMax)
+	}
 	return res
 }
 
@@ -109,6 +113,8 @@ func (s *state) dispatch(index uint64, c *Command) error {
 		return s.finalize(c)
 	case OpDriverError:
 		return s.driverError(c)
+	case OpDeletePlan:
+		return s.deletePlan(c)
 	case OpSetMember:
 		if c.Member == nil || c.Member.ID == "" {
 			return fmt.Errorf("%w: set_member needs a member id", ErrInvalidCommand)

@@ -77,10 +77,20 @@ type Config struct {
 
 	// TLS, when set, turns on mutual TLS for Raft and for the API.
 	TLS *TLS
+	// Insecure lets Raft and the API listen on a non-loopback address
+	// without TLS; InsecureOpenReads lets the API listen on one without a
+	// read token. Without them Start refuses such addresses.
+	Insecure          bool
+	InsecureOpenReads bool
 
 	// Plans are the plans of the configuration file, which POST /v1/plans
 	// can create by name.
 	Plans []config.Plan
+
+	// AuditMax and StepsMax cap the audit log and each plan's steps
+	// (0: DefaultAuditMax, DefaultStepsMax); older entries are compacted.
+	AuditMax int
+	StepsMax int
 
 	// GateTimeout bounds a gate answer (default 1.5s): a node that cannot
 	// confirm the answer with a majority within it answers closed.
@@ -148,6 +158,9 @@ func Start(cfg Config) (n *Node, err error) {
 	}
 	if cfg.OperatorToken == "" {
 		return nil, errors.New("start agent: an operator token is required")
+	}
+	if err := checkExposure(cfg); err != nil {
+		return nil, fmt.Errorf("start agent: %w", err)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
@@ -303,10 +316,10 @@ func Start(cfg Config) (n *Node, err error) {
 	n.client = &http.Client{Transport: transport}
 	n.metrics = newMetrics(n)
 	n.server = &http.Server{
-		Handler:           n.routes(),
-		ReadHeaderTimeout: 5 * time.Second,
-		ErrorLog:          zap.NewStdLog(n.log.Named("http")),
+		Handler:  n.routes(),
+		ErrorLog: zap.NewStdLog(n.log.Named("http")),
 	}
+	serverLimits(n.server)
 	if cfg.TLS != nil {
 		n.server.TLSConfig = cfg.TLS.ServerConfig()
 	}
@@ -328,6 +341,19 @@ func Start(cfg Config) (n *Node, err error) {
 	go n.monitorLeadership(ctx)
 	n.log.Info("agent started", zap.String("raft", advertise), zap.String("api", n.apiURL))
 	return n, nil
+}
+
+// checkExposure refuses to listen beyond loopback without TLS or with open
+// reads, unless the configuration says it accepts that.
+func checkExposure(cfg Config) error {
+	raftAddr, apiAddr := cfg.RaftBind, cfg.APIListen
+	if cfg.RaftListener != nil {
+		raftAddr = cfg.RaftListener.Addr().String()
+	}
+	if cfg.APIListener != nil {
+		apiAddr = cfg.APIListener.Addr().String()
+	}
+	return config.ExposureError(config.ExposureProblems(raftAddr, apiAddr, cfg.TLS != nil, cfg.ReadToken != "", cfg.Insecure, cfg.InsecureOpenReads))
 }
 
 func setDur(dst *time.Duration, v time.Duration) {
@@ -405,6 +431,7 @@ func (n *Node) Propose(ctx context.Context, c Command) (*Result, error) {
 	}
 	c.At = time.Now().UTC()
 	c.Node = n.cfg.NodeID
+	c.AuditMax, c.StepsMax = n.cfg.AuditMax, n.cfg.StepsMax
 	data, err := json.Marshal(c)
 	if err != nil {
 		return nil, fmt.Errorf("encode command: %w", err)
@@ -459,6 +486,13 @@ func (n *Node) CreatePlan(ctx context.Context, spec config.Plan, source string, 
 func (n *Node) Transition(ctx context.Context, plan string, to Phase, ifEpoch uint64, o Origin) (Plan, error) {
 	res, err := n.Propose(ctx, Command{Op: OpTransition, Plan: plan, To: to, IfEpoch: ifEpoch, Actor: o.Actor, Origin: OriginOperator, Via: o.Via, Reason: o.Reason})
 	return resultPlan(res, err)
+}
+
+// DeletePlan forgets a finished (terminal, finalized) plan; its audit
+// entries and reports stay.
+func (n *Node) DeletePlan(ctx context.Context, plan string, o Origin) error {
+	_, err := n.Propose(ctx, Command{Op: OpDeletePlan, Plan: plan, Actor: o.Actor, Origin: OriginOperator, Via: o.Via, Reason: o.Reason})
+	return err
 }
 
 func resultPlan(res *Result, err error) (Plan, error) {

@@ -14,7 +14,8 @@ import (
 type state struct {
 	Plans   map[string]*planRecord `json:"plans"`
 	Members map[string]Member      `json:"members"`
-	// Audit is append-only: every command applied or refused adds one entry.
+	// Audit is append-only: every command applied or refused adds one
+	// entry; past the cap the oldest are folded into one (compactAudit).
 	Audit []AuditEntry `json:"audit"`
 	// Index is the Raft index of the last command applied.
 	Index uint64 `json:"index"`
@@ -181,6 +182,9 @@ type Step struct {
 	Detail   string      `json:"detail,omitempty"`
 	Ended    time.Time   `json:"ended,omitzero"`
 	EndIndex uint64      `json:"end_index,omitempty"`
+	// Compacted is how many steps a summary step (named compacted) stands
+	// for; see compactSteps.
+	Compacted int `json:"compacted,omitempty"`
 }
 
 // StepFlip and StepAbort are the names of the driver's flip and abort
@@ -234,4 +238,7 @@ type AuditEntry struct {
 	Detail string `json:"detail,omitempty"`
 	// Refused is the state machine's reason for refusing; empty if applied.
 	Refused string `json:"refused,omitempty"`
+	// Summary, on an entry of op compacted, counts the older entries it
+	// stands for (see compactAudit).
+	Summary *AuditSummary `json:"summary,omitempty"`
 }

@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/cutover/cutover/agent"
@@ -22,11 +23,18 @@ import (
 
 // Client calls one agent. Writes sent to a follower are forwarded by it to
 // the leader.
+//
+// A client never reads a state older than one it has seen: it remembers the
+// highest Raft index of the agent's answers (X-Cutover-Index; a write's
+// covers the write) and asks every read for that index (?index=N), so that
+// an agent still behind waits until it has applied it, or says it cannot.
 type Client struct {
 	base  string
 	token string
 	user  string
 	hc    *http.Client
+	// index is the highest Raft index seen in an answer.
+	index atomic.Uint64
 }
 
 // Option configures a Client.
@@ -91,7 +99,41 @@ func Unauthorized(err error) bool {
 	return errors.As(err, &e) && (e.Status == http.StatusUnauthorized || e.Status == http.StatusForbidden)
 }
 
+// Index returns the highest Raft index the client has seen in an answer:
+// every state it reads from now on is at least that new.
+func (c *Client) Index() uint64 { return c.index.Load() }
+
+// sawIndex raises the client's index to the answer's.
+func (c *Client) sawIndex(h http.Header) {
+	i, err := strconv.ParseUint(h.Get(agent.HeaderIndex), 10, 64)
+	if err != nil {
+		return
+	}
+	for {
+		cur := c.index.Load()
+		if i <= cur || c.index.CompareAndSwap(cur, i) {
+			return
+		}
+	}
+}
+
+// atIndex adds ?index=N (the client's index) to a read's path.
+func (c *Client) atIndex(path string) string {
+	i := c.index.Load()
+	if i == 0 {
+		return path
+	}
+	sep := "?"
+	if strings.Contains(path, "?") {
+		sep = "&"
+	}
+	return path + sep + "index=" + strconv.FormatUint(i, 10)
+}
+
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	if method == http.MethodGet {
+		path = c.atIndex(path)
+	}
 	var body io.Reader
 	if in != nil {
 		data, err := json.Marshal(in)
@@ -118,6 +160,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		return err
 	}
 	defer resp.Body.Close()
+	c.sawIndex(resp.Header)
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 32<<20))
 	if err != nil {
 		return fmt.Errorf("read answer: %w", err)
@@ -182,6 +225,8 @@ func (c *Client) Audit(ctx context.Context, plan string, limit int) ([]agent.Aud
 	}
 	if limit > 0 {
 		q.Set("limit", strconv.Itoa(limit))
+	} else {
+		q.Set("all", "")
 	}
 	var a []agent.AuditEntry
 	return a, c.do(ctx, http.MethodGet, "/v1/audit?"+q.Encode(), nil, &a)
@@ -209,6 +254,12 @@ func (c *Client) Abort(ctx context.Context, plan, reason string) (agent.PlanInfo
 func (c *Client) Transition(ctx context.Context, plan string, req agent.TransitionRequest) (agent.PlanInfo, error) {
 	var p agent.PlanInfo
 	return p, c.do(ctx, http.MethodPost, "/v1/plans/"+url.PathEscape(plan)+"/transition", req, &p)
+}
+
+// DeletePlan forgets a finished (terminal, finalized) plan; its audit
+// entries stay.
+func (c *Client) DeletePlan(ctx context.Context, plan, reason string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/plans/"+url.PathEscape(plan)+"?reason="+url.QueryEscape(reason), nil, nil)
 }
 
 // Members lists the Raft configuration.

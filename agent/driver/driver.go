@@ -220,7 +220,11 @@ func (d *Driver) writeReport(name string, write func(jsonPath, htmlPath string) 
 	if d.opts.ReportDir == "" {
 		return "", nil
 	}
-	if err := os.MkdirAll(d.opts.ReportDir, 0o755); err != nil {
+	// Reports name tables, roles and row keys: for the agent's user only.
+	if err := os.MkdirAll(d.opts.ReportDir, 0o700); err != nil {
+		return "", err
+	}
+	if err := os.Chmod(d.opts.ReportDir, 0o700); err != nil {
 		return "", err
 	}
 	base := filepath.Join(d.opts.ReportDir, name)
@@ -255,8 +259,12 @@ func writeReportFiles(rep interface {
 		path  string
 		write func(io.Writer) error
 	}{{jsonPath, rep.WriteJSON}, {htmlPath, rep.WriteHTML}} {
-		out, err := os.Create(f.path)
+		out, err := os.OpenFile(f.path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 		if err != nil {
+			return err
+		}
+		if err := out.Chmod(0o600); err != nil {
+			out.Close()
 			return err
 		}
 		if err := f.write(out); err != nil {

@@ -54,6 +54,9 @@ func TestGateAndPlanCommandsAgainstACluster(t *testing.T) {
 		{"status shows the plan", []string{"status"}, 0, "orders", ""},
 		{"plan show prints the audit log", []string{"plan", "show", "orders"}, 0, "ticket 7", ""},
 		{"members list shows three voters", []string{"members", "list"}, 0, "Voter", ""},
+		{"a running plan cannot be deleted", []string{"plan", "delete", "orders"}, 1, "", "only a finished plan can be deleted"},
+		{"audit export writes the whole log to a file", []string{"audit", "export", "--out", filepath.Join(t.TempDir(), "audit.json")}, 0, "", "audit entries written"},
+		{"audit export writes the whole log to standard output", []string{"audit", "export"}, 0, `"op": "create_plan"`, ""},
 	}
 	for _, s := range steps {
 		t.Run(s.name, func(t *testing.T) {

@@ -66,7 +66,7 @@ opens the gate that authorizes the traffic flip.`,
 		newReplicateCmd(g), newCleanupCmd(g),
 		newAgentCmd(g), newStatusCmd(g), newGateCmd(g), newPlanCmd(g), newMembersCmd(g),
 		newStartCmd(g), newAbortCmd(g), newRollbackCmd(g), newCompleteCmd(g), newDemoCmd(g),
-		newUnfenceCmd(g),
+		newUnfenceCmd(g), newAuditCmd(g),
 	)
 	return root
 }

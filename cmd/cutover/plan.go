@@ -26,7 +26,7 @@ Exit status: 0 done, 1 refused (illegal transition, stale epoch, unknown or
 existing plan, invalid spec), 2 no answer (unreachable, unauthorized, no
 leader).`,
 	}
-	cmd.AddCommand(planList(g), planShow(g), planCreate(g), planStart(g), planAbort(g), planTransition(g))
+	cmd.AddCommand(planList(g), planShow(g), planCreate(g), planStart(g), planAbort(g), planTransition(g), planDelete(g))
 	return cmd
 }
 
@@ -74,6 +74,7 @@ type clientAPI interface {
 	Members(ctx context.Context) ([]agent.MemberStatus, error)
 	AddMember(ctx context.Context, req agent.AddMemberRequest) ([]agent.MemberStatus, error)
 	RemoveMember(ctx context.Context, id, reason string) ([]agent.MemberStatus, error)
+	DeletePlan(ctx context.Context, plan, reason string) error
 }
 
 func planList(g *globals) *cobra.Command {
@@ -151,6 +152,18 @@ func planTransition(g *globals) *cobra.Command {
 		},
 		func(ctx context.Context, _ *cobra.Command, c clientAPI, args []string) (any, error) {
 			return c.Transition(ctx, args[0], agent.TransitionRequest{To: agent.Phase(to), Reason: reason, IfEpoch: ifEpoch})
+		})
+}
+
+func planDelete(g *globals) *cobra.Command {
+	var reason string
+	return planRun(g, "delete NAME", "Forget a finished plan (done or aborted, and finalized); its audit entries and reports stay", cobra.ExactArgs(1),
+		func(cmd *cobra.Command) { cmd.Flags().StringVar(&reason, "reason", "", "why (kept in the audit log)") },
+		func(ctx context.Context, _ *cobra.Command, c clientAPI, args []string) (any, error) {
+			if err := c.DeletePlan(ctx, args[0], reason); err != nil {
+				return nil, err
+			}
+			return map[string]string{"deleted": args[0]}, nil
 		})
 }
 

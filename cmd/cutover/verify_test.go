@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -192,5 +193,18 @@ func TestReportCommandRendersHTMLFromJSON(t *testing.T) {
 	}
 	if code := run([]string{"report", "--json", bad, "--html", out}, &stdout, &stderr); code != exitError {
 		t.Fatalf("unreadable report: exit %d", code)
+	}
+}
+
+func TestReportFilesAreWrittenForTheUserOnly(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "new-folder", "report.html")
+	if err := writeFileAtomic(path, func(w io.Writer) error { _, err := io.WriteString(w, "<p>"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := os.Stat(path); err != nil || st.Mode().Perm() != 0o600 {
+		t.Errorf("report: mode %v (%v), want 0600", st.Mode().Perm(), err)
+	}
+	if st, err := os.Stat(filepath.Dir(path)); err != nil || st.Mode().Perm() != 0o700 {
+		t.Errorf("report folder: mode %v (%v), want 0700", st.Mode().Perm(), err)
 	}
 }

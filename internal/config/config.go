@@ -29,6 +29,20 @@ type Agent struct {
 	Raft    Raft   `yaml:"raft" json:"raft"`
 	API     API    `yaml:"api" json:"api"`
 	TLS     TLS    `yaml:"tls,omitempty" json:"tls,omitempty"`
+	// Insecure lets Raft and the API listen on a non-loopback address
+	// without TLS (a lab, a network already encrypted). Off, the agent
+	// refuses, saying why.
+	Insecure bool `yaml:"insecure,omitempty" json:"insecure,omitempty"`
+	// History caps the replicated history.
+	History History `yaml:"history,omitempty" json:"history,omitempty"`
+}
+
+// History caps the audit log and each plan's steps; past a cap the oldest
+// entries are folded into one summary entry (export the log first to keep
+// them: cutover audit export).
+type History struct {
+	AuditMax int `yaml:"audit_max,omitempty" json:"audit_max,omitempty"`
+	StepsMax int `yaml:"steps_max,omitempty" json:"steps_max,omitempty"`
 }
 
 // Raft holds the consensus transport settings.
@@ -65,6 +79,9 @@ type API struct {
 	// Advertise is the base URL peers use to forward requests here.
 	Advertise string `yaml:"advertise" json:"advertise"`
 	Tokens    Tokens `yaml:"tokens" json:"tokens"`
+	// InsecureOpenReads lets the API listen on a non-loopback address with
+	// no read token, open to anyone who reaches it. Off, the agent refuses.
+	InsecureOpenReads bool `yaml:"insecure_open_reads,omitempty" json:"insecure_open_reads,omitempty"`
 }
 
 // Tokens authorize API calls. Mutating calls need OperatorToken; read calls
@@ -234,10 +251,14 @@ type Target struct {
 	// Webhook: URL, extra headers (often secret), timeout and retries.
 	URL     string                   `yaml:"url,omitempty" json:"url,omitempty"`
 	Headers map[string]redact.Secret `yaml:"headers,omitempty" json:"headers,omitempty"`
-	// Command: argv, run without a shell.
-	Command []string `yaml:"command,omitempty" json:"command,omitempty"`
-	Timeout Duration `yaml:"timeout" json:"timeout,omitempty"`
-	Retries int      `yaml:"retries,omitempty" json:"retries,omitempty"`
+	// Command: argv, run without a shell. EnvAllow names the variables of
+	// the agent's environment the command inherits (default PATH); it gets
+	// the CUTOVER_* variables of the flip and nothing else, so that the
+	// agent's secrets do not leak into it.
+	Command  []string `yaml:"command,omitempty" json:"command,omitempty"`
+	EnvAllow []string `yaml:"env_allow,omitempty" json:"env_allow,omitempty"`
+	Timeout  Duration `yaml:"timeout" json:"timeout,omitempty"`
+	Retries  int      `yaml:"retries,omitempty" json:"retries,omitempty"`
 }
 
 // Defaults used where the file is silent.
@@ -259,4 +280,6 @@ const (
 	DefaultRollbackWatch     = 5 * time.Minute
 	DefaultHealthInterval    = 5 * time.Second
 	DefaultHealthFailures    = 3
+	DefaultAuditMax          = 10000
+	DefaultStepsMax          = 1000
 )

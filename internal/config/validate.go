@@ -33,6 +33,12 @@ func (c *Config) applyDefaults() {
 	if a.API.Listen == "" {
 		a.API.Listen = DefaultAPIListen
 	}
+	if a.History.AuditMax == 0 {
+		a.History.AuditMax = DefaultAuditMax
+	}
+	if a.History.StepsMax == 0 {
+		a.History.StepsMax = DefaultStepsMax
+	}
 	if a.API.Advertise == "" && a.API.Listen != "" {
 		scheme := "http"
 		if a.TLS.Enabled() {
@@ -93,6 +99,9 @@ func (c *Config) applyDefaults() {
 			}
 			if t.Retries == 0 && t.Type == TargetWebhook {
 				t.Retries = DefaultTargetRetries
+			}
+			if t.Type == TargetCommand && t.EnvAllow == nil {
+				t.EnvAllow = []string{"PATH"}
 			}
 			if t.Type == TargetRedis {
 				if t.Key == "" {
@@ -184,6 +193,15 @@ func (c *Config) validate() []Problem {
 				ps.add(f.key, "cannot read %s: %v", f.path, unwrapPathErr(err))
 			}
 		}
+	}
+	if a.Raft.Bind != "" && a.API.Listen != "" {
+		ps = append(ps, ExposureProblems(a.Raft.Bind, a.API.Listen, t.Enabled(), a.API.Tokens.Read != "", a.Insecure, a.API.InsecureOpenReads)...)
+	}
+	if a.History.AuditMax < 100 {
+		ps.add("agent.history.audit_max", "%d is too small: keep at least 100 audit entries", a.History.AuditMax)
+	}
+	if a.History.StepsMax < 10 {
+		ps.add("agent.history.steps_max", "%d is too small: keep at least 10 steps per plan", a.History.StepsMax)
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
@@ -359,6 +377,11 @@ func (t *Target) validate(ps *problems, key string) {
 		if len(t.Command) == 0 || t.Command[0] == "" {
 			ps.add(key+".command", "required for a command target: the program and its arguments as a list")
 		}
+		for i, name := range t.EnvAllow {
+			if !envNameRE.MatchString(name) {
+				ps.add(fmt.Sprintf("%s.env_allow[%d]", key, i), "%q is not an environment variable name", name)
+			}
+		}
 	case "":
 		ps.add(key+".type", "required: redis, webhook or command")
 	default:
@@ -371,6 +394,8 @@ func (t *Target) validate(ps *problems, key string) {
 		ps.add(key+".retries", "%d is out of range (0-20)", t.Retries)
 	}
 }
+
+var envNameRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
 // tableRE is table or schema.table; a part in double quotes may hold any
 // character, with "" for a quote (internal/pgscope reads it).

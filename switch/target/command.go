@@ -17,17 +17,29 @@ import (
 // without a shell. The flip's facts arrive in its environment:
 // CUTOVER_PLAN, CUTOVER_FROM, CUTOVER_TO, CUTOVER_EPOCH, CUTOVER_POSITIONS
 // (JSON) and CUTOVER_REPORT. A non-zero exit fails the flip.
+//
+// The command does not inherit the agent's environment, which holds the
+// agent's tokens and the secrets the plans reference: only the variables
+// named in its allowlist (PATH by default) are passed on.
 type Command struct {
 	argv    []string
 	timeout time.Duration
+	allow   []string
 }
 
-// NewCommand returns a command target.
-func NewCommand(argv []string, timeout time.Duration) *Command {
+// DefaultEnvAllow is what a command inherits when its allowlist is nil.
+var DefaultEnvAllow = []string{"PATH"}
+
+// NewCommand returns a command target that inherits the variables named in
+// envAllow (DefaultEnvAllow when nil) from the agent's environment.
+func NewCommand(argv []string, timeout time.Duration, envAllow []string) *Command {
 	if timeout <= 0 {
 		timeout = 30 * time.Second
 	}
-	return &Command{argv: argv, timeout: timeout}
+	if envAllow == nil {
+		envAllow = DefaultEnvAllow
+	}
+	return &Command{argv: argv, timeout: timeout, allow: envAllow}
 }
 
 // Name implements Target.
@@ -50,7 +62,7 @@ func (c *Command) Flip(ctx context.Context, f Flip) error {
 	defer cancel()
 	positions, _ := json.Marshal(f.Positions)
 	cmd := exec.CommandContext(ctx, c.argv[0], c.argv[1:]...)
-	cmd.Env = append(os.Environ(),
+	cmd.Env = append(c.inherited(),
 		"CUTOVER_PLAN="+f.Plan,
 		"CUTOVER_FROM="+f.From,
 		"CUTOVER_TO="+f.To,
@@ -71,6 +83,21 @@ func (c *Command) Flip(ctx context.Context, f Flip) error {
 		return fmt.Errorf("%s: timed out after %s: %s", c.Name(), c.timeout, msg)
 	}
 	return fmt.Errorf("%s: %v: %s", c.Name(), err, msg)
+}
+
+// inherited returns the allowed variables of the agent's environment
+// (CUTOVER_* ones excepted: the flip sets those).
+func (c *Command) inherited() []string {
+	var env []string
+	for _, name := range c.allow {
+		if strings.HasPrefix(name, "CUTOVER_") {
+			continue
+		}
+		if v, ok := os.LookupEnv(name); ok {
+			env = append(env, name+"="+v)
+		}
+	}
+	return env
 }
 
 // limited keeps the last max bytes written.

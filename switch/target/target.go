@@ -60,7 +60,7 @@ func New(cfg config.Target) (Target, error) {
 	case config.TargetWebhook:
 		return NewWebhook(cfg.URL, cfg.Headers, cfg.Timeout.D(), cfg.Retries), nil
 	case config.TargetCommand:
-		return NewCommand(cfg.Command, cfg.Timeout.D()), nil
+		return NewCommand(cfg.Command, cfg.Timeout.D(), cfg.EnvAllow), nil
 	}
 	return nil, fmt.Errorf("unknown target type %q", cfg.Type)
 }

@@ -129,7 +129,7 @@ func TestWebhookRetriesServerErrorsAndStopsOnClientErrors(t *testing.T) {
 func TestCommandTargetGetsTheFlipInItsEnvironment(t *testing.T) {
 	dir := t.TempDir()
 	out := filepath.Join(dir, "env")
-	ok := NewCommand([]string{"/bin/sh", "-c", `echo "$CUTOVER_PLAN $CUTOVER_FROM $CUTOVER_TO $CUTOVER_EPOCH $CUTOVER_POSITIONS" > "$0"`, out}, 5*time.Second)
+	ok := NewCommand([]string{"/bin/sh", "-c", `echo "$CUTOVER_PLAN $CUTOVER_FROM $CUTOVER_TO $CUTOVER_EPOCH $CUTOVER_POSITIONS" > "$0"`, out}, 5*time.Second, nil)
 	if err := ok.Flip(context.Background(), flip(42, "green")); err != nil {
 		t.Fatal(err)
 	}
@@ -137,14 +137,77 @@ func TestCommandTargetGetsTheFlipInItsEnvironment(t *testing.T) {
 	if got, want := strings.TrimSpace(string(b)), `orders blue green 42 {"db":"0/16B3748"}`; got != want {
 		t.Errorf("env = %q, want %q", got, want)
 	}
-	fail := NewCommand([]string{"/bin/sh", "-c", "echo haproxy said no >&2; exit 3"}, 5*time.Second)
+	fail := NewCommand([]string{"/bin/sh", "-c", "echo haproxy said no >&2; exit 3"}, 5*time.Second, nil)
 	if err := fail.Flip(context.Background(), flip(42, "green")); err == nil || !strings.Contains(err.Error(), "exit status 3") || !strings.Contains(err.Error(), "haproxy said no") {
 		t.Errorf("failing command: err = %v", err)
 	}
-	slow := NewCommand([]string{"/bin/sh", "-c", "sleep 10"}, 100*time.Millisecond)
+	slow := NewCommand([]string{"/bin/sh", "-c", "sleep 10"}, 100*time.Millisecond, nil)
 	start := time.Now()
 	if err := slow.Flip(context.Background(), flip(42, "green")); err == nil || !strings.Contains(err.Error(), "timed out") || time.Since(start) > 3*time.Second {
 		t.Errorf("slow command: err = %v after %s", err, time.Since(start))
+	}
+}
+
+func TestWebhookTargetDoesNotFollowARedirect(t *testing.T) {
+	var elsewhere atomic.Int32
+	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		elsewhere.Add(1)
+	}))
+	defer other.Close()
+	var calls atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		http.Redirect(w, r, other.URL+"/took-over?sig=s3cret-query", http.StatusTemporaryRedirect)
+	}))
+	defer srv.Close()
+	w := NewWebhook(srv.URL+"/hook", map[string]redact.Secret{"Authorization": "Bearer s3cret-hook-token"}, time.Second, 3)
+	w.backoff = time.Millisecond
+	err := w.Flip(context.Background(), flip(5, "green"))
+	if err == nil {
+		t.Fatal("a redirected flip succeeded")
+	}
+	if elsewhere.Load() != 0 {
+		t.Errorf("the redirect was followed: the other server got %d calls", elsewhere.Load())
+	}
+	if calls.Load() != 1 {
+		t.Errorf("the receiver got %d calls, want 1 (a redirect is final)", calls.Load())
+	}
+	if !strings.Contains(err.Error(), "307") || !strings.Contains(err.Error(), other.URL+"/took-over") {
+		t.Errorf("error does not name the status and the location: %v", err)
+	}
+	if strings.Contains(err.Error(), "s3cret") {
+		t.Errorf("error leaks a secret: %v", err)
+	}
+}
+
+func TestCommandTargetDoesNotInheritTheAgentsEnvironment(t *testing.T) {
+	t.Setenv("CUTOVER_OPERATOR_TOKEN", "agent-secret-token-value")
+	t.Setenv("SOME_DB_PASSWORD", "agent-secret-password")
+	t.Setenv("ALLOWED_VAR", "allowed-value")
+	out := filepath.Join(t.TempDir(), "env")
+	script := []string{"/bin/sh", "-c", `env > "$0"`, out}
+
+	if err := NewCommand(script, 5*time.Second, nil).Flip(context.Background(), flip(7, "green")); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(out)
+	env := string(b)
+	for _, leak := range []string{"agent-secret-token-value", "agent-secret-password", "allowed-value"} {
+		if strings.Contains(env, leak) {
+			t.Errorf("the command's environment holds %q:\n%s", leak, env)
+		}
+	}
+	if !strings.Contains(env, "PATH="+os.Getenv("PATH")) || !strings.Contains(env, "CUTOVER_EPOCH=7") {
+		t.Errorf("the command lacks PATH or the flip's variables:\n%s", env)
+	}
+
+	if err := NewCommand(script, 5*time.Second, []string{"ALLOWED_VAR"}).Flip(context.Background(), flip(7, "green")); err != nil {
+		t.Fatal(err)
+	}
+	b, _ = os.ReadFile(out)
+	env = string(b)
+	if !strings.Contains(env, "ALLOWED_VAR=allowed-value") || strings.Contains(env, "agent-secret") {
+		t.Errorf("allowlist [ALLOWED_VAR]: environment is\n%s", env)
 	}
 }
 

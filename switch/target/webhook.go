@@ -33,8 +33,13 @@ func NewWebhook(rawURL string, headers map[string]redact.Secret, timeout time.Du
 	if timeout <= 0 {
 		timeout = 10 * time.Second
 	}
-	return &Webhook{url: rawURL, headers: headers, timeout: timeout, retries: retries, client: &http.Client{}, backoff: 200 * time.Millisecond}
+	return &Webhook{url: rawURL, headers: headers, timeout: timeout, retries: retries, client: &http.Client{CheckRedirect: noRedirect}, backoff: 200 * time.Millisecond}
 }
+
+// noRedirect keeps the client from following redirects: a redirect would
+// carry the flip (and, to the same host, its secret headers) wherever the
+// receiver, or whoever took its address over, points. A 3xx is a failure.
+func noRedirect(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 
 // Name implements Target, without the URL's query or user info.
 func (w *Webhook) Name() string {
@@ -96,6 +101,8 @@ func (w *Webhook) post(ctx context.Context, body []byte, f Flip) (retry bool, er
 	switch {
 	case resp.StatusCode >= 200 && resp.StatusCode < 300:
 		return false, nil
+	case resp.StatusCode >= 300 && resp.StatusCode < 400:
+		return false, fmt.Errorf("%s answered %d, a redirect to %s: redirects are not followed (give the final URL)", w.Name(), resp.StatusCode, redactURL(resp.Header.Get("Location")))
 	case resp.StatusCode == http.StatusConflict && bytes.Contains(bytes.ToLower(snippet), []byte("stale epoch")):
 		return false, fmt.Errorf("%w: %s answered %d: %s", ErrStaleEpoch, w.Name(), resp.StatusCode, bytes.TrimSpace(snippet))
 	case resp.StatusCode >= 500, resp.StatusCode == http.StatusRequestTimeout, resp.StatusCode == http.StatusTooManyRequests:
@@ -103,4 +110,15 @@ func (w *Webhook) post(ctx context.Context, body []byte, f Flip) (retry bool, er
 	default:
 		return false, fmt.Errorf("%s answered %d: %s", w.Name(), resp.StatusCode, bytes.TrimSpace(snippet))
 	}
+}
+
+// redactURL renders a URL without its user info and query, which may hold
+// secrets.
+func redactURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "an unparsable location"
+	}
+	u.User, u.RawQuery, u.Fragment = nil, "", ""
+	return u.String()
 }
