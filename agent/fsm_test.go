@@ -500,7 +500,7 @@ func TestParsePlanSpec(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			p, err := ParsePlanSpec([]byte(tt.body))
+			p, err := ParsePlanSpec([]byte(tt.body), nil)
 			if tt.wantErr == "" {
 				if err != nil {
 					t.Fatal(err)

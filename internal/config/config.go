@@ -110,6 +110,12 @@ type Plan struct {
 	Switch Switch `yaml:"switch" json:"switch"`
 	// Rollback keeps the way back open after the flip.
 	Rollback Rollback `yaml:"rollback" json:"rollback"`
+	// Refs maps the key of every field written with a ${NAME} reference
+	// (e.g. "pairs[0].blue.dsn", "switch.targets[1].command[2]") to its
+	// text before expansion. The replicated state keeps these templates
+	// instead of the values (see Sealed), and every agent resolves them from
+	// its own environment when it acts (see Resolve). Not settable in YAML.
+	Refs map[string]string `yaml:"-" json:"refs,omitempty"`
 }
 
 // Rollback configures the rollback window and the automatic trigger.
