@@ -188,6 +188,10 @@ func secretParam(v string) bool { return len(v) >= 8 }
 // secretQueryKey matches query parameters that usually carry credentials.
 var secretQueryKey = regexp.MustCompile(`(?i)token|secret|key|pass|pwd|auth|sig|credential`)
 
+// authScheme matches the scheme word of an Authorization header ("Bearer
+// ${TOKEN}" writes no secret out).
+var authScheme = regexp.MustCompile(`(?i)^(bearer|basic|token|digest|apikey)$`)
+
 // LiteralSecrets lists the fields of the plan that hold a secret written
 // out rather than through a ${NAME} reference: DSN passwords, header
 // values, URL passwords and credential-like query values. Such a plan
@@ -238,8 +242,11 @@ func (p Plan) LiteralSecrets() []string {
 		sort.Strings(names)
 		for _, h := range names {
 			path := key + ".headers." + h
-			if literal(path, t.Headers[h].Reveal()) != "" {
-				out = append(out, path)
+			for _, word := range strings.Fields(literal(path, t.Headers[h].Reveal())) {
+				if !authScheme.MatchString(word) {
+					out = append(out, path)
+					break
+				}
 			}
 		}
 	}
