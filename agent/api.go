@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"sort"
 	"strconv"
 	"strings"
@@ -556,7 +557,7 @@ func (n *Node) handleCreatePlan(ctx context.Context, r *http.Request, body []byt
 		source = "config"
 	case len(req.Spec) > 0:
 		var err error
-		if spec, err = ParsePlanSpec(req.Spec, n.cfg.Getenv); err != nil {
+		if spec, err = ParsePlanSpec(req.Spec, os.LookupEnv); err != nil {
 			return 0, nil, err
 		}
 		if lit := spec.LiteralSecrets(); len(lit) > 0 && !req.AllowLiteralSecrets {

@@ -28,9 +28,6 @@ type FSM struct {
 	// changed is closed and replaced after every Apply and Restore, so that
 	// readers can wait for the next change without polling.
 	changed chan struct{}
-	// getenv resolves the ${NAME} references of plan specs (Plan.Spec);
-	// nil means the process environment.
-	getenv func(string) (string, bool)
 }
 
 var _ raft.FSM = (*FSM)(nil)
@@ -463,9 +460,7 @@ func (f *FSM) Plan(name string) (Plan, bool) {
 	if p == nil {
 		return Plan{}, false
 	}
-	v := p.view()
-	v.getenv = f.getenv
-	return v, true
+	return p.view(), true
 }
 
 // Plans returns copies of every plan, sorted by name.
@@ -474,9 +469,7 @@ func (f *FSM) Plans() []Plan {
 	defer f.mu.RUnlock()
 	out := make([]Plan, 0, len(f.st.Plans))
 	for _, p := range f.st.Plans {
-		v := p.view()
-		v.getenv = f.getenv
-		out = append(out, v)
+		out = append(out, p.view())
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out

@@ -96,10 +96,6 @@ type Config struct {
 	Logger *zap.Logger
 	// Dial opens connections to other agents; nil dials TCP directly.
 	Dial DialFunc
-	// Getenv resolves the ${NAME} references of plan specs when this agent
-	// acts on a plan; nil means the process environment (tests give each
-	// in-process agent its own).
-	Getenv func(string) (string, bool)
 }
 
 // Peer is another initial voter.
@@ -169,13 +165,10 @@ func Start(cfg Config) (n *Node, err error) {
 		var d net.Dialer
 		cfg.Dial = d.DialContext
 	}
-	if cfg.Getenv == nil {
-		cfg.Getenv = os.LookupEnv
-	}
 	n = &Node{
 		cfg:      cfg,
 		log:      cfg.Logger.With(zap.String("node", cfg.NodeID)),
-		fsm:      &FSM{st: newState(), changed: make(chan struct{}), getenv: cfg.Getenv},
+		fsm:      NewFSM(),
 		notifyCh: make(chan bool, 16),
 		peerAPI:  map[string]string{},
 		done:     make(chan struct{}),

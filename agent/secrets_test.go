@@ -7,9 +7,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"slices"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -39,24 +39,16 @@ const refSpec = `{"name":"orders","pairs":[{"name":"db","engine":"postgres",
  "green":{"dsn":"postgres://app:${CUTOVER_T_REF_PW}@127.0.0.1:5433/shop"}}]}`
 
 func TestAnAgentLackingAVariableSaysSoAndThePlanWaitsWithTheReason(t *testing.T) {
-	var have atomic.Bool
-	have.Store(true)
-	getenv := func(name string) (string, bool) {
-		if name == "CUTOVER_T_REF_PW" && have.Load() {
-			return "ref-pw-0a9b8c7d", true
-		}
-		return "", false
-	}
-	c := agenttest.New(t, agenttest.Options{
-		Driver: func(int) agent.Driver { return specDriver{} },
-		Tweak:  func(_ int, cfg *agent.Config) { cfg.Getenv = getenv },
-	})
+	// The in-process agents share the process environment: the variable
+	// is there when the plan is posted, then gone from every agent.
+	t.Setenv("CUTOVER_T_REF_PW", "ref-pw-0a9b8c7d")
+	c := agenttest.New(t, agenttest.Options{Driver: func(int) agent.Driver { return specDriver{} }})
 	leader := c.Leader(10 * time.Second)
 	cl := c.Client(leader.Index)
 	write(t, func(ctx context.Context) (agent.PlanInfo, error) {
 		return cl.CreatePlan(ctx, agent.CreatePlanRequest{Spec: json.RawMessage(refSpec), Reason: "test"})
 	}, func(err error) bool { return errors.Is(err, agent.ErrPlanExists) })
-	have.Store(false)
+	os.Unsetenv("CUTOVER_T_REF_PW")
 	write(t, func(ctx context.Context) (agent.PlanInfo, error) { return cl.Start(ctx, "orders", "test") }, nil)
 
 	t.Run("the plan waits, its driver status naming the variable", func(t *testing.T) {
@@ -100,7 +92,7 @@ func TestAnAgentLackingAVariableSaysSoAndThePlanWaitsWithTheReason(t *testing.T)
 	})
 
 	t.Run("once the variable is there the driver resolves the spec again", func(t *testing.T) {
-		have.Store(true)
+		os.Setenv("CUTOVER_T_REF_PW", "ref-pw-0a9b8c7d")
 		agenttest.Eventually(t, 60*time.Second, func() error {
 			st, err := c.Client(0).Status(agenttest.Ctx(t, 5*time.Second))
 			if err != nil {

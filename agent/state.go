@@ -148,8 +148,6 @@ type Plan struct {
 	Driver *DriverStatus `json:"driver,omitempty"`
 
 	sealed json.RawMessage
-	// getenv resolves the spec's references (nil: the process environment).
-	getenv func(string) (string, bool)
 }
 
 // GateOpen reports whether the committed phase opens the gate.
@@ -166,15 +164,11 @@ func (p Plan) Spec() (config.Plan, error) {
 	if err != nil {
 		return spec, err
 	}
-	getenv := p.getenv
-	if getenv == nil {
-		getenv = os.LookupEnv
-	}
-	resolved, err := spec.Resolve(getenv)
+	resolved, err := spec.Resolve(os.LookupEnv)
 	if err != nil {
 		return config.Plan{}, err
 	}
-	redact.Register(resolved.Secrets(getenv)...)
+	redact.Register(resolved.Secrets(os.LookupEnv)...)
 	return resolved, nil
 }
 
@@ -185,11 +179,7 @@ func (p Plan) MissingEnv() []string {
 	if err != nil {
 		return nil
 	}
-	getenv := p.getenv
-	if getenv == nil {
-		getenv = os.LookupEnv
-	}
-	return spec.MissingEnv(getenv)
+	return spec.MissingEnv(os.LookupEnv)
 }
 
 // LiteralSecrets lists the fields of the plan's sealed specification that
