@@ -11,7 +11,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"sort"
 	"strconv"
 	"strings"
@@ -557,7 +556,7 @@ func (n *Node) handleCreatePlan(ctx context.Context, r *http.Request, body []byt
 		source = "config"
 	case len(req.Spec) > 0:
 		var err error
-		if spec, err = ParsePlanSpec(req.Spec, os.LookupEnv); err != nil {
+		if spec, err = ParsePlanSpec(req.Spec, n.fsm.env.getenv()); err != nil {
 			return 0, nil, err
 		}
 		if lit := spec.LiteralSecrets(); len(lit) > 0 && !req.AllowLiteralSecrets {

@@ -10,6 +10,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -148,5 +149,51 @@ func TestAnOldPlanWithLiteralSecretsStillWorksAndIsFlagged(t *testing.T) {
 	shown, _ := p.RedactedSpec()
 	if strings.Contains(string(shown), "old-pw-1234") {
 		t.Fatalf("the redacted spec shows the password: %s", shown)
+	}
+}
+
+func TestALeaderLackingAVariableHandsLeadershipToAPeerThatHasIt(t *testing.T) {
+	var lacks [3]atomic.Bool
+	c := agenttest.New(t, agenttest.Options{
+		Driver: func(int) agent.Driver { return specDriver{} },
+		Tweak: func(i int, cfg *agent.Config) {
+			cfg.Getenv = func(name string) (string, bool) {
+				if name == "CUTOVER_T_REF_PW" && !lacks[i].Load() {
+					return "ref-pw-0a9b8c7d", true
+				}
+				return "", false
+			}
+		},
+	})
+	leader := c.Leader(10 * time.Second)
+	write(t, func(ctx context.Context) (agent.PlanInfo, error) {
+		return c.Client(leader.Index).CreatePlan(ctx, agent.CreatePlanRequest{Spec: json.RawMessage(refSpec), Reason: "test"})
+	}, func(err error) bool { return errors.Is(err, agent.ErrPlanExists) })
+	// Only a follower keeps the variable.
+	target := (leader.Index + 1) % 3
+	for i := range lacks {
+		lacks[i].Store(i != target)
+	}
+	write(t, func(ctx context.Context) (agent.PlanInfo, error) {
+		return c.Client(target).Start(ctx, "orders", "test")
+	}, nil)
+
+	agenttest.Eventually(t, 60*time.Second, func() error {
+		l := c.Leader(10 * time.Second)
+		if l.Index != target {
+			return fmt.Errorf("the leader is %s, not the agent that has the variable", l.ID)
+		}
+		p, ok := c.Node(target).FSM().Plan("orders")
+		if !ok || p.Driver == nil || p.Driver.Failures != 0 {
+			return fmt.Errorf("driver status = %+v", p.Driver)
+		}
+		return nil
+	})
+	p, _ := c.Node(target).FSM().Plan("orders")
+	if leader.Index != target && !strings.Contains(p.Driver.LastError, "CUTOVER_T_REF_PW") {
+		t.Errorf("the first leader's failure is not recorded: %+v", p.Driver)
+	}
+	if !c.LogsContain("handing leadership to a peer that has them") {
+		t.Error("no leadership hand-over was logged")
 	}
 }

@@ -148,6 +148,22 @@ type Plan struct {
 	Driver *DriverStatus `json:"driver,omitempty"`
 
 	sealed json.RawMessage
+	// env resolves the spec's references; nil means the process
+	// environment. A pointer (not a func) so that plans of agents sharing
+	// it still compare equal.
+	env *envSource
+}
+
+// envSource is where an agent reads the variables plans reference.
+type envSource struct {
+	lookup func(string) (string, bool)
+}
+
+func (e *envSource) getenv() func(string) (string, bool) {
+	if e == nil || e.lookup == nil {
+		return os.LookupEnv
+	}
+	return e.lookup
 }
 
 // GateOpen reports whether the committed phase opens the gate.
@@ -164,11 +180,12 @@ func (p Plan) Spec() (config.Plan, error) {
 	if err != nil {
 		return spec, err
 	}
-	resolved, err := spec.Resolve(os.LookupEnv)
+	getenv := p.env.getenv()
+	resolved, err := spec.Resolve(getenv)
 	if err != nil {
 		return config.Plan{}, err
 	}
-	redact.Register(resolved.Secrets(os.LookupEnv)...)
+	redact.Register(resolved.Secrets(getenv)...)
 	return resolved, nil
 }
 
@@ -179,7 +196,7 @@ func (p Plan) MissingEnv() []string {
 	if err != nil {
 		return nil
 	}
-	return spec.MissingEnv(os.LookupEnv)
+	return spec.MissingEnv(p.env.getenv())
 }
 
 // LiteralSecrets lists the fields of the plan's sealed specification that
