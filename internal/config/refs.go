@@ -24,7 +24,7 @@ func (c *Config) keepRefs(refs map[string]string) {
 			continue
 		}
 		if c.Plans[i].Refs == nil {
-			c.Plans[i].Refs = map[string]string{}
+			c.Plans[i].Refs = Refs{}
 		}
 		c.Plans[i].Refs[path] = raw
 	}

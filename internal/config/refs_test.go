@@ -30,7 +30,7 @@ func TestLoadedPlansKeepTheirReferences(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := loaded.Config.Plans[0]
-	want := map[string]string{
+	want := Refs{
 		"pairs[0].blue.dsn":                       "postgres://app:${BLUE_PW}@127.0.0.1:5432/orders",
 		"pairs[0].green.dsn":                      "postgres://app:${GREEN_PW}@127.0.0.1:5433/orders",
 		"switch.targets[0].url":                   "http://hook:${HOOK_PW}@127.0.0.1:9/flip?token=${HOOK_TOKEN}&env=prod",
@@ -140,5 +140,16 @@ func TestLiteralSecretsAreFound(t *testing.T) {
 	}
 	if _, err := json.Marshal(loaded.Config.Plans[0]); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestRefsRenderWithoutAPasswordWrittenOut(t *testing.T) {
+	r := Refs{"pairs[0].blue.dsn": "postgres://app:written-out-pw@${HOST}/db", "switch.targets[0].url": "https://h/x?sig=abc${T}", "switch.targets[0].headers.A": "Bearer ${T}"}
+	out, err := json.Marshal(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(out), "written-out-pw") || strings.Contains(string(out), "abc") || !strings.Contains(string(out), "Bearer ${T}") {
+		t.Fatalf("refs render as %s", out)
 	}
 }
