@@ -52,6 +52,13 @@ type PlanInfo struct {
 	Plan
 	Spec  json.RawMessage `json:"spec,omitempty"`
 	Audit []AuditEntry    `json:"audit,omitempty"`
+	// MissingEnv lists the variables the spec references that the
+	// answering agent lacks: it cannot drive the plan.
+	MissingEnv []string `json:"missing_env,omitempty"`
+	// LiteralSecrets lists the spec's fields that hold a secret written out
+	// (not a reference), which the Raft log and snapshots then hold: plans
+	// created before references were kept, or with allow_literal_secrets.
+	LiteralSecrets []string `json:"literal_secrets,omitempty"`
 }
 
 // Status is one node's view of the cluster. Plans and members are the
@@ -98,6 +105,12 @@ type PlanSummary struct {
 	// does not hold: lag, the outage timer, verification progress. Only
 	// the leader has it.
 	Live *Live `json:"live,omitempty"`
+	// MissingEnv lists the variables the plan references that the
+	// answering agent lacks: it cannot drive the plan.
+	MissingEnv []string `json:"missing_env,omitempty"`
+	// LiteralSecrets lists the spec's fields holding secrets written out
+	// (see PlanInfo.LiteralSecrets).
+	LiteralSecrets []string `json:"literal_secrets,omitempty"`
 }
 
 // Status returns this node's view of the cluster.
@@ -138,7 +151,8 @@ func (n *Node) Status() Status {
 		sort.Slice(st.Members, func(i, j int) bool { return st.Members[i].ID < st.Members[j].ID })
 	}
 	for _, p := range n.fsm.Plans() {
-		s := PlanSummary{Name: p.Name, Phase: p.Phase, Epoch: p.Epoch, GateOpen: p.GateOpen(), Manual: p.Manual, Driver: p.Driver}
+		s := PlanSummary{Name: p.Name, Phase: p.Phase, Epoch: p.Epoch, GateOpen: p.GateOpen(), Manual: p.Manual, Driver: p.Driver,
+			MissingEnv: p.MissingEnv(), LiteralSecrets: p.LiteralSecrets()}
 		if p.Step != nil {
 			s.Step = p.Step.Name
 		}
@@ -488,7 +502,19 @@ func (n *Node) handleReadyz(w http.ResponseWriter, r *http.Request) {
 	if !ready {
 		status = http.StatusServiceUnavailable
 	}
-	writeJSON(w, status, map[string]any{"ready": ready, "reason": reason})
+	body := map[string]any{"ready": ready, "reason": reason}
+	// The variables this agent lacks for the plans still to run: it cannot
+	// drive them (and says so), though it still serves gates and votes.
+	missing := map[string]string{}
+	for _, p := range n.fsm.Plans() {
+		if m := p.MissingEnv(); len(m) > 0 && !p.Phase.Terminal() {
+			missing[p.Name] = "missing " + strings.Join(m, ", ")
+		}
+	}
+	if len(missing) > 0 {
+		body["plans"] = missing
+	}
+	writeJSON(w, status, body)
 }
 
 // handleGate serves GET and POST (Flagger webhooks POST a JSON payload;
@@ -518,7 +544,7 @@ func (n *Node) handleGate(w http.ResponseWriter, r *http.Request) {
 }
 
 func (n *Node) planInfo(p Plan, withAudit bool) PlanInfo {
-	info := PlanInfo{Plan: p}
+	info := PlanInfo{Plan: p, MissingEnv: p.MissingEnv(), LiteralSecrets: p.LiteralSecrets()}
 	if spec, err := p.RedactedSpec(); err == nil {
 		info.Spec = spec
 	}
@@ -561,6 +587,11 @@ type CreatePlanRequest struct {
 	ConfigPlan string          `json:"config_plan,omitempty"`
 	Spec       json.RawMessage `json:"spec,omitempty"`
 	Reason     string          `json:"reason,omitempty"`
+	// AllowLiteralSecrets accepts a spec that writes secrets out (a DSN
+	// password, a header value, a URL password or token) instead of
+	// ${CUTOVER_NAME} references. They are then stored in the Raft log and
+	// snapshots of every agent; without it such a spec is refused.
+	AllowLiteralSecrets bool `json:"allow_literal_secrets,omitempty"`
 }
 
 func (n *Node) handleCreatePlan(ctx context.Context, r *http.Request, body []byte, o Origin) (int, any, error) {
@@ -589,12 +620,18 @@ func (n *Node) handleCreatePlan(ctx context.Context, r *http.Request, body []byt
 		source = "config"
 	case len(req.Spec) > 0:
 		var err error
-		if spec, err = ParsePlanSpec(req.Spec); err != nil {
+		if spec, err = ParsePlanSpec(req.Spec, n.fsm.env.getenv()); err != nil {
 			return 0, nil, err
+		}
+		if lit := spec.LiteralSecrets(); len(lit) > 0 && !req.AllowLiteralSecrets {
+			return 0, nil, fmt.Errorf("%w: the spec writes secrets out (%s): they would be stored in every agent's Raft log and snapshots; write them as ${CUTOVER_NAME} references to variables set on every agent, or set allow_literal_secrets", ErrInvalidCommand, strings.Join(lit, ", "))
 		}
 		source = "api"
 	default:
 		return 0, nil, fmt.Errorf("%w: give config_plan (a plan of the configuration file) or spec", ErrInvalidCommand)
+	}
+	if lit := spec.LiteralSecrets(); len(lit) > 0 {
+		n.log.Warn("the plan writes secrets out; the Raft log and snapshots will hold them (use ${NAME} references)", zap.String("plan", spec.Name), zap.Strings("fields", lit))
 	}
 	p, err := n.CreatePlan(ctx, spec, source, o)
 	if err != nil {

@@ -110,7 +110,7 @@ func BenchmarkCommittedTransitions(b *testing.B) {
 	n := leader.Node
 	forward := []agent.Phase{agent.PhaseCopying, agent.PhaseReplicating, agent.PhaseReady, agent.PhaseFenced,
 		agent.PhaseCaughtUp, agent.PhaseVerified, agent.PhaseAuthorized, agent.PhaseSwitched, agent.PhaseDone}
-	base, err := agent.ParsePlanSpec(specFor("bench"))
+	base, err := agent.ParsePlanSpec(specFor("bench"), nil)
 	if err != nil {
 		b.Fatal(err)
 	}

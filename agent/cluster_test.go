@@ -66,7 +66,7 @@ func write(t testing.TB, op func(ctx context.Context) (agent.PlanInfo, error), d
 func mustCreate(t testing.TB, c *client.Client, name string) agent.PlanInfo {
 	t.Helper()
 	p := write(t, func(ctx context.Context) (agent.PlanInfo, error) {
-		return c.CreatePlan(ctx, agent.CreatePlanRequest{Spec: specFor(name), Reason: "test"})
+		return c.CreatePlan(ctx, agent.CreatePlanRequest{Spec: specFor(name), Reason: "test", AllowLiteralSecrets: true})
 	}, func(err error) bool { return errors.Is(err, agent.ErrPlanExists) })
 	if p.Name == "" {
 		p, _ = c.Plan(agenttest.Ctx(t, 5*time.Second), name)

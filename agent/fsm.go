@@ -28,6 +28,9 @@ type FSM struct {
 	// changed is closed and replaced after every Apply and Restore, so that
 	// readers can wait for the next change without polling.
 	changed chan struct{}
+	// env resolves the ${NAME} references of plan specs (Plan.Spec); nil
+	// means the process environment.
+	env *envSource
 }
 
 var _ raft.FSM = (*FSM)(nil)
@@ -466,7 +469,9 @@ func (f *FSM) Plan(name string) (Plan, bool) {
 	if p == nil {
 		return Plan{}, false
 	}
-	return p.view(), true
+	v := p.view()
+	v.env = f.env
+	return v, true
 }
 
 // Plans returns copies of every plan, sorted by name.
@@ -475,7 +480,9 @@ func (f *FSM) Plans() []Plan {
 	defer f.mu.RUnlock()
 	out := make([]Plan, 0, len(f.st.Plans))
 	for _, p := range f.st.Plans {
-		out = append(out, p.view())
+		v := p.view()
+		v.env = f.env
+		out = append(out, v)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out

@@ -495,12 +495,13 @@ func TestParsePlanSpec(t *testing.T) {
 		{"a plan written as in the config file is accepted with defaults", `{"name":"orders","pairs":[{"name":"db","engine":"postgres","blue":{"dsn":"postgres://a:pw@h1/db"},"green":{"dsn":"postgres://a:pw@h2/db"}}],"fence":{"max_fence_window":"3s"}}`, ""},
 		{"a plan without pairs is refused with the key", `{"name":"orders","pairs":[]}`, "pairs: a plan needs at least one blue/green pair"},
 		{"an unknown key is refused", `{"name":"orders","colour":"blue"}`, "colour: unknown key"},
-		{"environment references are refused", `{"name":"orders","pairs":[{"name":"db","engine":"postgres","blue":{"dsn":"postgres://a:${HOME}@h1/db"},"green":{"dsn":"postgres://a:pw@h2/db"}}]}`, "environment variable HOME is not set"},
+		{"references to variables other than CUTOVER_* are refused", `{"name":"orders","pairs":[{"name":"db","engine":"postgres","blue":{"dsn":"postgres://a:${HOME}@h1/db"},"green":{"dsn":"postgres://a:pw@h2/db"}}]}`, "only CUTOVER_* environment variables, not HOME"},
+		{"a reference to a variable the agent lacks is refused", `{"name":"orders","pairs":[{"name":"db","engine":"postgres","blue":{"dsn":"postgres://a:${CUTOVER_NOT_SET_HERE}@h1/db"},"green":{"dsn":"postgres://a:pw@h2/db"}}]}`, "environment variable CUTOVER_NOT_SET_HERE is not set"},
 		{"a JSON array is refused", `[1]`, "must be a JSON object"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			p, err := ParsePlanSpec([]byte(tt.body))
+			p, err := ParsePlanSpec([]byte(tt.body), nil)
 			if tt.wantErr == "" {
 				if err != nil {
 					t.Fatal(err)

@@ -7,6 +7,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/cutover/cutover/internal/config"
 	"github.com/cutover/cutover/internal/redact"
 )
 
@@ -378,6 +379,9 @@ func (n *Node) drivePlan(ctx context.Context, name string) {
 			level = log.Info
 		} else {
 			n.recordFailure(ctx, name, err, &rep, log)
+		}
+		if missing := (*config.MissingEnvError)(nil); errors.As(err, &missing) {
+			n.handOver(ctx, name, missing, log)
 		}
 		level("driver failed; retrying", zap.String("phase", string(p.Phase)), zap.Uint64("epoch", p.Epoch), zap.Duration("backoff", backoff), zap.Error(err))
 		select {

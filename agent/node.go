@@ -106,6 +106,10 @@ type Config struct {
 	Logger *zap.Logger
 	// Dial opens connections to other agents; nil dials TCP directly.
 	Dial DialFunc
+	// Getenv resolves the ${NAME} references of plan specs when this agent
+	// acts on a plan; nil means the process environment (tests give each
+	// in-process agent its own).
+	Getenv func(string) (string, bool)
 }
 
 // Peer is another initial voter.
@@ -186,6 +190,9 @@ func Start(cfg Config) (n *Node, err error) {
 		peerAPI:  map[string]string{},
 		done:     make(chan struct{}),
 		httpDone: make(chan struct{}),
+	}
+	if cfg.Getenv != nil {
+		n.fsm.env = &envSource{lookup: cfg.Getenv}
 	}
 	for _, p := range cfg.Peers {
 		if p.API != "" {

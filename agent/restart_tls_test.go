@@ -186,7 +186,7 @@ func TestMutualTLSOnRaftAndAPI(t *testing.T) {
 	okTLS := &tls.Config{Certificates: []tls.Certificate{clientCert}, RootCAs: pki.pool}
 	fc := client.New(url(follower), agenttest.OperatorToken, client.WithTLS(okTLS))
 	// A write through a follower is forwarded to the leader over mutual TLS.
-	if _, err := fc.CreatePlan(agenttest.Ctx(t, 10*time.Second), agent.CreatePlanRequest{Spec: specFor("orders")}); err != nil {
+	if _, err := fc.CreatePlan(agenttest.Ctx(t, 10*time.Second), agent.CreatePlanRequest{Spec: specFor("orders"), AllowLiteralSecrets: true}); err != nil {
 		t.Fatal(err)
 	}
 	if r, err := fc.Gate(agenttest.Ctx(t, 5*time.Second), "orders"); err != nil || r.Phase != "pending" {

@@ -24,7 +24,7 @@ func drivenSpec(name string) json.RawMessage {
 func createDriven(t *testing.T, c *client.Client, name string) {
 	t.Helper()
 	write(t, func(ctx context.Context) (agent.PlanInfo, error) {
-		return c.CreatePlan(ctx, agent.CreatePlanRequest{Spec: drivenSpec(name), Reason: "test"})
+		return c.CreatePlan(ctx, agent.CreatePlanRequest{Spec: drivenSpec(name), Reason: "test", AllowLiteralSecrets: true})
 	}, func(err error) bool { return errors.Is(err, agent.ErrPlanExists) })
 }
 

@@ -14,8 +14,10 @@ import (
 	"github.com/cutover/cutover/internal/config"
 )
 
-// SealPlan encodes a plan specification for the replicated state, secrets
-// included.
+// SealPlan encodes a plan specification for the replicated state. Fields
+// written with ${NAME} references are sealed as the references (see
+// config.Plan.Sealed): the values stay in each agent's environment and
+// Plan.Spec resolves them when the agent acts.
 //
 // json.Marshal cannot do it: config.DSN and redact.Secret mask themselves in
 // MarshalText (so that no rendering leaks them), and config.Duration and
@@ -24,10 +26,16 @@ import (
 // kind instead, which json.Unmarshal reads back exactly (a test checks the
 // round trip on a full plan).
 //
-// The sealed bytes hold DSN passwords: they live in the Raft log and in
-// snapshots under the data directory (created 0700), and nowhere else.
+// Secrets written out (not through references) would be sealed as they are
+// and so land in the Raft log and snapshots: the API refuses such plans
+// unless asked (CreatePlanRequest.AllowLiteralSecrets), and the status
+// flags them (PlanInfo.Warnings).
 func SealPlan(p config.Plan) (json.RawMessage, error) {
-	out, err := json.Marshal(reveal(reflect.ValueOf(p)))
+	sealed, err := p.Sealed()
+	if err != nil {
+		return nil, fmt.Errorf("seal plan %s: %w", p.Name, err)
+	}
+	out, err := json.Marshal(reveal(reflect.ValueOf(sealed)))
 	if err != nil {
 		return nil, fmt.Errorf("seal plan %s: %w", p.Name, err)
 	}
@@ -117,9 +125,26 @@ var planNameRE = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,31}$`)
 // configuration file's plans section (durations as "5s", sizes as "1MiB"),
 // and returns it with defaults filled in. It runs the configuration's own
 // validation, so a posted plan is held to the same rules as a configured
-// one. ${ENV} references are refused: the agent's environment is not the
-// caller's to read.
-func ParsePlanSpec(raw []byte) (config.Plan, error) {
+// one.
+//
+// Secrets go in as ${CUTOVER_NAME} references, resolved by getenv (the
+// agent's environment) for validation and, later, by every agent from its
+// own environment when it acts; the state keeps the references. Only
+// CUTOVER_* variables may be named: the rest of the agent's environment is
+// not the caller's to read (a webhook URL could carry it away).
+func ParsePlanSpec(raw []byte, getenv func(string) (string, bool)) (config.Plan, error) {
+	if getenv == nil {
+		getenv = func(string) (string, bool) { return "", false }
+	}
+	var foreign []string
+	for _, name := range config.RefNames(string(raw)) {
+		if !strings.HasPrefix(name, "CUTOVER_") {
+			foreign = append(foreign, name)
+		}
+	}
+	if len(foreign) > 0 {
+		return config.Plan{}, fmt.Errorf("%w: a posted plan may reference only CUTOVER_* environment variables, not %s", ErrInvalidCommand, strings.Join(foreign, ", "))
+	}
 	raw = bytes.TrimSpace(raw)
 	if len(raw) == 0 || raw[0] != '{' || !json.Valid(raw) {
 		return config.Plan{}, fmt.Errorf("%w: the plan spec must be a JSON object", ErrInvalidCommand)
@@ -141,8 +166,7 @@ func ParsePlanSpec(raw []byte) (config.Plan, error) {
 			doc.WriteString("    " + line + "\n")
 		}
 	}
-	noEnv := func(string) (string, bool) { return "", false }
-	loaded, err := config.Parse("posted plan", []byte(doc.String()), noEnv)
+	loaded, err := config.Parse("posted plan", []byte(doc.String()), getenv)
 	var invalid *config.InvalidError
 	if errors.As(err, &invalid) {
 		msgs := make([]string, 0, len(invalid.Problems))

@@ -3,10 +3,12 @@ package agent
 import (
 	"encoding/json"
 	"maps"
+	"os"
 	"slices"
 	"time"
 
 	"github.com/cutover/cutover/internal/config"
+	"github.com/cutover/cutover/internal/redact"
 )
 
 // state is the whole replicated state. It is what snapshots hold, and it is
@@ -147,21 +149,88 @@ type Plan struct {
 	Driver *DriverStatus `json:"driver,omitempty"`
 
 	sealed json.RawMessage
+	// env resolves the spec's references; nil means the process
+	// environment. A pointer (not a func) so that plans of agents sharing
+	// it still compare equal.
+	env *envSource
+}
+
+// envSource is where an agent reads the variables plans reference.
+type envSource struct {
+	lookup func(string) (string, bool)
+}
+
+func (e *envSource) getenv() func(string) (string, bool) {
+	if e == nil || e.lookup == nil {
+		return os.LookupEnv
+	}
+	return e.lookup
 }
 
 // GateOpen reports whether the committed phase opens the gate.
 func (p Plan) GateOpen() bool { return p.Phase.GateOpen() }
 
-// Spec decodes the plan's specification, secrets included. Only pass its
-// DSNs to the drivers that need them.
-func (p Plan) Spec() (config.Plan, error) { return openSpec(p.sealed) }
+// Spec decodes the plan's specification and resolves its ${NAME}
+// references from this agent's environment, secrets included: only pass
+// its DSNs to the drivers that need them. An agent that lacks a variable
+// gets a *config.MissingEnvError naming it, which the driver reports as
+// the plan's driver status. The resolved secrets are registered with the
+// redactor, so that no error or log line shows them.
+func (p Plan) Spec() (config.Plan, error) {
+	spec, err := openSpec(p.sealed)
+	if err != nil {
+		return spec, err
+	}
+	getenv := p.env.getenv()
+	resolved, err := spec.Resolve(getenv)
+	if err != nil {
+		return config.Plan{}, err
+	}
+	redact.Register(resolved.Secrets(getenv)...)
+	return resolved, nil
+}
 
-// RedactedSpec renders the specification as JSON with DSN passwords and
-// secrets masked.
+// MissingEnv lists the variables the plan's references need that this
+// agent's environment lacks.
+func (p Plan) MissingEnv() []string {
+	spec, err := openSpec(p.sealed)
+	if err != nil {
+		return nil
+	}
+	return spec.MissingEnv(p.env.getenv())
+}
+
+// LiteralSecrets lists the fields of the plan's sealed specification that
+// hold a secret itself rather than a ${NAME} reference: plans created
+// before references were kept, or posted with allow_literal_secrets. The
+// replicated state (Raft log, snapshots) holds those values.
+func (p Plan) LiteralSecrets() []string {
+	spec, err := openSpec(p.sealed)
+	if err != nil {
+		return nil
+	}
+	return spec.LiteralSecrets()
+}
+
+// RedactedSpec renders the specification for people: references stay
+// references (their values are never shown), DSN passwords and header
+// values are masked, and so are the user-info password and every query
+// value of webhook and health-check URLs.
 func (p Plan) RedactedSpec() (json.RawMessage, error) {
-	spec, err := p.Spec()
+	spec, err := openSpec(p.sealed)
 	if err != nil {
 		return nil, err
+	}
+	spec.Refs = nil
+	for i := range spec.Switch.Targets {
+		t := &spec.Switch.Targets[i]
+		t.URL = redact.URL(t.URL)
+		for j, arg := range t.Command {
+			t.Command[j] = redact.Text(arg)
+		}
+	}
+	for i := range spec.Rollback.Checks {
+		spec.Rollback.Checks[i].URL = redact.URL(spec.Rollback.Checks[i].URL)
 	}
 	return json.Marshal(spec)
 }

@@ -119,7 +119,7 @@ func createAndStart(t testing.TB, c *agenttest.Cluster, spec config.Plan) {
 	}
 	c.Leader(15 * time.Second)
 	cl := c.Client(0)
-	if _, err := cl.CreatePlan(ctx, agent.CreatePlanRequest{Spec: raw, Reason: "test"}); err != nil {
+	if _, err := cl.CreatePlan(ctx, agent.CreatePlanRequest{Spec: raw, Reason: "test", AllowLiteralSecrets: true}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := cl.Start(ctx, spec.Name, "test"); err != nil {
@@ -408,7 +408,7 @@ func createAndStartWithHealth(t *testing.T, c *agenttest.Cluster, spec config.Pl
 		t.Fatal(err)
 	}
 	c.Leader(15 * time.Second)
-	if _, err := c.Client(0).CreatePlan(ctx, agent.CreatePlanRequest{Spec: raw, Reason: "test"}); err != nil {
+	if _, err := c.Client(0).CreatePlan(ctx, agent.CreatePlanRequest{Spec: raw, Reason: "test", AllowLiteralSecrets: true}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.Client(0).Start(ctx, spec.Name, "test"); err != nil {

@@ -61,6 +61,12 @@ func classify(err error) error {
 // never run.
 func checkSpec(plan agent.Plan) error {
 	spec, err := plan.Spec()
+	var missing *config.MissingEnvError
+	if errors.As(err, &missing) {
+		// Not permanent: the variable can be set, or another agent that has
+		// it can lead. The plan waits, its driver status naming the variable.
+		return err
+	}
 	if err != nil {
 		return fmt.Errorf("%w: %v", errSpec, err)
 	}

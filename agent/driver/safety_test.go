@@ -66,7 +66,7 @@ func TestAPlanTheDriverCannotRunIsAbortedWithTheReason(t *testing.T) {
 	raw, _ := json.Marshal(spec)
 	c.Leader(15 * time.Second)
 	ctx := agenttest.Ctx(t, 30*time.Second)
-	if _, err := c.Client(0).CreatePlan(ctx, agent.CreatePlanRequest{Spec: raw, Reason: "test"}); err != nil {
+	if _, err := c.Client(0).CreatePlan(ctx, agent.CreatePlanRequest{Spec: raw, Reason: "test", AllowLiteralSecrets: true}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.Client(0).Start(ctx, "cache", "test"); err != nil {
@@ -127,7 +127,7 @@ func TestAFailedFlipNeverUnfencesBlueUntilGreenIsFencedAgain(t *testing.T) {
 	}
 	c.Leader(15 * time.Second)
 	ctx := agenttest.Ctx(t, 30*time.Second)
-	if _, err := c.Client(0).CreatePlan(ctx, agent.CreatePlanRequest{Spec: raw, Reason: "test"}); err != nil {
+	if _, err := c.Client(0).CreatePlan(ctx, agent.CreatePlanRequest{Spec: raw, Reason: "test", AllowLiteralSecrets: true}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.Client(0).Start(ctx, "shop", "test"); err != nil {

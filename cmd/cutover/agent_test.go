@@ -30,9 +30,12 @@ func TestGateAndPlanCommandsAgainstACluster(t *testing.T) {
 	t.Setenv("CUTOVER_TOKEN", agenttest.OperatorToken)
 	t.Setenv("CUTOVER_ADDR", addr)
 
+	// The spec names its password by reference: agents keep the reference
+	// and resolve it from their environment.
+	t.Setenv("CUTOVER_TEST_DB_PASSWORD", "cli-secret-pw")
 	spec := filepath.Join(t.TempDir(), "orders.json")
 	if err := os.WriteFile(spec, []byte(`{"name":"orders","manual":true,"pairs":[{"name":"db","engine":"postgres",
-		"blue":{"dsn":"postgres://app:cli-secret-pw@127.0.0.1:5432/shop"},"green":{"dsn":"postgres://app:cli-secret-pw@127.0.0.1:5433/shop"}}]}`), 0o600); err != nil {
+		"blue":{"dsn":"postgres://app:${CUTOVER_TEST_DB_PASSWORD}@127.0.0.1:5432/shop"},"green":{"dsn":"postgres://app:${CUTOVER_TEST_DB_PASSWORD}@127.0.0.1:5433/shop"}}]}`), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	steps := []struct {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -91,17 +92,25 @@ func planShow(g *globals) *cobra.Command {
 }
 
 func planCreate(g *globals) *cobra.Command {
-	var file, reason string
+	var (
+		file, reason  string
+		allowLiterals bool
+	)
 	return planRun(g, "create [NAME | --file SPEC.json]", "Create a plan from the leader's configuration file, or from a JSON spec",
 		cobra.MaximumNArgs(1), func(cmd *cobra.Command) {
 			cmd.Long = `Create a plan in phase pending. NAME is a plan of the configuration file of
 the leader (agents share their plans section). --file posts a plan spec
 instead: one plan written as in the configuration file, in JSON; it is
-validated like the file (no ${ENV} references).`
+validated like the file. Write its secrets as ${CUTOVER_NAME} references to
+variables set on every agent: the agents store the references, never the
+values. A spec that writes a secret out (DSN password, header value, URL
+password or token) is refused unless --allow-literal-secrets is given, since
+every agent's Raft log and snapshots would then hold it.`
 			cmd.Flags().StringVar(&file, "file", "", "JSON plan spec to post")
+			cmd.Flags().BoolVar(&allowLiterals, "allow-literal-secrets", false, "accept a spec that writes secrets out (they are then stored in the Raft log)")
 			cmd.Flags().StringVar(&reason, "reason", "", "why (kept in the audit log)")
 		}, func(ctx context.Context, _ *cobra.Command, c clientAPI, args []string) (any, error) {
-			req := agent.CreatePlanRequest{Reason: reason}
+			req := agent.CreatePlanRequest{Reason: reason, AllowLiteralSecrets: allowLiterals}
 			switch {
 			case len(args) == 1 && file != "":
 				return nil, withCode(exitFailed, fmt.Errorf("give NAME or --file, not both"))
@@ -215,6 +224,12 @@ func printPlans(w io.Writer, v any, asJSON bool) error {
 		}
 	case agent.PlanInfo:
 		fmt.Fprintf(tw, "plan\t%s\nphase\t%s\nepoch\t%d\nreason\t%s\nupdated\t%s\n", v.Name, v.Phase, v.Epoch, v.Reason, v.Updated.Format(time.RFC3339))
+		if len(v.MissingEnv) > 0 {
+			fmt.Fprintf(tw, "missing\tthis agent lacks %s: it cannot drive the plan\n", strings.Join(v.MissingEnv, ", "))
+		}
+		if len(v.LiteralSecrets) > 0 {
+			fmt.Fprintf(tw, "warning\tsecrets written out in %s are stored in the Raft log; recreate the plan with ${NAME} references\n", strings.Join(v.LiteralSecrets, ", "))
+		}
 		for _, s := range v.Steps {
 			outcome := string(s.Outcome)
 			if outcome == "" {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -105,6 +106,12 @@ func printStatus(w io.Writer, st agent.Status) {
 	for _, p := range st.Plans {
 		if p.Manual {
 			fmt.Fprintf(w, "%s: manual (operators move its phases; the driver leaves it alone)\n", p.Name)
+		}
+		if len(p.MissingEnv) > 0 {
+			fmt.Fprintf(w, "%s: missing %s on %s: this agent cannot drive the plan\n", p.Name, strings.Join(p.MissingEnv, ", "), st.Node)
+		}
+		if len(p.LiteralSecrets) > 0 {
+			fmt.Fprintf(w, "%s: WARNING: secrets written out in %s are stored in the Raft log; recreate the plan with ${NAME} references\n", p.Name, strings.Join(p.LiteralSecrets, ", "))
 		}
 		if d := p.Driver; d != nil && d.Failures > 0 {
 			fmt.Fprintf(w, "%s: RETRYING: the driver failed %d times in a row (%d retries in all); last error in %s at %s: %s\n",

@@ -8,6 +8,8 @@
 package config
 
 import (
+	"encoding/json"
+	"strings"
 	"time"
 
 	"github.com/cutover/cutover/internal/redact"
@@ -127,6 +129,29 @@ type Plan struct {
 	Switch Switch `yaml:"switch" json:"switch"`
 	// Rollback keeps the way back open after the flip.
 	Rollback Rollback `yaml:"rollback" json:"rollback"`
+	// Refs maps the key of every field written with a ${NAME} reference
+	// (e.g. "pairs[0].blue.dsn", "switch.targets[1].command[2]") to its
+	// text before expansion. The replicated state keeps these templates
+	// instead of the values (see Sealed), and every agent resolves them from
+	// its own environment when it acts (see Resolve). Not settable in YAML.
+	Refs Refs `yaml:"-" json:"refs,omitempty"`
+}
+
+// Refs maps a plan's keys to the ${NAME} templates they were written with.
+type Refs map[string]string
+
+// MarshalJSON renders the templates with any password written out in them
+// masked (a template may mix a literal password with a reference).
+func (r Refs) MarshalJSON() ([]byte, error) {
+	out := make(map[string]string, len(r))
+	for k, v := range r {
+		v = redact.Text(v)
+		if strings.HasSuffix(k, ".url") {
+			v = redact.URL(v)
+		}
+		out[k] = v
+	}
+	return json.Marshal(out)
 }
 
 // Rollback configures the rollback window and the automatic trigger.

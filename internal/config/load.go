@@ -95,7 +95,7 @@ func Parse(name string, data []byte, getenv func(string) (string, bool)) (*Loade
 		return nil, invalid
 	}
 	cfg := &Config{}
-	w := &walker{getenv: getenv, lines: map[string]int{}}
+	w := &walker{getenv: getenv, lines: map[string]int{}, refs: map[string]string{}}
 	var body ast.Node
 	if len(file.Docs) > 1 {
 		invalid.Problems = append(invalid.Problems, Problem{Message: "the file holds several YAML documents; put everything in one"})
@@ -117,6 +117,7 @@ func Parse(name string, data []byte, getenv func(string) (string, bool)) (*Loade
 		return nil, invalid
 	}
 	cfg.applyDefaults()
+	cfg.keepRefs(w.refs)
 	for _, p := range cfg.validate() {
 		p.Line = w.lineOf(p.Key)
 		invalid.Problems = append(invalid.Problems, p)
@@ -128,7 +129,7 @@ func Parse(name string, data []byte, getenv func(string) (string, bool)) (*Loade
 		})
 		return nil, invalid
 	}
-	return &Loaded{Config: cfg, Secrets: cfg.secrets()}, nil
+	return &Loaded{Config: cfg, Secrets: cfg.secrets(getenv)}, nil
 }
 
 func oneLine(s string) string {
@@ -144,6 +145,9 @@ type walker struct {
 	getenv   func(string) (string, bool)
 	problems []Problem
 	lines    map[string]int
+	// refs maps the key of every scalar that held a ${NAME} reference to
+	// its text before expansion (see Plan.Refs).
+	refs map[string]string
 }
 
 func (w *walker) add(n ast.Node, key, format string, args ...any) {
@@ -273,6 +277,7 @@ func (w *walker) scalar(n ast.Node, t reflect.Type, key string) {
 			w.add(n, key, "%v", err)
 			return
 		}
+		w.refs[key] = s.Value
 		s.Value = expanded
 	}
 	value := scalarValue(n)

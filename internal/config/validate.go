@@ -525,29 +525,15 @@ func scrubDSNError(err error, dsn string) string {
 }
 
 // secrets lists every secret value in the configuration, for log redaction.
-func (c *Config) secrets() []string {
+func (c *Config) secrets(getenv func(string) (string, bool)) []string {
 	var out []string
-	add := func(s string) {
+	for _, s := range []string{c.Agent.API.Tokens.Operator.Reveal(), c.Agent.API.Tokens.Read.Reveal()} {
 		if s != "" {
 			out = append(out, s)
 		}
 	}
-	add(c.Agent.API.Tokens.Operator.Reveal())
-	add(c.Agent.API.Tokens.Read.Reveal())
 	for _, p := range c.Plans {
-		for _, pair := range p.Pairs {
-			add(dsnPassword(pair.Engine, pair.Blue.DSN.Reveal()))
-			add(dsnPassword(pair.Engine, pair.Green.DSN.Reveal()))
-		}
-		for _, t := range p.Switch.Targets {
-			add(dsnPassword(Redis, t.DSN.Reveal()))
-			for _, h := range t.Headers {
-				add(h.Reveal())
-			}
-		}
-		for _, c := range p.Rollback.Checks {
-			add(dsnPassword(Postgres, c.DSN.Reveal()))
-		}
+		out = append(out, p.Secrets(getenv)...)
 	}
 	return out
 }

@@ -109,16 +109,58 @@ var (
 	mysqlPassword = regexp.MustCompile(`((?:^|[\s"'=])[^:@/\s"'=]+:)([^@\s]*)(@(?:tcp|unix)\()`)
 )
 
-// Text scrubs passwords out of DSN-shaped substrings of text: URLs with
-// user info, key=value connection strings and MySQL driver DSNs.
+// process holds the secrets registered with Register: values an agent
+// resolved from its environment when it acted on a plan.
+var process = &Redactor{}
+
+// Register teaches Text (and so every Redactor) more secrets, process-wide:
+// an agent calls it with the values it resolves from its environment, so
+// that no error, log line or report shows them, whichever path printed them.
+func Register(secrets ...string) { process.Add(secrets...) }
+
+// secretQuery matches the value of a credential-like query parameter
+// (token=, api_key=, sig=, ...) in a URL.
+var secretQuery = regexp.MustCompile(`(?i)([?&][a-z0-9_.-]*(?:token|secret|key|pass|pwd|auth|sig|credential)[a-z0-9_.-]*=)([^&#\s"']*)`)
+
+// Text scrubs registered secrets and passwords out of DSN-shaped substrings
+// of text: URLs with user info or credential-like query values, key=value
+// connection strings and MySQL driver DSNs.
 func Text(text string) string {
+	process.mu.RLock()
+	for _, s := range process.secrets {
+		if strings.Contains(text, s) {
+			text = strings.ReplaceAll(text, s, Mask)
+		}
+	}
+	process.mu.RUnlock()
 	if !strings.ContainsAny(text, "@=") {
 		return text
 	}
+	text = secretQuery.ReplaceAllString(text, "${1}"+Mask)
 	text = urlPassword.ReplaceAllString(text, "${1}"+Mask+"${3}")
 	text = mysqlPassword.ReplaceAllString(text, "${1}"+Mask+"${3}")
 	text = kvPassword.ReplaceAllString(text, "${1}"+Mask)
 	return text
+}
+
+// URL returns raw with its user-info password and every query value
+// masked, for showing a configured URL (webhook, health check) to people.
+func URL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return Text(raw)
+	}
+	if _, ok := u.User.Password(); ok {
+		u.User = url.UserPassword(u.User.Username(), "xxxxx")
+	}
+	if u.RawQuery != "" {
+		q := u.Query()
+		for k := range q {
+			q[k] = []string{"xxxxx"}
+		}
+		u.RawQuery = q.Encode()
+	}
+	return strings.ReplaceAll(u.String(), "xxxxx", Mask)
 }
 
 // DSN returns dsn with its password masked.

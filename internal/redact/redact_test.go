@@ -58,3 +58,21 @@ func TestSecretNeverPrintsItself(t *testing.T) {
 		t.Errorf("Reveal = %q", s.Reveal())
 	}
 }
+
+func TestURLMasksUserInfoPasswordAndEveryQueryValue(t *testing.T) {
+	got := URL("https://hook:pw-1@example.com/flip?token=tk-2&env=prod")
+	if strings.Contains(got, "pw-1") || strings.Contains(got, "tk-2") || strings.Contains(got, "prod") ||
+		!strings.Contains(got, "hook:"+Mask+"@example.com/flip") || !strings.Contains(got, "token="+Mask) {
+		t.Fatalf("URL = %s", got)
+	}
+}
+
+func TestTextMasksCredentialQueryValuesAndRegisteredSecrets(t *testing.T) {
+	if got := Text("POST https://h/flip?env=prod&api_key=k-123 answered 500"); got != "POST https://h/flip?env=prod&api_key="+Mask+" answered 500" {
+		t.Fatalf("Text = %s", got)
+	}
+	Register("registered-value-77")
+	if got := Text("deploying with registered-value-77 now"); got != "deploying with "+Mask+" now" {
+		t.Fatalf("Text = %s", got)
+	}
+}
