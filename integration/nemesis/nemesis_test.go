@@ -66,7 +66,11 @@ func TestTheCutoverKeepsItsInvariantsUnderSeededFaults(t *testing.T) {
 	var stats summary
 	for s := seed; s < seed+runs; s++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
-		res, err := Run(ctx, Options{Binary: binary, Seed: s, Dir: dir, Log: testLog{t, s}})
+		opts := Options{Binary: binary, Seed: s, Dir: dir, Log: testLog{t, s}}
+		if os.Getenv("NEMESIS_QUIET") != "" {
+			opts.Log = nil // the timeline is in the history's file
+		}
+		res, err := Run(ctx, opts)
 		cancel()
 		if err != nil {
 			t.Fatalf("seed %d: the run failed: %v\nschedule: %s", s, err, NewSchedule(s))

@@ -36,8 +36,11 @@ type Options struct {
 	Schedule *Schedule
 	// Accounts sizes the application's tables (default 2000).
 	Accounts int
-	// Writers is the number of application sessions (default 4).
+	// Writers is the number of application sessions (default 3), each
+	// pausing Think between transactions (default 5ms): enough to keep
+	// the stream busy, not so much that green lags on a loaded machine.
 	Writers int
+	Think   time.Duration
 	// Dir receives the run's directory: the history and, when a checker
 	// fails, the agents' data and logs (default the system's temporary
 	// directory).
@@ -81,7 +84,10 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		opts.Accounts = 2000
 	}
 	if opts.Writers <= 0 {
-		opts.Writers = 4
+		opts.Writers = 3
+	}
+	if opts.Think <= 0 {
+		opts.Think = 5 * time.Millisecond
 	}
 	if opts.Log == nil {
 		opts.Log = io.Discard
@@ -89,6 +95,11 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	sched := NewSchedule(opts.Seed)
 	if opts.Schedule != nil {
 		sched = *opts.Schedule
+	}
+	if opts.Dir != "" {
+		if err := os.MkdirAll(opts.Dir, 0o755); err != nil {
+			return nil, err
+		}
 	}
 	dir, err := os.MkdirTemp(opts.Dir, fmt.Sprintf("cutover-nemesis-%d-", sched.Seed))
 	if err != nil {
@@ -178,7 +189,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			return greenApp
 		}
 		return blueApp
-	}, Writers: opts.Writers, Accounts: opts.Accounts, Think: 2 * time.Millisecond, Events: true})
+	}, Writers: opts.Writers, Accounts: opts.Accounts, Think: opts.Think, Events: true})
 	loadStopped := false
 	defer func() {
 		if !loadStopped {
@@ -250,12 +261,18 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	var last agent.Phase
 	var switchedAt time.Time
 	requested := false
+	var newestIndex uint64
 	var reqWG sync.WaitGroup
 	// Stuck: no terminal phase long after the last fault healed.
 	deadline := planStart.Add(sched.end() + 150*time.Second)
 	for {
 		p, at, ok := c.newest(ctx, planName)
+		// An agent behind the others (the leader that committed the
+		// newest entry may be the one paused) shows an older state: keep
+		// the newest seen.
+		ok = ok && p.Index >= newestIndex
 		if ok {
+			newestIndex = p.Index
 			h.observe(Observation{At: at, Index: p.Index, Phase: p.Phase, Epoch: p.Epoch})
 		}
 		if ok && p.Phase != last {
