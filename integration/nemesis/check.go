@@ -303,3 +303,28 @@ func replicationObjects(ctx context.Context, dsn string) ([]string, error) {
 	}
 	return pgx.CollectRows(rows, pgx.RowTo[string])
 }
+
+// story: the audit log and the history agree on the flip. No application
+// write was acknowledged on green before the plan committed authorized
+// (the gate opened), and none at all when the plan never got there.
+func (c *checker) story(audit []agent.AuditEntry, receipts []load.Receipt, greenApp string) []string {
+	var opened time.Time
+	for _, e := range audit {
+		if e.To == agent.PhaseAuthorized && e.Refused == "" {
+			opened = e.At
+			break
+		}
+	}
+	for _, r := range receipts {
+		if r.DSN != greenApp {
+			continue
+		}
+		if opened.IsZero() {
+			return []string{fmt.Sprintf("story: a write was acknowledged on green at %s but the audit log has no authorized", r.At.Format("15:04:05.000"))}
+		}
+		if r.At.Before(opened) {
+			return []string{fmt.Sprintf("story: a write was acknowledged on green at %s, before the plan was authorized at %s", r.At.Format("15:04:05.000"), opened.Format("15:04:05.000"))}
+		}
+	}
+	return nil
+}

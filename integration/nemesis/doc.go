@@ -54,6 +54,8 @@
 //     is unfenced (cutover.fence_state_v3) and takes the application's
 //     writes, the other does not, never both fenced; the routing key
 //     points at the serving side;
+//   - story: the audit log and the history agree: no application write
+//     was acknowledged on green before the plan committed authorized;
 //   - orphans: no slot or publication named cutover_… is left on blue or
 //     green once the plan ended and was finalized (within a minute).
 //

@@ -137,6 +137,43 @@ func (s *summary) String() string {
 	return b.String()
 }
 
+// The checkers must see what they are there for: here the test itself
+// breaks the invariants behind the agents' back (the application's write
+// privileges given back on blue after the flip, an acknowledged row deleted
+// from green at the end), in a run without faults.
+func TestTheCheckersCatchABlueWritableAfterTheFlipAndALostWrite(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end: starts PostgreSQL, Redis and three agent processes")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	defer cancel()
+	res, err := Run(ctx, Options{Binary: binary, Schedule: &Schedule{}, Dir: t.TempDir(), Log: testLog{t, 0},
+		OnPhase: func(ctx context.Context, p agent.Phase, blue, green *integration.Postgres) error {
+			switch p {
+			case agent.PhaseSwitched:
+				return blue.Exec(ctx, "GRANT INSERT, UPDATE, DELETE ON load_accounts, load_history, load_events TO app")
+			case agent.PhaseDone:
+				return green.Exec(ctx, "DELETE FROM load_history WHERE id = (SELECT min(id) FROM load_history WHERE run = 'nemesis')")
+			}
+			return nil
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Final != agent.PhaseDone {
+		t.Fatalf("the plan ended %s, want done (violations: %v)", res.Final, res.Violations)
+	}
+	for _, want := range []string{"split brain:", "lost writes:", "end: the application can write on both sides"} {
+		found := false
+		for _, v := range res.Violations {
+			found = found || strings.HasPrefix(v, want)
+		}
+		if !found {
+			t.Errorf("no violation %q among %q", want, res.Violations)
+		}
+	}
+}
+
 func TestASeedAlwaysDrawsTheSameSchedule(t *testing.T) {
 	for seed := uint64(1); seed <= 50; seed++ {
 		a, b := NewSchedule(seed), NewSchedule(seed)

@@ -47,6 +47,10 @@ type Options struct {
 	Dir string
 	// Log receives the run's timeline (nil: discarded).
 	Log io.Writer
+	// OnPhase, when set, is called when the plan is first seen in a
+	// phase, before that phase's faults: the checkers' own tests use it
+	// to break an invariant behind the product's back.
+	OnPhase func(ctx context.Context, p agent.Phase, blue, green *integration.Postgres) error
 }
 
 // Result is what a run did and what the checkers found.
@@ -278,6 +282,11 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		if ok && p.Phase != last {
 			last = p.Phase
 			h.note("phase", fmt.Sprintf("%s epoch %d %s", p.Phase, p.Epoch, p.Reason))
+			if opts.OnPhase != nil {
+				if err := opts.OnPhase(ctx, p.Phase, blue, green); err != nil {
+					return nil, fmt.Errorf("on phase %s: %w", p.Phase, err)
+				}
+			}
 			if prober == nil && p.Phase != agent.PhasePending && p.Phase != agent.PhaseCopying {
 				// Green is fenced from the plan's first step: from here on
 				// the application must never write to both sides.
@@ -354,6 +363,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	res.GateReads = reads
 	res.Violations = append(res.Violations, gv...)
 	res.Violations = append(res.Violations, chk.endState(blueApp, greenApp)...)
+	res.Violations = append(res.Violations, chk.story(audit, receipts, greenApp)...)
 	res.Violations = append(res.Violations, chk.orphans()...)
 
 	for _, v := range res.Violations {
