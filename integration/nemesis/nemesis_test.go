@@ -16,6 +16,7 @@ import (
 
 	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/integration"
+	"github.com/cutover/cutover/integration/load"
 )
 
 var binary string
@@ -300,5 +301,22 @@ func TestTheProxyPassesDelaysDropsAndBlackholesDatabaseConnections(t *testing.T)
 	defer conn3.Close(ctx)
 	if err := query(conn3, 10*time.Second); err != nil {
 		t.Errorf("query on a new connection after the drop: %v", err)
+	}
+}
+
+func TestTheStoryCheckerCatchesAWriteOnGreenBeforeTheGateOpened(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	audit := []agent.AuditEntry{{Index: 10, At: t0, From: agent.PhaseVerified, To: agent.PhaseAuthorized}}
+	c := &checker{}
+	after := []load.Receipt{{DSN: "blue", At: t0.Add(-time.Second)}, {DSN: "green", At: t0.Add(time.Millisecond)}}
+	if v := c.story(audit, after, "green"); len(v) != 0 {
+		t.Errorf("writes on green after authorized were flagged: %v", v)
+	}
+	before := append(after, load.Receipt{DSN: "green", At: t0.Add(-time.Millisecond)})
+	if v := c.story(audit, before, "green"); len(v) != 1 {
+		t.Errorf("a write on green before authorized was not flagged: %v", v)
+	}
+	if v := c.story(nil, after, "green"); len(v) != 1 {
+		t.Errorf("a write on green without authorized in the audit log was not flagged: %v", v)
 	}
 }
