@@ -60,10 +60,9 @@ func TestTheCutoverKeepsItsInvariantsUnderSeededFaults(t *testing.T) {
 		t.Skip("end-to-end: starts PostgreSQL, Redis and three agent processes per run")
 	}
 	runs, seed := envInt(t, "RUNS", 1), envInt(t, "SEED", 1)
+	// A failing run's history and agents' logs stay for the reader: under
+	// NEMESIS_DIR (make nemesis) or the system's temporary directory.
 	dir := os.Getenv("NEMESIS_DIR")
-	if dir == "" {
-		dir = t.TempDir()
-	}
 	var stats summary
 	for s := seed; s < seed+runs; s++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
@@ -79,6 +78,9 @@ func TestTheCutoverKeepsItsInvariantsUnderSeededFaults(t *testing.T) {
 		stats.add(res)
 		t.Logf("seed %d: %s in %s, %d writes acknowledged, %d gate reads, outage %d ms, %d violations",
 			s, res.Final, res.Took.Round(time.Second), res.Acked, res.GateReads, res.OutageMS, len(res.Violations))
+		if len(res.Violations) == 0 && dir == "" {
+			os.RemoveAll(res.Dir)
+		}
 		if len(res.Violations) > 0 {
 			t.Errorf("seed %d broke an invariant:\n  %s\nschedule: %s\nhistory: %s\nagents' data and logs: %s\nrerun: make nemesis RUNS=1 SEED=%d",
 				s, strings.Join(res.Violations, "\n  "), res.Schedule, res.History, res.Dir, s)
