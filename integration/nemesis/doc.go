@@ -15,7 +15,7 @@
 // # Faults
 //
 // A seed draws a Schedule (NewSchedule; printed at the start of the run):
-// one to three faults, each at a random moment of the plan's first twelve
+// one to four faults, each at a random moment of the plan's first twelve
 // seconds or when the plan is first seen at (or past) a named phase. For
 // phases of milliseconds (fenced, caught_up, verified, authorized) the
 // agents hold there for two seconds (the CUTOVER_TEST_HOLD hook), one such
@@ -29,7 +29,11 @@
 //   - drop: close every connection of the agents to blue or green at once,
 //     the replication stream included;
 //   - blackhole: the link to blue or green carries nothing for 0.5–5 s (new
-//     connections hang), as through a partition.
+//     connections hang), as through a partition;
+//   - terminate: end the agents' sessions on blue or green from the
+//     server's side (pg_terminate_backend), the replication stream's
+//     walsender included (a third of the seeds add one, in copying,
+//     replicating or ready, or at a moment).
 //
 // Not injected yet: a database restart (the harness's PostgreSQL can be
 // stopped, but Stop removes its directory and port, so it cannot come back

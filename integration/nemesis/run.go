@@ -12,11 +12,13 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/cutover/cutover/agent"
@@ -241,7 +243,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 
 	// The nemesis: faults at moments, and faults at phases (fired by the
 	// watcher below).
-	nem := &nemesis{c: c, proxies: proxies, h: h, res: res}
+	nem := &nemesis{c: c, proxies: proxies, dbs: map[string]*integration.Postgres{"blue": blue, "green": green}, h: h, res: res}
 	nemCtx, stopNem := context.WithCancel(ctx)
 	defer stopNem()
 	for i, f := range sched.Faults {
@@ -500,6 +502,7 @@ func (c *cluster) audit(ctx context.Context, plan string) []agent.AuditEntry {
 type nemesis struct {
 	c       *cluster
 	proxies map[string]*Proxy
+	dbs     map[string]*integration.Postgres
 	h       *history
 	wg      sync.WaitGroup
 
@@ -561,6 +564,14 @@ func (n *nemesis) inject(ctx context.Context, i int, f Fault, phase agent.Phase)
 	case KindDrop:
 		dropped := n.proxies[f.Target].DropAll()
 		n.h.note("fault", fmt.Sprintf("#%d dropped %d connections of the agents to %s", i, dropped, f.Target))
+	case KindTerminate:
+		ended, err := terminateAgents(ctx, n.dbs[f.Target])
+		if err != nil {
+			n.h.note("fault", fmt.Sprintf("#%d terminate the agents' sessions on %s: %v (skipped)", i, f.Target, err))
+			n.count(key, true)
+			return
+		}
+		n.h.note("fault", fmt.Sprintf("#%d terminated %d sessions of the agents on %s (%s)", i, len(ended), f.Target, strings.Join(ended, ", ")))
 	case KindBlackhole:
 		n.proxies[f.Target].Blackhole(true)
 		n.h.note("fault", fmt.Sprintf("#%d blackhole between the agents and %s for %s", i, f.Target, f.For))
@@ -622,6 +633,48 @@ func (n *nemesis) healAll() {
 	for _, a := range n.c.agents {
 		n.healAgent(a)
 	}
+}
+
+// terminateAgents ends the agents' sessions on pg from the server's side:
+// while a plan runs they are the only sessions of the superuser postgres
+// (the application and the prober log in as the application's role, the
+// checkers run after the plan), walsenders included.
+func terminateAgents(ctx context.Context, pg *integration.Postgres) ([]string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, pg.DSN())
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close(ctx)
+	rows, err := conn.Query(ctx, `
+		SELECT pid, backend_type FROM pg_stat_activity
+		WHERE usename = 'postgres' AND pid <> pg_backend_pid()
+		  AND backend_type IN ('client backend', 'walsender')`)
+	if err != nil {
+		return nil, err
+	}
+	type session struct {
+		PID  int32
+		Type string
+	}
+	sessions, err := pgx.CollectRows(rows, pgx.RowToStructByPos[session])
+	if err != nil {
+		return nil, err
+	}
+	// One by one: in a single statement the planner may end this session
+	// before it filters it out.
+	var ended []string
+	for _, s := range sessions {
+		var ok bool
+		if err := conn.QueryRow(ctx, `SELECT pg_terminate_backend($1)`, s.PID).Scan(&ok); err != nil {
+			return ended, err
+		}
+		if ok {
+			ended = append(ended, fmt.Sprintf("%s %d", s.Type, s.PID))
+		}
+	}
+	return ended, nil
 }
 
 // phaseOrder is the forward path of a plan.

@@ -31,6 +31,10 @@ const (
 	// KindBlackhole holds every byte between the agents and a database for
 	// For, as a partition does.
 	KindBlackhole Kind = "blackhole"
+	// KindTerminate ends the agents' sessions on a database from the
+	// server's side (pg_terminate_backend), the walsender of a
+	// replication stream included.
+	KindTerminate Kind = "terminate"
 )
 
 // Fault is one fault of a schedule, triggered either at a moment (After the
@@ -103,7 +107,7 @@ var holdPoints = map[agent.Phase]string{
 var faultPhases = []agent.Phase{agent.PhaseCopying, agent.PhaseReplicating, agent.PhaseReady, agent.PhaseFenced,
 	agent.PhaseCaughtUp, agent.PhaseVerified, agent.PhaseAuthorized, agent.PhaseSwitched}
 
-// NewSchedule draws a run's faults from seed: one to three, each tied to a
+// NewSchedule draws a run's faults from seed: one to four, each tied to a
 // named phase or to a random moment in the first seconds of the plan.
 func NewSchedule(seed uint64) Schedule {
 	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
@@ -139,6 +143,17 @@ func NewSchedule(seed uint64) Schedule {
 			f.For = time.Duration(2000+rng.IntN(4000)) * time.Millisecond
 		case KindBlackhole:
 			f.For = time.Duration(500+rng.IntN(4500)) * time.Millisecond
+		}
+		s.Faults = append(s.Faults, f)
+	}
+	// Drawn last, so that adding it left the earlier draws of every seed
+	// as they were.
+	if rng.IntN(3) == 0 {
+		f := Fault{Kind: KindTerminate, Target: []string{"blue", "green"}[rng.IntN(2)]}
+		if rng.IntN(2) == 0 {
+			f.Phase = faultPhases[rng.IntN(3)] // a phase with a stream running
+		} else {
+			f.After = time.Duration(rng.IntN(12000)) * time.Millisecond
 		}
 		s.Faults = append(s.Faults, f)
 	}
