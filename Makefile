@@ -3,7 +3,7 @@ GO      ?= go
 PKGS    ?= ./...
 TIMEOUT ?= 40m
 
-.PHONY: all build test unit vet fmt-check bench demo clean
+.PHONY: all build test unit vet fmt-check bench demo nemesis clean
 
 all: build
 
@@ -33,6 +33,16 @@ bench:
 # The README's first command: a whole cutover on this machine.
 demo: build
 	./bin/cutover demo
+
+# The fault suite: RUNS whole cutovers under the fault schedules of seeds
+# SEED, SEED+1... (three agents, blue, green, Redis, an application, a
+# nemesis), each history checked. A failure prints the seed, the schedule
+# and the history's file (under nemesis-out/).
+RUNS ?= 20
+SEED ?= 1
+nemesis:
+	RUNS=$(RUNS) SEED=$(SEED) NEMESIS_DIR=$(CURDIR)/nemesis-out NEMESIS_QUIET=1 \
+		$(GO) test -count=1 -v -timeout 0 -run TestTheCutoverKeepsItsInvariantsUnderSeededFaults ./integration/nemesis/
 
 clean:
 	rm -rf bin

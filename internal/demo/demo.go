@@ -106,6 +106,14 @@ type Agent struct {
 	exited chan struct{}
 }
 
+// Signal sends sig to the agent process (SIGSTOP, SIGCONT...).
+func (a *Agent) Signal(sig os.Signal) error {
+	if a.cmd == nil || a.cmd.Process == nil {
+		return errors.New("agent not started")
+	}
+	return a.cmd.Process.Signal(sig)
+}
+
 // Kill ends the agent at once (SIGKILL).
 func (a *Agent) Kill() {
 	if a.cmd != nil && a.cmd.Process != nil {
@@ -120,6 +128,17 @@ const (
 	routeKey      = "cutover:demo:route"
 	appUser       = "app"
 	appPass       = "app-demo-password"
+)
+
+// The application's role (fenced by the plans of PlanYAML) and the Redis
+// routing key the plans flip, for drivers built on this package.
+const (
+	AppUser     = appUser
+	AppPassword = appPass
+	RouteKey    = routeKey
+	// TokenEnv is the agents' environment variable holding the operator
+	// token given to StartAgents.
+	TokenEnv = "CUTOVER_DEMO_TOKEN"
 )
 
 // Run runs the demo, writing the timeline to w.
@@ -169,7 +188,7 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 	}
 	defer rds.Stop(context.Background())
 	say("Redis (routing key %s) on %s", routeKey, rds.Addr())
-	if err := setupDatabases(ctx, blue, green, opts.Accounts); err != nil {
+	if err := SetupDatabases(ctx, blue, green, opts.Accounts); err != nil {
 		return nil, err
 	}
 	say("schema on both sides; %d accounts on blue; application role %q", opts.Accounts, appUser)
@@ -533,7 +552,10 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 	return sum, nil
 }
 
-func setupDatabases(ctx context.Context, blue, green *integration.Postgres, accounts int) error {
+// SetupDatabases creates the load's schema and the application role on
+// both sides, fills blue with accounts (and seed rows of the key-less
+// table), and leaves green empty for the initial copy.
+func SetupDatabases(ctx context.Context, blue, green *integration.Postgres, accounts int) error {
 	role := fmt.Sprintf(`
 CREATE ROLE %s LOGIN PASSWORD '%s';
 GRANT SELECT, INSERT, UPDATE, DELETE ON load_accounts, load_history, load_events TO %s;
@@ -574,6 +596,13 @@ func freePort() (int, error) {
 const holdEnv = "CUTOVER_TEST_HOLD"
 
 func startAgents(ctx context.Context, binary, dir, token string, env []string, blue, green *integration.Postgres, rds *integration.Redis) ([]*Agent, error) {
+	return StartAgents(ctx, binary, dir, token, env, planYAML(planName, blue, green, rds)+planYAML(retryPlanName, blue, green, rds))
+}
+
+// StartAgents starts three `cutover agent` processes (agent-1..3, one Raft
+// cluster) with their data and logs under dir, plans (YAML list items, see
+// PlanYAML) in their configuration, and env added to their environment.
+func StartAgents(ctx context.Context, binary, dir, token string, env []string, plans string) ([]*Agent, error) {
 	type ports struct{ raft, api int }
 	ps := make([]ports, 3)
 	for i := range ps {
@@ -608,7 +637,7 @@ func startAgents(ctx context.Context, binary, dir, token string, env []string, b
 log:
   format: json
 plans:
-%s%s`, id, filepath.Join(dir, id), ps[i].raft, peers.String(), ps[i].api, planYAML(planName, blue, green, rds), planYAML(retryPlanName, blue, green, rds))
+%s`, id, filepath.Join(dir, id), ps[i].raft, peers.String(), ps[i].api, plans)
 		path := filepath.Join(dir, id+".yaml")
 		if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 			return nil, err
@@ -628,6 +657,13 @@ plans:
 // planYAML is one plan of the agents' configuration: the demo's plan and
 // its retry (AbortFirstAt) are the same cutover of the same pair.
 func planYAML(name string, blue, green *integration.Postgres, rds *integration.Redis) string {
+	return PlanYAML(name, blue.DSN(), green.DSN(), rds.URL())
+}
+
+// PlanYAML is one plan of the agents' configuration: the demo's cutover of
+// the load's tables from blueDSN to greenDSN, flipping the routing key
+// RouteKey on the Redis at redisURL.
+func PlanYAML(name, blueDSN, greenDSN, redisURL string) string {
 	return fmt.Sprintf(`  - name: %s
     pairs:
       - name: shop
@@ -643,7 +679,7 @@ func planYAML(name string, blue, green *integration.Postgres, rds *integration.R
       targets:
         - {type: redis, dsn: "%s", key: %s}
     rollback: {window: 1h, watch: 30s}
-`, name, blue.DSN(), green.DSN(), appUser, rds.URL(), routeKey)
+`, name, blueDSN, greenDSN, appUser, redisURL, routeKey)
 }
 
 // holdPoints are the driver's fault points where the agents wait (the
@@ -704,7 +740,7 @@ func (a *Agent) start(binary, token string) error {
 		return err
 	}
 	cmd := exec.Command(binary, "agent", "--config", a.Config)
-	cmd.Env = append(append(os.Environ(), "CUTOVER_DEMO_TOKEN="+token), a.env...)
+	cmd.Env = append(append(os.Environ(), TokenEnv+"="+token), a.env...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// The agents die with the demo, even if it is killed.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}

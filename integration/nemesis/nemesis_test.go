@@ -1,0 +1,324 @@
+package nemesis
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/cutover/cutover/agent"
+	"github.com/cutover/cutover/integration"
+	"github.com/cutover/cutover/integration/load"
+)
+
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "cutover-nemesis-bin-")
+	if err != nil {
+		panic(err)
+	}
+	binary = filepath.Join(dir, "cutover")
+	out, err := exec.Command("go", "build", "-o", binary, "../../cmd/cutover").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "build cutover: %v\n%s", err, out)
+		os.Exit(2)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// envInt reads a whole number from the environment (make nemesis sets
+// RUNS and SEED).
+func envInt(t *testing.T, name string, def uint64) uint64 {
+	v := os.Getenv(name)
+	if v == "" {
+		return def
+	}
+	n, err := strconv.ParseUint(v, 10, 64)
+	if err != nil {
+		t.Fatalf("%s=%q: want a whole number", name, v)
+	}
+	return n
+}
+
+// TestTheCutoverKeepsItsInvariantsUnderSeededFaults runs RUNS plans (default
+// 1) under the fault schedules of seeds SEED, SEED+1... (default 1) and
+// checks each history. A failure names the seed, the schedule and the
+// history's file.
+func TestTheCutoverKeepsItsInvariantsUnderSeededFaults(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end: starts PostgreSQL, Redis and three agent processes per run")
+	}
+	runs, seed := envInt(t, "RUNS", 1), envInt(t, "SEED", 1)
+	// A failing run's history and agents' logs stay for the reader: under
+	// NEMESIS_DIR (make nemesis) or the system's temporary directory.
+	dir := os.Getenv("NEMESIS_DIR")
+	var stats summary
+	for s := seed; s < seed+runs; s++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+		opts := Options{Binary: binary, Seed: s, Dir: dir, Log: testLog{t, s}}
+		if os.Getenv("NEMESIS_QUIET") != "" {
+			opts.Log = nil // the timeline is in the history's file
+		}
+		res, err := Run(ctx, opts)
+		cancel()
+		if err != nil {
+			t.Fatalf("seed %d: the run failed: %v\nschedule: %s", s, err, NewSchedule(s))
+		}
+		stats.add(res)
+		t.Logf("seed %d: %s in %s, %d writes acknowledged, %d gate reads, outage %d ms, %d violations",
+			s, res.Final, res.Took.Round(time.Second), res.Acked, res.GateReads, res.OutageMS, len(res.Violations))
+		if len(res.Violations) == 0 && dir == "" {
+			os.RemoveAll(res.Dir)
+		}
+		if len(res.Violations) > 0 {
+			t.Errorf("seed %d broke an invariant:\n  %s\nschedule: %s\nhistory: %s\nagents' data and logs: %s\nrerun: make nemesis RUNS=1 SEED=%d",
+				s, strings.Join(res.Violations, "\n  "), res.Schedule, res.History, res.Dir, s)
+		}
+	}
+	t.Log(stats.String())
+}
+
+type testLog struct {
+	t    *testing.T
+	seed uint64
+}
+
+func (w testLog) Write(p []byte) (int, error) {
+	w.t.Logf("[seed %d] %s", w.seed, strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+// summary adds up runs for the closing figures.
+type summary struct {
+	runs, violating, acked int
+	outcomes               map[agent.Phase]int
+	faults                 map[string]int
+	skipped                int
+	longestOutage          int64
+}
+
+func (s *summary) add(r *Result) {
+	if s.outcomes == nil {
+		s.outcomes, s.faults = map[agent.Phase]int{}, map[string]int{}
+	}
+	s.runs++
+	if len(r.Violations) > 0 {
+		s.violating++
+	}
+	s.acked += r.Acked
+	s.outcomes[r.Final]++
+	for k, n := range r.Injected {
+		s.faults[k] += n
+	}
+	s.skipped += r.Skipped
+	s.longestOutage = max(s.longestOutage, r.OutageMS)
+}
+
+func (s *summary) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d runs, %d with violations; outcomes %v; %d writes acknowledged; longest outage %d ms; faults injected (%d skipped, no target):",
+		s.runs, s.violating, s.outcomes, s.acked, s.longestOutage, s.skipped)
+	keys := make([]string, 0, len(s.faults))
+	for k := range s.faults {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		fmt.Fprintf(&b, "\n  %-40s %d", k, s.faults[k])
+	}
+	return b.String()
+}
+
+// The checkers must see what they are there for: here the test itself
+// breaks the invariants behind the agents' back (the application's write
+// privileges given back on blue after the flip, an acknowledged row deleted
+// from green at the end), in a run without faults.
+func TestTheCheckersCatchABlueWritableAfterTheFlipAndALostWrite(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end: starts PostgreSQL, Redis and three agent processes")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	defer cancel()
+	res, err := Run(ctx, Options{Binary: binary, Schedule: &Schedule{}, Dir: t.TempDir(), Log: testLog{t, 0},
+		OnPhase: func(ctx context.Context, p agent.Phase, blue, green *integration.Postgres) error {
+			switch p {
+			case agent.PhaseSwitched:
+				return blue.Exec(ctx, "GRANT INSERT, UPDATE, DELETE ON load_accounts, load_history, load_events TO app")
+			case agent.PhaseDone:
+				return green.Exec(ctx, "DELETE FROM load_history WHERE id = (SELECT min(id) FROM load_history WHERE run = 'nemesis')")
+			}
+			return nil
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Final != agent.PhaseDone {
+		t.Fatalf("the plan ended %s, want done (violations: %v)", res.Final, res.Violations)
+	}
+	for _, want := range []string{"split brain:", "lost writes:", "end: the application can write on both sides"} {
+		found := false
+		for _, v := range res.Violations {
+			found = found || strings.HasPrefix(v, want)
+		}
+		if !found {
+			t.Errorf("no violation %q among %q", want, res.Violations)
+		}
+	}
+}
+
+func TestASeedAlwaysDrawsTheSameSchedule(t *testing.T) {
+	for seed := uint64(1); seed <= 50; seed++ {
+		a, b := NewSchedule(seed), NewSchedule(seed)
+		if a.String() != b.String() {
+			t.Fatalf("seed %d drew two schedules:\n%s\n%s", seed, a, b)
+		}
+		if len(a.Faults) == 0 {
+			t.Fatalf("seed %d drew no fault", seed)
+		}
+		for _, f := range a.Faults {
+			if _, short := holdPoints[f.Phase]; short && a.Hold != f.Phase {
+				t.Fatalf("seed %d ties a fault to %s without holding the agents there:\n%s", seed, f.Phase, a)
+			}
+		}
+	}
+	if NewSchedule(1).String() == NewSchedule(2).String() {
+		t.Error("seeds 1 and 2 drew the same schedule")
+	}
+}
+
+func TestTheGateCheckerAcceptsReadsThatFollowTheCommits(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	audit := []agent.AuditEntry{
+		{Index: 10, At: at(100), From: agent.PhaseVerified, To: agent.PhaseAuthorized},
+		{Index: 12, At: at(300), From: agent.PhaseAuthorized, To: agent.PhaseAborted},
+	}
+	obs := []Observation{{At: at(120), Index: 10}, {At: at(320), Index: 12}}
+	reads := []GateRead{
+		{Invoke: at(50), Complete: at(60), Phase: "verified", Open: false},
+		// Concurrent with the commit: either answer is fine.
+		{Invoke: at(90), Complete: at(110), Phase: "verified", Open: false},
+		{Invoke: at(130), Complete: at(140), Phase: "authorized", Open: true},
+		{Invoke: at(330), Complete: at(340), Phase: "aborted", Open: false},
+		// A closed answer without a phase (no leader) says nothing.
+		{Invoke: at(150), Complete: at(160), Reason: "no leader"},
+	}
+	if !porcupineOK(audit, obs, reads) {
+		t.Fatal("a history whose reads follow the commits was found not linearizable")
+	}
+}
+
+func TestTheGateCheckerCatchesAnOpenReadBeforeTheCommitAndAStaleOneAfterTheAbort(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	audit := []agent.AuditEntry{
+		{Index: 10, At: at(100), From: agent.PhaseVerified, To: agent.PhaseAuthorized},
+		{Index: 12, At: at(300), From: agent.PhaseAuthorized, To: agent.PhaseAborted},
+	}
+	obs := []Observation{{At: at(120), Index: 10}, {At: at(320), Index: 12}}
+	early := []GateRead{{Invoke: at(50), Complete: at(60), Phase: "authorized", Open: true}}
+	if porcupineOK(audit, obs, early) {
+		t.Error("a gate read open before authorized was proposed passed the checker")
+	}
+	stale := []GateRead{{Invoke: at(400), Complete: at(410), Phase: "authorized", Open: true}}
+	if porcupineOK(audit, obs, stale) {
+		t.Error("a gate read open after the abort was seen applied passed the checker")
+	}
+}
+
+func porcupineOK(audit []agent.AuditEntry, obs []Observation, reads []GateRead) bool {
+	h := newHistory(nil)
+	h.obs, h.gates = obs, reads
+	c := &checker{h: h}
+	v, _ := c.gate(audit)
+	return len(v) == 0
+}
+
+func TestTheProxyPassesDelaysDropsAndBlackholesDatabaseConnections(t *testing.T) {
+	pg := integration.NewPostgres(t, integration.PostgresOptions{})
+	p, err := StartProxy(fmt.Sprintf("%s:%d", pg.Host, pg.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	dsn := fmt.Sprintf("postgres://postgres@%s/%s?sslmode=disable", p.Addr(), pg.Database)
+	ctx := context.Background()
+	query := func(conn *pgx.Conn, d time.Duration) error {
+		qctx, cancel := context.WithTimeout(ctx, d)
+		defer cancel()
+		var one int
+		return conn.QueryRow(qctx, "SELECT 1").Scan(&one)
+	}
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatalf("connect through the proxy: %v", err)
+	}
+	defer conn.Close(ctx)
+	if err := query(conn, 10*time.Second); err != nil {
+		t.Fatalf("query through the proxy: %v", err)
+	}
+
+	p.SetLatency(200 * time.Millisecond)
+	began := time.Now()
+	if err := query(conn, 10*time.Second); err != nil {
+		t.Fatalf("query with latency: %v", err)
+	}
+	if took := time.Since(began); took < 400*time.Millisecond {
+		t.Errorf("a round trip with 200ms each way took %s", took)
+	}
+	p.SetLatency(0)
+
+	p.Blackhole(true)
+	if err := query(conn, 500*time.Millisecond); err == nil {
+		t.Error("a query through the blackhole was answered")
+	}
+	p.Blackhole(false)
+
+	conn2, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatalf("connect after the blackhole: %v", err)
+	}
+	defer conn2.Close(ctx)
+	if n := p.DropAll(); n < 1 {
+		t.Errorf("dropped %d connections, want at least 1", n)
+	}
+	if err := query(conn2, 10*time.Second); err == nil {
+		t.Error("a dropped connection still answered")
+	}
+	conn3, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatalf("connect after the drop: %v", err)
+	}
+	defer conn3.Close(ctx)
+	if err := query(conn3, 10*time.Second); err != nil {
+		t.Errorf("query on a new connection after the drop: %v", err)
+	}
+}
+
+func TestTheStoryCheckerCatchesAWriteOnGreenBeforeTheGateOpened(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	audit := []agent.AuditEntry{{Index: 10, At: t0, From: agent.PhaseVerified, To: agent.PhaseAuthorized}}
+	c := &checker{}
+	after := []load.Receipt{{DSN: "blue", At: t0.Add(-time.Second)}, {DSN: "green", At: t0.Add(time.Millisecond)}}
+	if v := c.story(audit, after, "green"); len(v) != 0 {
+		t.Errorf("writes on green after authorized were flagged: %v", v)
+	}
+	before := append(after, load.Receipt{DSN: "green", At: t0.Add(-time.Millisecond)})
+	if v := c.story(audit, before, "green"); len(v) != 1 {
+		t.Errorf("a write on green before authorized was not flagged: %v", v)
+	}
+	if v := c.story(nil, after, "green"); len(v) != 1 {
+		t.Errorf("a write on green without authorized in the audit log was not flagged: %v", v)
+	}
+}

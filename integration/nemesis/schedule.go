@@ -1,0 +1,161 @@
+package nemesis
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"time"
+
+	"github.com/cutover/cutover/agent"
+)
+
+// Kind is a kind of fault.
+type Kind string
+
+// The faults the nemesis injects. A database restart is not among them: the
+// harness's PostgreSQL can be stopped but not started again on the same
+// port and data directory (Stop removes both).
+const (
+	// KindKill kills an agent (SIGKILL) and starts it again from its data
+	// directory after For.
+	KindKill Kind = "kill"
+	// KindPause stops an agent (SIGSTOP) and continues it (SIGCONT) after
+	// For.
+	KindPause Kind = "pause"
+	// KindLatency adds Latency to every chunk between the agents and a
+	// database for For.
+	KindLatency Kind = "latency"
+	// KindDrop closes every connection between the agents and a database,
+	// replication stream included, at once.
+	KindDrop Kind = "drop"
+	// KindBlackhole holds every byte between the agents and a database for
+	// For, as a partition does.
+	KindBlackhole Kind = "blackhole"
+	// KindTerminate ends the agents' sessions on a database from the
+	// server's side (pg_terminate_backend), the walsender of a
+	// replication stream included.
+	KindTerminate Kind = "terminate"
+)
+
+// Fault is one fault of a schedule, triggered either at a moment (After the
+// plan's start) or when the plan is first seen in Phase.
+type Fault struct {
+	Phase agent.Phase   `json:"phase,omitempty"`
+	After time.Duration `json:"after,omitempty"`
+	Kind  Kind          `json:"kind"`
+	// Target is "leader" or "follower" (agent faults), "blue" or "green"
+	// (database link faults).
+	Target  string        `json:"target"`
+	For     time.Duration `json:"for,omitempty"`
+	Latency time.Duration `json:"latency,omitempty"`
+}
+
+func (f Fault) String() string {
+	var b strings.Builder
+	if f.Phase != "" {
+		fmt.Fprintf(&b, "in %-11s", f.Phase)
+	} else {
+		fmt.Fprintf(&b, "at +%-9s", f.After.Round(time.Millisecond))
+	}
+	fmt.Fprintf(&b, " %-9s %-8s", f.Kind, f.Target)
+	if f.Latency > 0 {
+		fmt.Fprintf(&b, " +%s", f.Latency)
+	}
+	if f.For > 0 {
+		fmt.Fprintf(&b, " for %s", f.For.Round(time.Millisecond))
+	}
+	return b.String()
+}
+
+// Schedule is what a seed decides for one run.
+type Schedule struct {
+	Seed   uint64  `json:"seed"`
+	Faults []Fault `json:"faults"`
+	// Hold is the phase the agents linger in (the CUTOVER_TEST_HOLD hook)
+	// so that a fault lands inside a phase that otherwise lasts
+	// milliseconds; empty for none.
+	Hold agent.Phase `json:"hold,omitempty"`
+	// Rollback rolls the plan back after the flip.
+	Rollback bool `json:"rollback,omitempty"`
+}
+
+func (s Schedule) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "seed %d: %d faults", s.Seed, len(s.Faults))
+	if s.Hold != "" {
+		fmt.Fprintf(&b, ", agents hold in %s", s.Hold)
+	}
+	if s.Rollback {
+		b.WriteString(", rollback after the flip")
+	}
+	for _, f := range s.Faults {
+		b.WriteString("\n  " + f.String())
+	}
+	return b.String()
+}
+
+// holdPoints are the driver's fault points (the test hook) that keep a
+// plan in a phase of milliseconds for a while.
+var holdPoints = map[agent.Phase]string{
+	agent.PhaseFenced:     "before catch-up",
+	agent.PhaseCaughtUp:   "before verify",
+	agent.PhaseVerified:   "before authorize",
+	agent.PhaseAuthorized: "before flip intent",
+}
+
+// faultPhases are the named phases a fault may be tied to.
+var faultPhases = []agent.Phase{agent.PhaseCopying, agent.PhaseReplicating, agent.PhaseReady, agent.PhaseFenced,
+	agent.PhaseCaughtUp, agent.PhaseVerified, agent.PhaseAuthorized, agent.PhaseSwitched}
+
+// NewSchedule draws a run's faults from seed: one to four, each tied to a
+// named phase or to a random moment in the first seconds of the plan.
+func NewSchedule(seed uint64) Schedule {
+	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	s := Schedule{Seed: seed, Rollback: rng.IntN(4) == 0}
+	kinds := []Kind{KindKill, KindPause, KindLatency, KindDrop, KindBlackhole}
+	n := 1 + rng.IntN(3)
+	for range n {
+		f := Fault{Kind: kinds[rng.IntN(len(kinds))]}
+		if rng.IntN(2) == 0 {
+			f.Phase = faultPhases[rng.IntN(len(faultPhases))]
+			if _, short := holdPoints[f.Phase]; short {
+				if s.Hold != "" && s.Hold != f.Phase {
+					// One hold point per run: tie this fault to a moment.
+					f.Phase = ""
+				} else {
+					s.Hold = f.Phase
+				}
+			}
+		}
+		if f.Phase == "" {
+			f.After = time.Duration(rng.IntN(12000)) * time.Millisecond
+		}
+		switch f.Kind {
+		case KindKill, KindPause:
+			f.Target = []string{"leader", "follower"}[rng.IntN(2)]
+			f.For = time.Duration(1000+rng.IntN(4000)) * time.Millisecond
+		default:
+			f.Target = []string{"blue", "green"}[rng.IntN(2)]
+		}
+		switch f.Kind {
+		case KindLatency:
+			f.Latency = time.Duration(20+rng.IntN(280)) * time.Millisecond
+			f.For = time.Duration(2000+rng.IntN(4000)) * time.Millisecond
+		case KindBlackhole:
+			f.For = time.Duration(500+rng.IntN(4500)) * time.Millisecond
+		}
+		s.Faults = append(s.Faults, f)
+	}
+	// Drawn last, so that adding it left the earlier draws of every seed
+	// as they were.
+	if rng.IntN(3) == 0 {
+		f := Fault{Kind: KindTerminate, Target: []string{"blue", "green"}[rng.IntN(2)]}
+		if rng.IntN(2) == 0 {
+			f.Phase = faultPhases[rng.IntN(3)] // a phase with a stream running
+		} else {
+			f.After = time.Duration(rng.IntN(12000)) * time.Millisecond
+		}
+		s.Faults = append(s.Faults, f)
+	}
+	return s
+}
