@@ -90,7 +90,10 @@ func (rt *planRT) replicating(ctx context.Context, plan agent.Plan, p agent.Prop
 		return err
 	}
 	if err := rt.checkDrift(ctx); err != nil {
-		return rt.abort(ctx, plan.Name, p, plan.Epoch, err.Error())
+		if errors.Is(err, errDrift) {
+			return rt.abort(ctx, plan.Name, p, plan.Epoch, err.Error())
+		}
+		return err // the schemas could not be read (a lost connection): retried
 	}
 	if err := rt.checkScope(ctx); err != nil {
 		return err
@@ -248,10 +251,14 @@ func (rt *planRT) checkDrift(ctx context.Context) error {
 		}
 	}
 	if len(problems) > 0 {
-		return fmt.Errorf("schema drift: %s", strings.Join(problems, "; "))
+		return fmt.Errorf("%w: %s", errDrift, strings.Join(problems, "; "))
 	}
 	return nil
 }
+
+// errDrift means the schemas differ: the plan aborts. Failing to read them
+// is retried.
+var errDrift = errors.New("schema drift")
 
 // cutover runs the write outage: fence blue, drain, prove catch-up through
 // the stream, sync sequences, verify what changed, and open the gate, all
@@ -262,7 +269,10 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 		return err
 	}
 	if err := rt.checkDrift(ctx); err != nil {
-		return rt.abort(ctx, plan.Name, p, plan.Epoch, err.Error())
+		if errors.Is(err, errDrift) {
+			return rt.abort(ctx, plan.Name, p, plan.Epoch, err.Error())
+		}
+		return err // the schemas could not be read (a lost connection): retried
 	}
 	if err := rt.checkScope(ctx); err != nil {
 		return err
