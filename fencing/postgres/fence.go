@@ -24,7 +24,7 @@
 // last lock and the last termination, never before.
 //
 // Fence, drain and marker run inside the database, in a procedure created at
-// Prepare (cutover.fence_v3): FenceDrain puts the fence up, drains and
+// Prepare (cutover.fence_v4): FenceDrain puts the fence up, drains and
 // writes the marker in one network round trip, which is what the outage
 // pays for on a busy server (see fenceProcSQL).
 //
@@ -186,10 +186,10 @@ CREATE TABLE IF NOT EXISTS cutover.markers (
 // The server-side fence. Their version is in their names so that agents of
 // different versions never replace each other's. v3: state per database,
 // membership (not inheritance) closure, dependent grants saved, search_path
-// pinned.
+// pinned. v4 (drain and fence): a drain that never sits in the lock queue.
 const (
-	fenceProcName   = "cutover.fence_v3"
-	drainFuncName   = "cutover.drain_v3"
+	fenceProcName   = "cutover.fence_v4"
+	drainFuncName   = "cutover.drain_v4"
 	writeACLName    = "cutover.write_acl_v3"
 	unfenceFuncName = "cutover.unfence_v3"
 	stateTable      = "cutover.fence_state_v3"
@@ -204,12 +204,33 @@ const (
 const pinPath = "pg_catalog, pg_temp"
 
 // drainFuncSQL waits for in-flight write transactions on the tables in
-// scope to end, terminating after the grace period those that still hold
-// write locks, and returns holding the tables IN SHARE MODE until the
+// scope to end, and returns holding the tables IN SHARE MODE until the
 // calling transaction ends. Run inside the fence procedure it proves the
 // drain for the marker that follows; run by a session of its own
 // (Options.Hold) it keeps fenced writers waiting until Release, with
 // idle_in_transaction_session_timeout as the server's own bound on the hold.
+//
+// The lock request never sits in the lock queue for long: a request waiting
+// there blocks every later request that conflicts with it, and a statement
+// takes its table locks while parsed, before the privilege check. Queued,
+// it kept a multi-statement transaction begun before the fence (pgbench's
+// TPC-B: five statements) from reaching its next statement, the one that
+// fails on the REVOKE and aborts it; the drain then waited its whole grace
+// and terminated transactions a few milliseconds old. So the lock is tried
+// with NOWAIT, every millisecond, and every eighth try queued for at most
+// 2 ms (so that a stream of statements, each holding its lock for the
+// microseconds between parse and privilege check, cannot starve it). In
+// between, every transaction begun before the fence reaches its next
+// statement, fails and releases its locks (or commits).
+//
+// Terminated, once the grace has passed, are only the sessions holding a
+// conflicting lock on a table in scope that are idle in a transaction
+// (they would hold it until they next speak) or still running a statement
+// begun before the drain (a long statement, which the REVOKE does not
+// stop); a session running a statement begun after the fence is on its way
+// to the privilege check and is left alone, until twice the grace, when
+// every holder is terminated. After twice the grace and a second the drain
+// gives up (lock_not_available).
 //
 // The lock loop runs in a function rather than in the procedure so that
 // both can share it: locks taken in a subtransaction that succeeds belong
@@ -219,12 +240,14 @@ CREATE OR REPLACE FUNCTION ` + drainFuncName + `(p_tables oid[], p_grace_ms int,
 RETURNS jsonb LANGUAGE plpgsql SET search_path = ` + pinPath + ` AS $drain$
 DECLARE
 	v_killed jsonb := '[]';
-	v_attempt int := 0;
+	v_killed_pids int[] := '{}';
+	v_attempts int := 0;
 	v_deadlocks int := 0;
-	v_wait int;
+	v_elapsed int;
 	v_start timestamptz := clock_timestamp();
 	v_locks text;
 	v_autovacuum int := 0;
+	v_lock_timeout text := current_setting('lock_timeout');
 BEGIN
 	IF p_hold_ms > 0 THEN
 		-- The hold ends with its session if the agent goes away: a
@@ -250,50 +273,58 @@ BEGIN
 		RETURN '{}'; -- a warm-up (see warmSession)
 	END IF;
 	LOOP
-		v_wait := p_grace_ms - (extract(epoch FROM clock_timestamp() - v_start) * 1000)::int;
-		IF v_attempt > 0 OR v_wait < 1 THEN
-			v_wait := 50; -- after terminations: just long enough for them to exit
-		END IF;
-		PERFORM set_config('lock_timeout', v_wait || 'ms', true);
+		v_attempts := v_attempts + 1;
 		BEGIN
 			-- SHARE conflicts with the ROW EXCLUSIVE lock every writer holds
 			-- to the end of its transaction: once granted, no write
 			-- transaction begun before the fence is open.
-			EXECUTE v_locks;
+			IF v_attempts % 8 = 0 THEN
+				PERFORM set_config('lock_timeout', '2ms', true);
+				EXECUTE v_locks;
+			ELSE
+				EXECUTE v_locks || ' NOWAIT';
+			END IF;
 			EXIT;
 		EXCEPTION
-			WHEN deadlock_detected THEN
-				-- Holding one table while waiting for another, we blocked
-				-- a writer that holds the other and wants the first (a
-				-- deadlock_timeout shorter than the grace). The rollback
-				-- of this block let go of what we held, so the writer goes
-				-- on: try again, within the grace.
-				v_deadlocks := v_deadlocks + 1;
-				IF v_deadlocks >= 20 THEN
-					RAISE;
-				END IF;
-				CONTINUE;
 			WHEN lock_not_available THEN
-				IF v_attempt >= 20 THEN
-					RAISE;
-				END IF;
+				NULL;
+			WHEN deadlock_detected THEN
+				-- A queued try held one table while waiting for another
+				-- (a deadlock_timeout under 2 ms): its rollback let go.
+				v_deadlocks := v_deadlocks + 1;
 		END;
-		-- Terminate the sessions still holding a lock that conflicts with
-		-- SHARE on a table in scope (writers, DDL, vacuum); nobody else.
-		SELECT v_killed || coalesce(jsonb_agg(jsonb_build_object(
-			'pid', a.pid, 'user', coalesce(a.usename::text, ''), 'application', coalesce(a.application_name, ''),
-			'state', coalesce(a.state, ''), 'xact_age_us', coalesce((extract(epoch FROM now() - a.xact_start) * 1e6)::bigint, 0),
-			'ok', pg_terminate_backend(a.pid))), '[]')
-		INTO v_killed
-		FROM pg_stat_activity a
-		WHERE a.pid IN (
-			SELECT l.pid FROM pg_locks l
-			WHERE l.granted AND l.relation = ANY(p_tables) AND l.pid <> pg_backend_pid()
-			  AND l.mode IN ('RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock'));
-		v_attempt := v_attempt + 1;
+		v_elapsed := (extract(epoch FROM clock_timestamp() - v_start) * 1000)::int;
+		IF v_elapsed >= 2 * p_grace_ms + 1000 THEN
+			RAISE EXCEPTION 'could not lock the tables in scope IN SHARE MODE within % ms', v_elapsed USING ERRCODE = 'lock_not_available';
+		END IF;
+		IF v_elapsed >= p_grace_ms THEN
+			-- Terminate the sessions still holding a lock that conflicts
+			-- with SHARE on a table in scope (writers, DDL, vacuum) that
+			-- will not let go by themselves soon; nobody else.
+			WITH k AS (
+				SELECT a.pid, a.usename, a.application_name, a.state, a.xact_start, pg_terminate_backend(a.pid) AS ok
+				FROM pg_stat_activity a
+				WHERE a.pid IN (
+					SELECT l.pid FROM pg_locks l
+					WHERE l.granted AND l.relation = ANY(p_tables) AND l.pid <> pg_backend_pid()
+					  AND l.mode IN ('RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock'))
+				  AND a.pid <> ALL(v_killed_pids)
+				  AND (a.state LIKE 'idle in transaction%' OR a.query_start < v_start OR a.backend_type <> 'client backend'
+				       OR v_elapsed >= 2 * p_grace_ms)
+			)
+			SELECT v_killed || coalesce(jsonb_agg(jsonb_build_object(
+				'pid', k.pid, 'user', coalesce(k.usename::text, ''), 'application', coalesce(k.application_name, ''),
+				'state', coalesce(k.state, ''), 'xact_age_us', coalesce((extract(epoch FROM now() - k.xact_start) * 1e6)::bigint, 0),
+				'ok', k.ok)), '[]'),
+			       v_killed_pids || coalesce(array_agg(k.pid), '{}')
+			INTO v_killed, v_killed_pids
+			FROM k;
+		END IF;
+		PERFORM pg_sleep(0.001);
 	END LOOP;
+	PERFORM set_config('lock_timeout', v_lock_timeout, true);
 	RETURN jsonb_build_object('waited_us', (extract(epoch FROM clock_timestamp() - v_start) * 1e6)::bigint,
-		'terminated', v_killed, 'autovacuum_cancelled', v_autovacuum, 'deadlocks', v_deadlocks);
+		'terminated', v_killed, 'autovacuum_cancelled', v_autovacuum, 'deadlocks', v_deadlocks, 'lock_attempts', v_attempts);
 END
 $drain$`
 
@@ -1033,7 +1064,7 @@ func (f *Fencer) drain(ctx context.Context, epoch uint64, grace time.Duration, f
 	}
 	out.Marker = fencing.Marker{Nonce: nonce, Epoch: epoch, Position: res.LSN}
 	fields := []zap.Field{zap.Uint64("epoch", epoch), zap.String("marker", nonce), zap.String("lsn", res.LSN), zap.Duration("waited", out.Waited), zap.Int("terminated", len(out.Terminated)),
-		zap.Duration("server_time", time.Duration(res.TotalUS)*time.Microsecond), zap.Int("autovacuum_cancelled", res.AutovacuumCancelled), zap.Int("deadlocks_retried", res.Deadlocks), zap.Bool("holding", out.Held)}
+		zap.Duration("server_time", time.Duration(res.TotalUS)*time.Microsecond), zap.Int("autovacuum_cancelled", res.AutovacuumCancelled), zap.Int("deadlocks_retried", res.Deadlocks), zap.Int("lock_attempts", res.LockAttempts), zap.Bool("holding", out.Held)}
 	if fence {
 		fields = append(fields, zap.Int("revokes", res.Revoked), zap.Duration("revoke_committed_after", time.Duration(res.FenceUS)*time.Microsecond))
 	}
@@ -1365,11 +1396,13 @@ type procResult struct {
 	AutovacuumCancelled int `json:"autovacuum_cancelled"`
 	// Deadlocks counts the drain's lock attempts that a writer deadlocked
 	// with (and that were retried).
-	Deadlocks  int    `json:"deadlocks"`
-	TotalUS    int64  `json:"total_us"`
-	LSN        string `json:"lsn"`
-	WaitedUS   int64  `json:"waited_us"`
-	Terminated []struct {
+	Deadlocks int `json:"deadlocks"`
+	// LockAttempts counts the drain's tries for its lock.
+	LockAttempts int    `json:"lock_attempts"`
+	TotalUS      int64  `json:"total_us"`
+	LSN          string `json:"lsn"`
+	WaitedUS     int64  `json:"waited_us"`
+	Terminated   []struct {
 		PID         int32  `json:"pid"`
 		User        string `json:"user"`
 		Application string `json:"application"`
