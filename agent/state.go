@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"maps"
 	"slices"
+	"strconv"
 	"time"
 
 	"github.com/cutover/cutover/internal/config"
@@ -234,4 +235,16 @@ type AuditEntry struct {
 	Detail string `json:"detail,omitempty"`
 	// Refused is the state machine's reason for refusing; empty if applied.
 	Refused string `json:"refused,omitempty"`
+}
+
+// WriteOutageMS is the application's write outage of the plan's flip, as
+// the driver recorded it (fact write_outage_ms): from the fence on blue to
+// a writable green with the route flipped. False before the flip.
+func (p Plan) WriteOutageMS() (int64, bool) {
+	v, ok := p.Facts["write_outage_ms"]
+	if !ok {
+		return 0, false
+	}
+	ms, err := strconv.ParseInt(v, 10, 64)
+	return ms, err == nil
 }

@@ -186,12 +186,13 @@ CREATE TABLE IF NOT EXISTS cutover.markers (
 // The server-side fence. Their version is in their names so that agents of
 // different versions never replace each other's. v3: state per database,
 // membership (not inheritance) closure, dependent grants saved, search_path
-// pinned. v4 (drain and fence): a drain that never sits in the lock queue.
+// pinned. v4 (drain, fence, unfence): a drain that never sits in the lock
+// queue; grants revoked and restored in one statement per set of tables.
 const (
 	fenceProcName   = "cutover.fence_v4"
 	drainFuncName   = "cutover.drain_v4"
 	writeACLName    = "cutover.write_acl_v3"
-	unfenceFuncName = "cutover.unfence_v3"
+	unfenceFuncName = "cutover.unfence_v4"
 	stateTable      = "cutover.fence_state_v3"
 	// legacyStateTable is v2's state, one row per plan and pair: a fence
 	// left in it is folded into the database's state at Prepare.
@@ -444,13 +445,16 @@ BEGIN
 		IF EXISTS (SELECT 1 FROM jsonb_array_elements(v_current) g WHERE (g->>'grantable')::boolean) THEN
 			v_others := ` + writeACLName + `(p_tables, v_roles, false);
 		END IF;
+		-- One REVOKE per grantor, grantee and set of privileges, over
+		-- every table granted exactly that set (column privileges: per
+		-- table and column): the statements do not grow with the tables.
 		FOR v_stmt IN
-			SELECT g->>'grantor' AS grantor,
-			       format('REVOKE %s ON %s FROM %s CASCADE',
-			              string_agg((g->>'privilege') || coalesce(' (' || (g->>'column') || ')', ''), ', '),
-			              g->>'table', g->>'grantee') AS sql
-			FROM jsonb_array_elements(v_current) g
-			GROUP BY g->>'grantor', g->>'table', g->>'column', g->>'grantee'
+			SELECT t.grantor, format('REVOKE %s ON %s FROM %s CASCADE', t.privs, string_agg(t.tbl, ', ' ORDER BY t.tbl), t.grantee) AS sql
+			FROM (SELECT g->>'grantor' AS grantor, g->>'table' AS tbl, g->>'column' AS col, g->>'grantee' AS grantee,
+			             string_agg((g->>'privilege') || coalesce(' (' || (g->>'column') || ')', ''), ', ' ORDER BY g->>'privilege') AS privs
+			      FROM jsonb_array_elements(v_current) g
+			      GROUP BY 1, 2, 3, 4) t
+			GROUP BY t.grantor, t.grantee, t.privs, CASE WHEN t.col IS NULL THEN NULL ELSE t.tbl END, t.col
 		LOOP
 			-- As the grantor, so that the REVOKE takes away that grant.
 			EXECUTE format('SET LOCAL ROLE %I', v_stmt.grantor);
@@ -573,28 +577,44 @@ BEGIN
 		END IF;
 		LOOP
 			v_next := '[]';
+			-- One GRANT per grantor, grantee, grant option and set of
+			-- privileges, over every table given exactly that set (column
+			-- privileges: per table and column): on green this runs
+			-- inside the write outage, and a statement per table cost
+			-- 2.2 ms a grant (4.4 s at 509 tables).
 			FOR v_g IN
-				SELECT g->>'grantor' AS grantor, g->>'table' AS tbl, g->>'column' AS col, g->>'grantee' AS grantee,
-				       (g->>'grantable')::boolean AS grantable, string_agg(g->>'privilege', ', ' ORDER BY g->>'privilege') AS privs,
-				       jsonb_agg(g) AS grants
-				FROM jsonb_array_elements(v_pending) g
-				GROUP BY 1, 2, 3, 4, 5
+				WITH per_table AS (
+					SELECT g->>'grantor' AS grantor, g->>'table' AS tbl, g->>'column' AS col, g->>'grantee' AS grantee,
+					       (g->>'grantable')::boolean AS grantable, string_agg(g->>'privilege', ', ' ORDER BY g->>'privilege') AS privs,
+					       jsonb_agg(g) AS grants
+					FROM jsonb_array_elements(v_pending) g
+					GROUP BY 1, 2, 3, 4, 5
+				), checked AS (
+					-- A grantor without the grant option "grants" nothing,
+					-- with only a warning: wait for the grant that gives it
+					-- back.
+					SELECT t.*, (SELECT bool_and(CASE WHEN t.col IS NULL
+					                 THEN has_table_privilege(t.grantor, t.tbl, p || ' WITH GRANT OPTION')
+					                 ELSE has_column_privilege(t.grantor, t.tbl::regclass,
+					                          (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = t.tbl::regclass AND quote_ident(a.attname) = t.col),
+					                          p || ' WITH GRANT OPTION') END)
+					        FROM unnest(string_to_array(t.privs, ', ')) p) AS can
+					FROM per_table t
+				)
+				SELECT c.grantor, c.col, c.grantee, c.grantable, c.privs, c.can,
+				       string_agg(DISTINCT c.tbl, ', ' ORDER BY c.tbl) AS tbls, min(c.tbl) AS tbl,
+				       jsonb_agg(e ORDER BY c.tbl) AS grants
+				FROM checked c, jsonb_array_elements(c.grants) e
+				GROUP BY c.grantor, c.grantee, c.grantable, c.privs, c.can, CASE WHEN c.col IS NULL THEN NULL ELSE c.tbl END, c.col
 			LOOP
-				-- A grantor without the grant option "grants" nothing, with
-				-- only a warning: wait for the grant that gives it back.
-				IF NOT (SELECT bool_and(CASE WHEN v_g.col IS NULL
-				                 THEN has_table_privilege(v_g.grantor, v_g.tbl, p || ' WITH GRANT OPTION')
-				                 ELSE has_column_privilege(v_g.grantor, v_g.tbl::regclass,
-				                          (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = v_g.tbl::regclass AND quote_ident(a.attname) = v_g.col),
-				                          p || ' WITH GRANT OPTION') END)
-				        FROM unnest(string_to_array(v_g.privs, ', ')) p) THEN
+				IF NOT v_g.can THEN
 					v_next := v_next || v_g.grants;
 					v_err := format('%s holds no grant option to give %s on %s', v_g.grantor, v_g.privs, v_g.tbl);
 					CONTINUE;
 				END IF;
 				BEGIN
 					EXECUTE format('SET LOCAL ROLE %I', v_g.grantor);
-					EXECUTE format('GRANT %s%s ON %s TO %s%s', v_g.privs, coalesce(' (' || v_g.col || ')', ''), v_g.tbl, v_g.grantee,
+					EXECUTE format('GRANT %s%s ON %s TO %s%s', v_g.privs, coalesce(' (' || v_g.col || ')', ''), v_g.tbls, v_g.grantee,
 						CASE WHEN v_g.grantable THEN ' WITH GRANT OPTION' ELSE '' END);
 					RESET ROLE;
 					v_restored := v_restored + jsonb_array_length(v_g.grants);
