@@ -541,6 +541,7 @@ DECLARE
 	v_next jsonb;
 	v_g record;
 	v_restored int := 0;
+	v_statements int := 0;
 	v_err text;
 BEGIN
 	IF p_plan IS NULL THEN
@@ -618,6 +619,7 @@ BEGIN
 						CASE WHEN v_g.grantable THEN ' WITH GRANT OPTION' ELSE '' END);
 					RESET ROLE;
 					v_restored := v_restored + jsonb_array_length(v_g.grants);
+					v_statements := v_statements + 1;
 				EXCEPTION WHEN OTHERS THEN
 					GET STACKED DIAGNOSTICS v_err = MESSAGE_TEXT;
 					v_next := v_next || v_g.grants;
@@ -635,7 +637,7 @@ BEGIN
 	    unfenced_at = CASE WHEN fenced THEN now() ELSE unfenced_at END,
 	    unfenced_by = CASE WHEN fenced THEN p_plan || '/' || p_pair || CASE WHEN p_break_glass THEN ' (break-glass)' ELSE '' END ELSE unfenced_by END
 	WHERE id;
-	RETURN jsonb_build_object('restored', v_restored, 'was_fenced', v_fenced);
+	RETURN jsonb_build_object('restored', v_restored, 'statements', v_statements, 'was_fenced', v_fenced);
 END
 $unfence$`
 
@@ -959,7 +961,7 @@ func (f *Fencer) Unfence(ctx context.Context, epoch uint64) error {
 	if err != nil {
 		return fmt.Errorf("unfence %s/%s: %w", f.opts.Plan, f.opts.Pair, err)
 	}
-	f.log.Info("unfenced", zap.Uint64("epoch", epoch), zap.Int("privileges_restored", res.Restored), zap.Duration("took", time.Since(start)))
+	f.log.Info("unfenced", zap.Uint64("epoch", epoch), zap.Int("privileges_restored", res.Restored), zap.Int("grant_statements", res.Statements), zap.Duration("took", time.Since(start)))
 	return nil
 }
 
@@ -1000,8 +1002,10 @@ func (f *Fencer) BreakGlassUnfence(ctx context.Context) (Unfenced, error) {
 }
 
 type unfenceResult struct {
-	Restored  int  `json:"restored"`
-	WasFenced bool `json:"was_fenced"`
+	Restored int `json:"restored"`
+	// Statements counts the GRANTs that restored them.
+	Statements int  `json:"statements"`
+	WasFenced  bool `json:"was_fenced"`
 }
 
 func (f *Fencer) unfence(ctx context.Context, epoch uint64, breakGlass bool) (unfenceResult, error) {
