@@ -555,17 +555,26 @@ BEGIN
 	IF v_fenced THEN
 		-- Every saved grant resolved against the catalogs: the statements
 		-- below are built from catalog names only.
-		WITH tabs AS (
-			SELECT c.oid, format('%I.%I', n.nspname, c.relname) AS name
-			FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p')
-		), resolved AS (
+		-- Each table found by an index lookup of its name (names are
+		-- schema qualified and quoted) and kept only if printed back the
+		-- same: a join with every table of the catalog, planned for the
+		-- default 100 saved grants, took seconds at 5,000 tables.
+		WITH resolved AS (
 			SELECT g, t.name AS tbl, t.oid AS reloid,
 			       (SELECT r.rolname::text FROM pg_roles r WHERE r.rolname = g->>'grantor') AS grantor,
 			       CASE WHEN g->>'grantee' = 'PUBLIC' THEN 'PUBLIC'
 			            ELSE (SELECT quote_ident(r.rolname) FROM pg_roles r WHERE quote_ident(r.rolname) = g->>'grantee') END AS grantee,
 			       (SELECT quote_ident(a.attname) FROM pg_attribute a
 			        WHERE a.attrelid = t.oid AND quote_ident(a.attname) = g->>'column' AND NOT a.attisdropped) AS col
-			FROM jsonb_array_elements(v_saved) g LEFT JOIN tabs t ON t.name = g->>'table'
+			FROM jsonb_array_elements(v_saved) g
+			LEFT JOIN LATERAL (
+				SELECT c.oid, format('%I.%I', n.nspname, c.relname) AS name
+				FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+				-- to_regclass only on a well-formed name (it raises on others).
+				WHERE c.oid = CASE WHEN g->>'table' ~ '^("([^"]|"")+"|[a-z_][a-z0-9_]*)\.("([^"]|"")+"|[a-z_][a-z0-9_]*)$'
+				                   THEN to_regclass(g->>'table') END
+				  AND c.relkind IN ('r', 'p')
+				  AND format('%I.%I', n.nspname, c.relname) = g->>'table') t ON true
 		)
 		SELECT coalesce(jsonb_agg(g) FILTER (WHERE reloid IS NULL OR grantor IS NULL OR grantee IS NULL
 		                                      OR g->>'privilege' NOT IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')
