@@ -101,6 +101,9 @@ type PlanSummary struct {
 	// Driver is how the driver fares: consecutive failures, retries, last
 	// error (replicated: every node shows it).
 	Driver *DriverStatus `json:"driver,omitempty"`
+	// WriteOutageMS is the flip's write outage (Plan.WriteOutageMS), once
+	// flipped.
+	WriteOutageMS *int64 `json:"write_outage_ms,omitempty"`
 	// Live is what the leader's driver knows now and the replicated state
 	// does not hold: lag, the outage timer, verification progress. Only
 	// the leader has it.
@@ -155,6 +158,9 @@ func (n *Node) Status() Status {
 			MissingEnv: p.MissingEnv(), LiteralSecrets: p.LiteralSecrets()}
 		if p.Step != nil {
 			s.Step = p.Step.Name
+		}
+		if ms, ok := p.WriteOutageMS(); ok {
+			s.WriteOutageMS = &ms
 		}
 		if lr, ok := n.cfg.Driver.(LiveReporter); ok && n.IsLeader() {
 			s.Live = lr.Live(p.Name)

@@ -66,13 +66,14 @@ var (
 	descGateOpen     = prometheus.NewDesc("cutover_gate_open", "1 if the plan's phase, as this node has applied it, opens the gate (not a linearizable read: ask /v1/gate).", []string{"plan"}, nil)
 	descRetries      = prometheus.NewDesc("cutover_plan_driver_retries_total", "Driver failures of the plan that were retried, over its life (replicated state).", []string{"plan"}, nil)
 	descFailures     = prometheus.NewDesc("cutover_plan_driver_consecutive_failures", "The driver's consecutive failures of the plan; 0 once it succeeds (replicated state).", []string{"plan"}, nil)
+	descWriteOutage  = prometheus.NewDesc("cutover_write_outage_seconds", "The application's write outage of the plan's flip: from the fence on blue to a writable green with the route flipped (replicated state; absent before the flip).", []string{"plan"}, nil)
 )
 
 type stateCollector struct{ n *Node }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRaftState, descRaftLeader, descIsLeader, descTerm, descCommitIndex,
-		descAppliedIndex, descFSMIndex, descLastContact, descPhase, descEpoch, descGateOpen, descRetries, descFailures} {
+		descAppliedIndex, descFSMIndex, descLastContact, descPhase, descEpoch, descGateOpen, descRetries, descFailures, descWriteOutage} {
 		ch <- d
 	}
 }
@@ -119,5 +120,8 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(descRetries, prometheus.CounterValue, float64(d.Retries), p.Name)
 		ch <- gauge(descFailures, float64(d.Failures), p.Name)
+		if ms, ok := p.WriteOutageMS(); ok {
+			ch <- gauge(descWriteOutage, float64(ms)/1000, p.Name)
+		}
 	}
 }

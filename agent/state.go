@@ -5,6 +5,7 @@ import (
 	"maps"
 	"os"
 	"slices"
+	"strconv"
 	"time"
 
 	"github.com/cutover/cutover/internal/config"
@@ -310,4 +311,16 @@ type AuditEntry struct {
 	// Summary, on an entry of op compacted, counts the older entries it
 	// stands for (see compactAudit).
 	Summary *AuditSummary `json:"summary,omitempty"`
+}
+
+// WriteOutageMS is the application's write outage of the plan's flip, as
+// the driver recorded it (fact write_outage_ms): from the fence on blue to
+// a writable green with the route flipped. False before the flip.
+func (p Plan) WriteOutageMS() (int64, bool) {
+	v, ok := p.Facts["write_outage_ms"]
+	if !ok {
+		return 0, false
+	}
+	ms, err := strconv.ParseInt(v, 10, 64)
+	return ms, err == nil
 }

@@ -194,6 +194,10 @@ func TestCutoverUnderLoadFlipsAndLosesNothing(t *testing.T) {
 	if p.Phase != agent.PhaseSwitched {
 		t.Fatalf("plan ended %s: %s\n%s", p.Phase, p.Reason, tail(c.Logs(), 40))
 	}
+	// The write outage, the headline figure, is recorded with the flip.
+	if ms, ok := p.WriteOutageMS(); !ok || ms <= 0 {
+		t.Errorf("write_outage_ms = %q: the flip did not record the write outage", p.Facts["write_outage_ms"])
+	}
 	time.Sleep(500 * time.Millisecond) // the application writes on green now
 	receipts, refused := l.Stop()
 	samples := prober.Stop()

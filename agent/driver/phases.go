@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -344,6 +345,10 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 					terminated += len(pr.terminated)
 				}
 				facts := map[string]string{"terminated_sessions": itoa(terminated)}
+				if at := rt.fenceStart.Load(); at != 0 {
+					// For the write outage, whichever leader flips.
+					facts["fence_started_at"] = time.Unix(0, at).UTC().Format(time.RFC3339Nano)
+				}
 				for _, pr := range rt.pairs {
 					facts["marker."+pr.cfg.Name] = pr.marker.Nonce + "@" + pr.marker.Position
 				}
@@ -630,10 +635,12 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 		return err
 	}
 	fields := []zap.Field{zap.Duration("reverse_ready_after", reverseReady), zap.Duration("green_unfenced_after", greenUnfenced), zap.Duration("targets_flipped_after", time.Since(began))}
-	if at := rt.lastFenceStart.Load(); at != 0 {
-		// The application's whole write outage: from the fence on blue
-		// to traffic on a writable green.
-		fields = append(fields, zap.Duration("write_outage", time.Since(time.Unix(0, at))))
+	facts := map[string]string{"flipped_at": f.At.Format(time.RFC3339Nano), "route": "green"}
+	if outage, ok := writeOutage(rt.lastFenceStart.Load(), plan.Facts["fence_started_at"]); ok {
+		// The application's whole write outage, the headline figure: from
+		// the fence on blue to traffic on a writable green.
+		fields = append(fields, zap.Duration("write_outage", outage))
+		facts["write_outage_ms"] = strconv.FormatInt(outage.Milliseconds(), 10)
 	}
 	log.Info("traffic flipped", fields...)
 	if err := rt.d.fault("after flip"); err != nil {
@@ -646,7 +653,20 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 			pr.setFwd(nil)
 		}
 	}
-	return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseSwitched, Detail: fmt.Sprintf("flipped %d targets to green", len(targets)), Reason: "traffic flipped to green", Facts: map[string]string{"flipped_at": f.At.Format(time.RFC3339Nano), "route": "green"}})
+	return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseSwitched, Detail: fmt.Sprintf("flipped %d targets to green", len(targets)), Reason: "traffic flipped to green", Facts: facts})
+}
+
+// writeOutage is the time since the fence on blue began: this leader's
+// clock when it fenced (lastFenceStart, nanoseconds), else the fact the
+// drain recorded (another leader fenced).
+func writeOutage(lastFenceStart int64, fact string) (time.Duration, bool) {
+	if lastFenceStart != 0 {
+		return time.Since(time.Unix(0, lastFenceStart)), true
+	}
+	if at, err := time.Parse(time.RFC3339Nano, fact); err == nil {
+		return time.Since(at), true
+	}
+	return 0, false
 }
 
 // refenceAttempts bounds the tries to fence green again after a failed

@@ -22,7 +22,7 @@ func newDemoCmd(g *globals) *cobra.Command {
 three cutover agents (as processes), and an application of writers that follows
 the routing key; run the whole cutover under that load; print a timeline and
 the consistency report's path; stop everything it started. The last line is a
-JSON summary (phase, outage_ms, rows_verified, writes_acknowledged,
+JSON summary (phase, write_outage_ms, outage_ms, rows_verified, writes_acknowledged,
 writes_missing, gate_open, route).
 
 With --rollback the demo also rolls back after the flip and shows that

@@ -119,6 +119,11 @@ func printStatus(w io.Writer, st agent.Status) {
 		}
 	}
 	for _, p := range st.Plans {
+		if p.WriteOutageMS != nil {
+			fmt.Fprintf(w, "%s: write outage %d ms (fence on blue to a writable green, route flipped)\n", p.Name, *p.WriteOutageMS)
+		}
+	}
+	for _, p := range st.Plans {
 		if p.Live == nil {
 			continue
 		}

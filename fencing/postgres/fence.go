@@ -24,7 +24,7 @@
 // last lock and the last termination, never before.
 //
 // Fence, drain and marker run inside the database, in a procedure created at
-// Prepare (cutover.fence_v3): FenceDrain puts the fence up, drains and
+// Prepare (cutover.fence_v4): FenceDrain puts the fence up, drains and
 // writes the marker in one network round trip, which is what the outage
 // pays for on a busy server (see fenceProcSQL).
 //
@@ -44,7 +44,12 @@
 // outside the fence: HeldBreaches finds them while they wait.
 //
 // Cost: one catalog update per table and privilege holder to fence, the same
-// to unfence; no table rewrite, no restart, no connection churn. The
+// to unfence, in one REVOKE (GRANT) per grantor, grantee and set of
+// privileges over every table given that set, not one per table; no table
+// rewrite, no restart, no connection churn. Measured at 5,000 small tables
+// (BenchmarkFenceUnfenceTables): fence about 0.6 s, unfence 0.8 s, of which
+// the bare REVOKE, GRANT and LOCK take 0.5, 0.3 and 0.2 s: still linear in
+// the tables, in the catalog. The
 // privileges taken away are saved in cutover.fence_state_v3 on the fenced
 // database itself, so any agent can unfence after a crash, restoring the same
 // grantor, grantee, privilege and grant option. That state is the
@@ -186,12 +191,13 @@ CREATE TABLE IF NOT EXISTS cutover.markers (
 // The server-side fence. Their version is in their names so that agents of
 // different versions never replace each other's. v3: state per database,
 // membership (not inheritance) closure, dependent grants saved, search_path
-// pinned.
+// pinned. v4 (drain, fence, unfence): a drain that never sits in the lock
+// queue; grants revoked and restored in one statement per set of tables.
 const (
-	fenceProcName   = "cutover.fence_v3"
-	drainFuncName   = "cutover.drain_v3"
+	fenceProcName   = "cutover.fence_v4"
+	drainFuncName   = "cutover.drain_v4"
 	writeACLName    = "cutover.write_acl_v3"
-	unfenceFuncName = "cutover.unfence_v3"
+	unfenceFuncName = "cutover.unfence_v4"
 	stateTable      = "cutover.fence_state_v3"
 	// legacyStateTable is v2's state, one row per plan and pair: a fence
 	// left in it is folded into the database's state at Prepare.
@@ -204,12 +210,33 @@ const (
 const pinPath = "pg_catalog, pg_temp"
 
 // drainFuncSQL waits for in-flight write transactions on the tables in
-// scope to end, terminating after the grace period those that still hold
-// write locks, and returns holding the tables IN SHARE MODE until the
+// scope to end, and returns holding the tables IN SHARE MODE until the
 // calling transaction ends. Run inside the fence procedure it proves the
 // drain for the marker that follows; run by a session of its own
 // (Options.Hold) it keeps fenced writers waiting until Release, with
 // idle_in_transaction_session_timeout as the server's own bound on the hold.
+//
+// The lock request never sits in the lock queue for long: a request waiting
+// there blocks every later request that conflicts with it, and a statement
+// takes its table locks while parsed, before the privilege check. Queued,
+// it kept a multi-statement transaction begun before the fence (pgbench's
+// TPC-B: five statements) from reaching its next statement, the one that
+// fails on the REVOKE and aborts it; the drain then waited its whole grace
+// and terminated transactions a few milliseconds old. So the lock is tried
+// with NOWAIT, every millisecond, and every eighth try queued for at most
+// 2 ms (so that a stream of statements, each holding its lock for the
+// microseconds between parse and privilege check, cannot starve it). In
+// between, every transaction begun before the fence reaches its next
+// statement, fails and releases its locks (or commits).
+//
+// Terminated, once the grace has passed, are only the sessions holding a
+// conflicting lock on a table in scope that are idle in a transaction
+// (they would hold it until they next speak) or still running a statement
+// begun before the drain (a long statement, which the REVOKE does not
+// stop); a session running a statement begun after the fence is on its way
+// to the privilege check and is left alone, until twice the grace, when
+// every holder is terminated. After twice the grace and a second the drain
+// gives up (lock_not_available).
 //
 // The lock loop runs in a function rather than in the procedure so that
 // both can share it: locks taken in a subtransaction that succeeds belong
@@ -219,12 +246,14 @@ CREATE OR REPLACE FUNCTION ` + drainFuncName + `(p_tables oid[], p_grace_ms int,
 RETURNS jsonb LANGUAGE plpgsql SET search_path = ` + pinPath + ` AS $drain$
 DECLARE
 	v_killed jsonb := '[]';
-	v_attempt int := 0;
+	v_killed_pids int[] := '{}';
+	v_attempts int := 0;
 	v_deadlocks int := 0;
-	v_wait int;
+	v_elapsed int;
 	v_start timestamptz := clock_timestamp();
 	v_locks text;
 	v_autovacuum int := 0;
+	v_lock_timeout text := current_setting('lock_timeout');
 BEGIN
 	IF p_hold_ms > 0 THEN
 		-- The hold ends with its session if the agent goes away: a
@@ -250,50 +279,58 @@ BEGIN
 		RETURN '{}'; -- a warm-up (see warmSession)
 	END IF;
 	LOOP
-		v_wait := p_grace_ms - (extract(epoch FROM clock_timestamp() - v_start) * 1000)::int;
-		IF v_attempt > 0 OR v_wait < 1 THEN
-			v_wait := 50; -- after terminations: just long enough for them to exit
-		END IF;
-		PERFORM set_config('lock_timeout', v_wait || 'ms', true);
+		v_attempts := v_attempts + 1;
 		BEGIN
 			-- SHARE conflicts with the ROW EXCLUSIVE lock every writer holds
 			-- to the end of its transaction: once granted, no write
 			-- transaction begun before the fence is open.
-			EXECUTE v_locks;
+			IF v_attempts % 8 = 0 THEN
+				PERFORM set_config('lock_timeout', '2ms', true);
+				EXECUTE v_locks;
+			ELSE
+				EXECUTE v_locks || ' NOWAIT';
+			END IF;
 			EXIT;
 		EXCEPTION
-			WHEN deadlock_detected THEN
-				-- Holding one table while waiting for another, we blocked
-				-- a writer that holds the other and wants the first (a
-				-- deadlock_timeout shorter than the grace). The rollback
-				-- of this block let go of what we held, so the writer goes
-				-- on: try again, within the grace.
-				v_deadlocks := v_deadlocks + 1;
-				IF v_deadlocks >= 20 THEN
-					RAISE;
-				END IF;
-				CONTINUE;
 			WHEN lock_not_available THEN
-				IF v_attempt >= 20 THEN
-					RAISE;
-				END IF;
+				NULL;
+			WHEN deadlock_detected THEN
+				-- A queued try held one table while waiting for another
+				-- (a deadlock_timeout under 2 ms): its rollback let go.
+				v_deadlocks := v_deadlocks + 1;
 		END;
-		-- Terminate the sessions still holding a lock that conflicts with
-		-- SHARE on a table in scope (writers, DDL, vacuum); nobody else.
-		SELECT v_killed || coalesce(jsonb_agg(jsonb_build_object(
-			'pid', a.pid, 'user', coalesce(a.usename::text, ''), 'application', coalesce(a.application_name, ''),
-			'state', coalesce(a.state, ''), 'xact_age_us', coalesce((extract(epoch FROM now() - a.xact_start) * 1e6)::bigint, 0),
-			'ok', pg_terminate_backend(a.pid))), '[]')
-		INTO v_killed
-		FROM pg_stat_activity a
-		WHERE a.pid IN (
-			SELECT l.pid FROM pg_locks l
-			WHERE l.granted AND l.relation = ANY(p_tables) AND l.pid <> pg_backend_pid()
-			  AND l.mode IN ('RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock'));
-		v_attempt := v_attempt + 1;
+		v_elapsed := (extract(epoch FROM clock_timestamp() - v_start) * 1000)::int;
+		IF v_elapsed >= 2 * p_grace_ms + 1000 THEN
+			RAISE EXCEPTION 'could not lock the tables in scope IN SHARE MODE within % ms', v_elapsed USING ERRCODE = 'lock_not_available';
+		END IF;
+		IF v_elapsed >= p_grace_ms THEN
+			-- Terminate the sessions still holding a lock that conflicts
+			-- with SHARE on a table in scope (writers, DDL, vacuum) that
+			-- will not let go by themselves soon; nobody else.
+			WITH k AS (
+				SELECT a.pid, a.usename, a.application_name, a.state, a.xact_start, pg_terminate_backend(a.pid) AS ok
+				FROM pg_stat_activity a
+				WHERE a.pid IN (
+					SELECT l.pid FROM pg_locks l
+					WHERE l.granted AND l.relation = ANY(p_tables) AND l.pid <> pg_backend_pid()
+					  AND l.mode IN ('RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock'))
+				  AND a.pid <> ALL(v_killed_pids)
+				  AND (a.state LIKE 'idle in transaction%' OR a.query_start < v_start OR a.backend_type <> 'client backend'
+				       OR v_elapsed >= 2 * p_grace_ms)
+			)
+			SELECT v_killed || coalesce(jsonb_agg(jsonb_build_object(
+				'pid', k.pid, 'user', coalesce(k.usename::text, ''), 'application', coalesce(k.application_name, ''),
+				'state', coalesce(k.state, ''), 'xact_age_us', coalesce((extract(epoch FROM now() - k.xact_start) * 1e6)::bigint, 0),
+				'ok', k.ok)), '[]'),
+			       v_killed_pids || coalesce(array_agg(k.pid), '{}')
+			INTO v_killed, v_killed_pids
+			FROM k;
+		END IF;
+		PERFORM pg_sleep(0.001);
 	END LOOP;
+	PERFORM set_config('lock_timeout', v_lock_timeout, true);
 	RETURN jsonb_build_object('waited_us', (extract(epoch FROM clock_timestamp() - v_start) * 1e6)::bigint,
-		'terminated', v_killed, 'autovacuum_cancelled', v_autovacuum, 'deadlocks', v_deadlocks);
+		'terminated', v_killed, 'autovacuum_cancelled', v_autovacuum, 'deadlocks', v_deadlocks, 'lock_attempts', v_attempts);
 END
 $drain$`
 
@@ -413,13 +450,16 @@ BEGIN
 		IF EXISTS (SELECT 1 FROM jsonb_array_elements(v_current) g WHERE (g->>'grantable')::boolean) THEN
 			v_others := ` + writeACLName + `(p_tables, v_roles, false);
 		END IF;
+		-- One REVOKE per grantor, grantee and set of privileges, over
+		-- every table granted exactly that set (column privileges: per
+		-- table and column): the statements do not grow with the tables.
 		FOR v_stmt IN
-			SELECT g->>'grantor' AS grantor,
-			       format('REVOKE %s ON %s FROM %s CASCADE',
-			              string_agg((g->>'privilege') || coalesce(' (' || (g->>'column') || ')', ''), ', '),
-			              g->>'table', g->>'grantee') AS sql
-			FROM jsonb_array_elements(v_current) g
-			GROUP BY g->>'grantor', g->>'table', g->>'column', g->>'grantee'
+			SELECT t.grantor, format('REVOKE %s ON %s FROM %s CASCADE', t.privs, string_agg(t.tbl, ', ' ORDER BY t.tbl), t.grantee) AS sql
+			FROM (SELECT g->>'grantor' AS grantor, g->>'table' AS tbl, g->>'column' AS col, g->>'grantee' AS grantee,
+			             string_agg((g->>'privilege') || coalesce(' (' || (g->>'column') || ')', ''), ', ' ORDER BY g->>'privilege') AS privs
+			      FROM jsonb_array_elements(v_current) g
+			      GROUP BY 1, 2, 3, 4) t
+			GROUP BY t.grantor, t.grantee, t.privs, CASE WHEN t.col IS NULL THEN NULL ELSE t.tbl END, t.col
 		LOOP
 			-- As the grantor, so that the REVOKE takes away that grant.
 			EXECUTE format('SET LOCAL ROLE %I', v_stmt.grantor);
@@ -506,6 +546,7 @@ DECLARE
 	v_next jsonb;
 	v_g record;
 	v_restored int := 0;
+	v_statements int := 0;
 	v_err text;
 BEGIN
 	IF p_plan IS NULL THEN
@@ -519,17 +560,26 @@ BEGIN
 	IF v_fenced THEN
 		-- Every saved grant resolved against the catalogs: the statements
 		-- below are built from catalog names only.
-		WITH tabs AS (
-			SELECT c.oid, format('%I.%I', n.nspname, c.relname) AS name
-			FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p')
-		), resolved AS (
+		-- Each table found by an index lookup of its name (names are
+		-- schema qualified and quoted) and kept only if printed back the
+		-- same: a join with every table of the catalog, planned for the
+		-- default 100 saved grants, took seconds at 5,000 tables.
+		WITH resolved AS (
 			SELECT g, t.name AS tbl, t.oid AS reloid,
 			       (SELECT r.rolname::text FROM pg_roles r WHERE r.rolname = g->>'grantor') AS grantor,
 			       CASE WHEN g->>'grantee' = 'PUBLIC' THEN 'PUBLIC'
 			            ELSE (SELECT quote_ident(r.rolname) FROM pg_roles r WHERE quote_ident(r.rolname) = g->>'grantee') END AS grantee,
 			       (SELECT quote_ident(a.attname) FROM pg_attribute a
 			        WHERE a.attrelid = t.oid AND quote_ident(a.attname) = g->>'column' AND NOT a.attisdropped) AS col
-			FROM jsonb_array_elements(v_saved) g LEFT JOIN tabs t ON t.name = g->>'table'
+			FROM jsonb_array_elements(v_saved) g
+			LEFT JOIN LATERAL (
+				SELECT c.oid, format('%I.%I', n.nspname, c.relname) AS name
+				FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+				-- to_regclass only on a well-formed name (it raises on others).
+				WHERE c.oid = CASE WHEN g->>'table' ~ '^("([^"]|"")+"|[a-z_][a-z0-9_]*)\.("([^"]|"")+"|[a-z_][a-z0-9_]*)$'
+				                   THEN to_regclass(g->>'table') END
+				  AND c.relkind IN ('r', 'p')
+				  AND format('%I.%I', n.nspname, c.relname) = g->>'table') t ON true
 		)
 		SELECT coalesce(jsonb_agg(g) FILTER (WHERE reloid IS NULL OR grantor IS NULL OR grantee IS NULL
 		                                      OR g->>'privilege' NOT IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')
@@ -542,31 +592,48 @@ BEGIN
 		END IF;
 		LOOP
 			v_next := '[]';
+			-- One GRANT per grantor, grantee, grant option and set of
+			-- privileges, over every table given exactly that set (column
+			-- privileges: per table and column): on green this runs
+			-- inside the write outage, and a statement per table cost
+			-- 2.2 ms a grant (4.4 s at 509 tables).
 			FOR v_g IN
-				SELECT g->>'grantor' AS grantor, g->>'table' AS tbl, g->>'column' AS col, g->>'grantee' AS grantee,
-				       (g->>'grantable')::boolean AS grantable, string_agg(g->>'privilege', ', ' ORDER BY g->>'privilege') AS privs,
-				       jsonb_agg(g) AS grants
-				FROM jsonb_array_elements(v_pending) g
-				GROUP BY 1, 2, 3, 4, 5
+				WITH per_table AS (
+					SELECT g->>'grantor' AS grantor, g->>'table' AS tbl, g->>'column' AS col, g->>'grantee' AS grantee,
+					       (g->>'grantable')::boolean AS grantable, string_agg(g->>'privilege', ', ' ORDER BY g->>'privilege') AS privs,
+					       jsonb_agg(g) AS grants
+					FROM jsonb_array_elements(v_pending) g
+					GROUP BY 1, 2, 3, 4, 5
+				), checked AS (
+					-- A grantor without the grant option "grants" nothing,
+					-- with only a warning: wait for the grant that gives it
+					-- back.
+					SELECT t.*, (SELECT bool_and(CASE WHEN t.col IS NULL
+					                 THEN has_table_privilege(t.grantor, t.tbl, p || ' WITH GRANT OPTION')
+					                 ELSE has_column_privilege(t.grantor, t.tbl::regclass,
+					                          (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = t.tbl::regclass AND quote_ident(a.attname) = t.col),
+					                          p || ' WITH GRANT OPTION') END)
+					        FROM unnest(string_to_array(t.privs, ', ')) p) AS can
+					FROM per_table t
+				)
+				SELECT c.grantor, c.col, c.grantee, c.grantable, c.privs, c.can,
+				       string_agg(DISTINCT c.tbl, ', ' ORDER BY c.tbl) AS tbls, min(c.tbl) AS tbl,
+				       jsonb_agg(e ORDER BY c.tbl) AS grants
+				FROM checked c, jsonb_array_elements(c.grants) e
+				GROUP BY c.grantor, c.grantee, c.grantable, c.privs, c.can, CASE WHEN c.col IS NULL THEN NULL ELSE c.tbl END, c.col
 			LOOP
-				-- A grantor without the grant option "grants" nothing, with
-				-- only a warning: wait for the grant that gives it back.
-				IF NOT (SELECT bool_and(CASE WHEN v_g.col IS NULL
-				                 THEN has_table_privilege(v_g.grantor, v_g.tbl, p || ' WITH GRANT OPTION')
-				                 ELSE has_column_privilege(v_g.grantor, v_g.tbl::regclass,
-				                          (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = v_g.tbl::regclass AND quote_ident(a.attname) = v_g.col),
-				                          p || ' WITH GRANT OPTION') END)
-				        FROM unnest(string_to_array(v_g.privs, ', ')) p) THEN
+				IF NOT v_g.can THEN
 					v_next := v_next || v_g.grants;
 					v_err := format('%s holds no grant option to give %s on %s', v_g.grantor, v_g.privs, v_g.tbl);
 					CONTINUE;
 				END IF;
 				BEGIN
 					EXECUTE format('SET LOCAL ROLE %I', v_g.grantor);
-					EXECUTE format('GRANT %s%s ON %s TO %s%s', v_g.privs, coalesce(' (' || v_g.col || ')', ''), v_g.tbl, v_g.grantee,
+					EXECUTE format('GRANT %s%s ON %s TO %s%s', v_g.privs, coalesce(' (' || v_g.col || ')', ''), v_g.tbls, v_g.grantee,
 						CASE WHEN v_g.grantable THEN ' WITH GRANT OPTION' ELSE '' END);
 					RESET ROLE;
 					v_restored := v_restored + jsonb_array_length(v_g.grants);
+					v_statements := v_statements + 1;
 				EXCEPTION WHEN OTHERS THEN
 					GET STACKED DIAGNOSTICS v_err = MESSAGE_TEXT;
 					v_next := v_next || v_g.grants;
@@ -584,7 +651,7 @@ BEGIN
 	    unfenced_at = CASE WHEN fenced THEN now() ELSE unfenced_at END,
 	    unfenced_by = CASE WHEN fenced THEN p_plan || '/' || p_pair || CASE WHEN p_break_glass THEN ' (break-glass)' ELSE '' END ELSE unfenced_by END
 	WHERE id;
-	RETURN jsonb_build_object('restored', v_restored, 'was_fenced', v_fenced);
+	RETURN jsonb_build_object('restored', v_restored, 'statements', v_statements, 'was_fenced', v_fenced);
 END
 $unfence$`
 
@@ -908,7 +975,7 @@ func (f *Fencer) Unfence(ctx context.Context, epoch uint64) error {
 	if err != nil {
 		return fmt.Errorf("unfence %s/%s: %w", f.opts.Plan, f.opts.Pair, err)
 	}
-	f.log.Info("unfenced", zap.Uint64("epoch", epoch), zap.Int("privileges_restored", res.Restored), zap.Duration("took", time.Since(start)))
+	f.log.Info("unfenced", zap.Uint64("epoch", epoch), zap.Int("privileges_restored", res.Restored), zap.Int("grant_statements", res.Statements), zap.Duration("took", time.Since(start)))
 	return nil
 }
 
@@ -949,8 +1016,10 @@ func (f *Fencer) BreakGlassUnfence(ctx context.Context) (Unfenced, error) {
 }
 
 type unfenceResult struct {
-	Restored  int  `json:"restored"`
-	WasFenced bool `json:"was_fenced"`
+	Restored int `json:"restored"`
+	// Statements counts the GRANTs that restored them.
+	Statements int  `json:"statements"`
+	WasFenced  bool `json:"was_fenced"`
 }
 
 func (f *Fencer) unfence(ctx context.Context, epoch uint64, breakGlass bool) (unfenceResult, error) {
@@ -1033,7 +1102,7 @@ func (f *Fencer) drain(ctx context.Context, epoch uint64, grace time.Duration, f
 	}
 	out.Marker = fencing.Marker{Nonce: nonce, Epoch: epoch, Position: res.LSN}
 	fields := []zap.Field{zap.Uint64("epoch", epoch), zap.String("marker", nonce), zap.String("lsn", res.LSN), zap.Duration("waited", out.Waited), zap.Int("terminated", len(out.Terminated)),
-		zap.Duration("server_time", time.Duration(res.TotalUS)*time.Microsecond), zap.Int("autovacuum_cancelled", res.AutovacuumCancelled), zap.Int("deadlocks_retried", res.Deadlocks), zap.Bool("holding", out.Held)}
+		zap.Duration("server_time", time.Duration(res.TotalUS)*time.Microsecond), zap.Int("autovacuum_cancelled", res.AutovacuumCancelled), zap.Int("deadlocks_retried", res.Deadlocks), zap.Int("lock_attempts", res.LockAttempts), zap.Bool("holding", out.Held)}
 	if fence {
 		fields = append(fields, zap.Int("revokes", res.Revoked), zap.Duration("revoke_committed_after", time.Duration(res.FenceUS)*time.Microsecond))
 	}
@@ -1365,11 +1434,13 @@ type procResult struct {
 	AutovacuumCancelled int `json:"autovacuum_cancelled"`
 	// Deadlocks counts the drain's lock attempts that a writer deadlocked
 	// with (and that were retried).
-	Deadlocks  int    `json:"deadlocks"`
-	TotalUS    int64  `json:"total_us"`
-	LSN        string `json:"lsn"`
-	WaitedUS   int64  `json:"waited_us"`
-	Terminated []struct {
+	Deadlocks int `json:"deadlocks"`
+	// LockAttempts counts the drain's tries for its lock.
+	LockAttempts int    `json:"lock_attempts"`
+	TotalUS      int64  `json:"total_us"`
+	LSN          string `json:"lsn"`
+	WaitedUS     int64  `json:"waited_us"`
+	Terminated   []struct {
 		PID         int32  `json:"pid"`
 		User        string `json:"user"`
 		Application string `json:"application"`

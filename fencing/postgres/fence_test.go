@@ -573,11 +573,12 @@ func TestAHoldNobodyReleasesEndsOnTheServerAfterItsBound(t *testing.T) {
 	}
 }
 
-// A writer that holds one table in scope and wants another that the drain
-// has already locked deadlocks with the drain; the drain must get out of
-// the way and try again, not fail the cutover (nor wait for the grace to
-// terminate the writer).
-func TestTheDrainRetriesWhenAWriterDeadlocksWithIt(t *testing.T) {
+// A writer that holds one table in scope and wants another once the drain
+// has begun is not blocked by the drain (which never sits in the lock
+// queue): it reaches its statement, which goes on or is refused by the
+// fence, ends by itself, and the drain takes the lock without terminating
+// it. Queued, the drain deadlocked with it (found after deadlock_timeout).
+func TestAWriterMidTransactionIsNotBlockedByTheDrainAndEndsByItself(t *testing.T) {
 	for _, hold := range []time.Duration{0, 5 * time.Second} {
 		t.Run(fmt.Sprintf("hold=%s", hold), func(t *testing.T) {
 			ctx := context.Background()
@@ -599,29 +600,31 @@ func TestTheDrainRetriesWhenAWriterDeadlocksWithIt(t *testing.T) {
 				d, err := f.FenceDrain(ctx, 1, 5*time.Second)
 				done <- drainedErr{d, err}
 			}()
-			// The drain holds accounts (locked first) and waits for history.
+			// The drain is trying for the lock.
 			deadline := time.Now().Add(10 * time.Second)
 			for {
-				var waiting bool
-				if err := e.agent.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%drain_v3%' OR query LIKE '%fence_v3%' AND wait_event_type = 'Lock')`).Scan(&waiting); err != nil {
+				var trying bool
+				if err := e.agent.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND (query LIKE '%drain_v4%' OR query LIKE '%fence_v4%') AND pid <> pg_backend_pid())`).Scan(&trying); err != nil {
 					t.Fatal(err)
 				}
-				if waiting {
+				if trying {
 					break
 				}
 				if time.Now().After(deadline) {
-					t.Fatal("the drain never waited for the writer")
+					t.Fatal("the drain never tried for the lock")
 				}
 				time.Sleep(5 * time.Millisecond)
 			}
-			// The writer now wants accounts: a deadlock, which PostgreSQL
-			// finds after deadlock_timeout (1 s).
+			start := time.Now()
 			_, werr := writer.Exec(ctx, "UPDATE accounts SET balance = balance + 1 WHERE id = 1")
 			// PostgreSQL ends one of the two: the drain (it waited first, so
 			// its deadlock check usually fires first), which then retries,
 			// or, on a starved machine, the writer.
 			if werr != nil && sqlState(werr) != "42501" && sqlState(werr) != "40P01" {
 				t.Errorf("the writer's second write: %v (want it to go on, be refused by the fence, or be the deadlock's victim)", werr)
+			}
+			if took := time.Since(start); took > time.Second {
+				t.Errorf("the writer's second write took %s: the drain blocked it", took)
 			}
 			mustExec(t, writer, "ROLLBACK")
 			var got drainedErr
@@ -631,10 +634,13 @@ func TestTheDrainRetriesWhenAWriterDeadlocksWithIt(t *testing.T) {
 				t.Fatal("the drain did not return")
 			}
 			if got.err != nil {
-				t.Fatalf("drain after a deadlock: %v", got.err)
+				t.Fatalf("drain: %v", got.err)
 			}
 			if len(got.d.Terminated) != 0 {
 				t.Errorf("terminated %+v: the writer ended by itself", got.d.Terminated)
+			}
+			if got.d.Waited >= 5*time.Second {
+				t.Errorf("the drain waited %s, its whole grace", got.d.Waited)
 			}
 			f.Release(ctx)
 		})

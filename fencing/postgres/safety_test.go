@@ -170,7 +170,7 @@ func TestPrepareRefusesACutoverSchemaThatAnotherRoleCreatedAndRunsNothingInIt(t 
 	if _, err := mallory.Exec(ctx, `
 		CREATE SCHEMA cutover;
 		CREATE TABLE cutover.ran (at timestamptz);
-		CREATE FUNCTION cutover.unfence_v3(text, text, bigint, boolean) RETURNS jsonb LANGUAGE sql
+		CREATE FUNCTION cutover.unfence_v4(text, text, bigint, boolean) RETURNS jsonb LANGUAGE sql
 			AS $$ INSERT INTO cutover.ran VALUES (now()); SELECT '{"restored": 0}'::jsonb $$;`); err != nil {
 		t.Fatal(err)
 	}
@@ -187,7 +187,7 @@ func TestPrepareRefusesACutoverSchemaThatAnotherRoleCreatedAndRunsNothingInIt(t 
 		t.Errorf("mallory's function ran %d times (%v)", ran, err)
 	}
 	var body string
-	if err := other.QueryRow(ctx, `SELECT prosrc FROM pg_proc WHERE oid = 'cutover.unfence_v3'::regproc`).Scan(&body); err != nil || !strings.Contains(body, "cutover.ran") {
+	if err := other.QueryRow(ctx, `SELECT prosrc FROM pg_proc WHERE oid = 'cutover.unfence_v4'::regproc`).Scan(&body); err != nil || !strings.Contains(body, "cutover.ran") {
 		t.Errorf("mallory's function was replaced: %q, %v", body, err)
 	}
 
@@ -201,7 +201,7 @@ func TestPrepareRefusesACutoverSchemaThatAnotherRoleCreatedAndRunsNothingInIt(t 
 		t.Errorf("app may create in schema cutover: %v, %v", publicCreate, err)
 	}
 	rows, err := e.agent.Query(ctx, `SELECT p.oid::regprocedure::text, p.prokind, coalesce(array_to_string(p.proconfig, ';'), ''), p.prosrc
-		FROM pg_proc p WHERE p.pronamespace = 'cutover'::regnamespace AND p.proname LIKE '%\_v3'`)
+		FROM pg_proc p WHERE p.pronamespace = 'cutover'::regnamespace AND p.proname LIKE '%\_v_'`)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -219,7 +219,7 @@ func TestPrepareRefusesACutoverSchemaThatAnotherRoleCreatedAndRunsNothingInIt(t 
 		}
 	}
 	if n != 4 {
-		t.Errorf("%d v3 functions in schema cutover, want 4", n)
+		t.Errorf("%d versioned functions in schema cutover, want 4", n)
 	}
 }
 

@@ -81,8 +81,13 @@ func TestDemoCutsOverUnderLoadWithThreeAgentProcesses(t *testing.T) {
 	if sum.OutageMS <= 0 || sum.RowsVerified == 0 {
 		t.Errorf("outage %d ms, rows verified %d: not measured", sum.OutageMS, sum.RowsVerified)
 	}
+	// The headline covers the whole window the application saw, of which
+	// fence to gate open is a part.
+	if sum.WriteOutageMS < sum.OutageMS {
+		t.Errorf("write outage %d ms, fence to gate open %d ms: the write outage was not measured", sum.WriteOutageMS, sum.OutageMS)
+	}
 	last := strings.TrimSpace(out[strings.LastIndex(strings.TrimSpace(out), "\n")+1:])
-	for _, key := range []string{`"phase"`, `"outage_ms"`, `"rows_verified"`, `"writes_acknowledged"`, `"writes_missing"`, `"gate_open"`, `"route"`} {
+	for _, key := range []string{`"phase"`, `"write_outage_ms"`, `"outage_ms"`, `"rows_verified"`, `"writes_acknowledged"`, `"writes_missing"`, `"gate_open"`, `"route"`} {
 		if !strings.Contains(last, key) {
 			t.Errorf("last line %q lacks %s", last, key)
 		}
