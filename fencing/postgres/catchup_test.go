@@ -279,7 +279,10 @@ func maxFenceWindowExceeded(t *testing.T, hold bool) {
 	if !errors.Is(err, fencing.ErrWindowExceeded) {
 		t.Fatalf("err = %v, want ErrWindowExceeded", err)
 	}
-	if !out.Lifted || took > max+300*time.Millisecond {
+	// The step would wait forever (the applier is paused): any bounded
+	// time proves the window ended it. The slack absorbs a loaded machine
+	// (the lift is a GRANT round trip; 989 ms was seen under the suite).
+	if !out.Lifted || took > max+3*time.Second {
 		t.Errorf("lifted=%v after %s; window %s", out.Lifted, took, max)
 	}
 	if after := privileges(t, e.fencer.pool); after != before {
