@@ -292,6 +292,11 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	if err := rt.warmTargets(ctx); err != nil {
 		return err
 	}
+	// Green's unfence ends the write outage at the flip: its sessions
+	// resolve and plan it now, outside the outage.
+	if err := rt.forEach(func(pr *pairRT) error { return pr.greenFence.WarmUnfence(ctx) }); err != nil {
+		return err
+	}
 	// What changed since the online pass would otherwise all be re-hashed
 	// inside the fence: re-check it now, online, so that the pass inside
 	// the fence only covers the last moments' changes.

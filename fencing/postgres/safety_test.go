@@ -451,3 +451,42 @@ func TestPrivilegeParityNamesWhatGreenWouldLackOnceUnfenced(t *testing.T) {
 }
 
 var _ = pgxpool.Pool{}
+
+// WarmUnfence's dry run changes nothing: the fence stays up, the saved
+// grants stay saved, the application still cannot write; the unfence after
+// it restores them all.
+func TestWarmingTheUnfenceChangesNothing(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	f := prepared(t, e.pg.DSN(), Options{Plan: "p1", Pair: "db", Tables: allTables, Roles: []string{"app"}})
+	before := privileges(t, f.pool)
+	if err := f.Fence(ctx, 5); err != nil {
+		t.Fatal(err)
+	}
+	fenced := privileges(t, f.pool)
+	st, err := f.State(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 2; i++ {
+		if err := f.WarmUnfence(ctx); err != nil {
+			t.Fatalf("warm unfence: %v", err)
+		}
+	}
+	if after := privileges(t, f.pool); after != fenced {
+		t.Errorf("privileges changed by the dry run:\n%s\n---\n%s", fenced, after)
+	}
+	if st2, err := f.State(ctx); err != nil || st2 != st {
+		t.Errorf("fence state after the dry run: %+v (%v), before %+v", st2, err, st)
+	}
+	app := connect(t, e.pg.DSNFor("cutover", "app", "app-password"))
+	if _, err := app.Exec(ctx, "INSERT INTO history (account, delta) VALUES (1, 1)"); sqlState(err) != "42501" {
+		t.Errorf("application write after the dry run: %v, want 42501", err)
+	}
+	if err := f.Unfence(ctx, 6); err != nil {
+		t.Fatal(err)
+	}
+	if after := privileges(t, f.pool); after != before {
+		t.Errorf("privileges after the unfence:\n%s\n---\n%s", before, after)
+	}
+}
