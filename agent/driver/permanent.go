@@ -6,6 +6,7 @@ import (
 
 	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/consistency"
+	fpg "github.com/cutover/cutover/fencing/postgres"
 	"github.com/cutover/cutover/internal/config"
 	"github.com/cutover/cutover/replication"
 )
@@ -33,6 +34,8 @@ var permanentErrors = []error{
 	consistency.ErrUnverifiable,
 	errUnsupported,
 	errSpec,
+	// fence.green: logins, and the agent's role may not alter the roles.
+	fpg.ErrLoginFenceUnavailable,
 }
 
 // permanent reports whether retrying cannot heal err.

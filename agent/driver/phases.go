@@ -292,8 +292,12 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	if err := rt.warmTargets(ctx); err != nil {
 		return err
 	}
-	// Green's unfence ends the write outage at the flip: its sessions
+	// Green's unfence ends the write outage at the flip: it becomes a
+	// login unlock (flat in the number of tables), and its sessions
 	// resolve and plan it now, outside the outage.
+	if err := rt.shiftGreenToLogins(ctx, plan.Epoch, log); err != nil {
+		return err
+	}
 	if err := rt.forEach(func(pr *pairRT) error { return pr.greenFence.WarmUnfence(ctx) }); err != nil {
 		return err
 	}
@@ -517,6 +521,36 @@ func (rt *planRT) privilegeParity(ctx context.Context, epoch uint64) error {
 			return fmt.Errorf("the application's privileges on green once unfenced differ from blue's (grant them on green): %s", strings.Join(diffs, "; "))
 		}
 		return nil
+	})
+}
+
+// loginSettle is how long after locking green's logins its grants come
+// back (see fpg.ShiftToLogins): far longer than a backend takes from its
+// login check to showing in pg_stat_activity.
+const loginSettle = 500 * time.Millisecond
+
+// shiftGreenToLogins moves green's fence from its grants to its logins
+// (fence.green), so that the flip only unlocks logins. An agent whose role
+// may not alter roles keeps the fence on the grants, unless the plan asks
+// for logins.
+func (rt *planRT) shiftGreenToLogins(ctx context.Context, epoch uint64, log *zap.Logger) error {
+	mode := rt.spec.Fence.Green
+	if mode == config.GreenFenceGrants {
+		return nil
+	}
+	return rt.forEach(func(pr *pairRT) error {
+		if pr.greenGrantsOnly {
+			return nil
+		}
+		// Told "logins", the operator says green's cluster serves no other
+		// database to these roles.
+		_, err := pr.greenFence.ShiftToLogins(ctx, epoch, loginSettle, mode == config.GreenFenceLogins)
+		if (errors.Is(err, fpg.ErrLoginFenceUnavailable) || errors.Is(err, fpg.ErrLoginFenceUnsafe)) && mode != config.GreenFenceLogins {
+			log.Warn("green stays fenced by its grants, and the flip gives them back inside the write outage (a catalog update per table): grant the agent's role CREATEROLE and keep these roles out of green's other databases, or set fence.green: grants to silence this", zap.String("pair", pr.cfg.Name), zap.Error(err))
+			pr.greenGrantsOnly = true
+			return nil
+		}
+		return err
 	})
 }
 

@@ -84,6 +84,9 @@ type pairRT struct {
 	// greenFencedSince is when green's fence went up, read at copying
 	// (replication's Options.GreenFencedSince).
 	greenFencedSince time.Time
+	// greenGrantsOnly: green's fence stays on its grants (the agent's role
+	// may not lock logins; see shiftGreenToLogins).
+	greenGrantsOnly bool
 	// scope is the pair's scope resolved on blue (internal/pgscope):
 	// tables are its roots, what verification compares, as schema.table
 	// (the verifier matches them exactly, case and all); fenceTables are

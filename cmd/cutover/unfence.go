@@ -26,10 +26,11 @@ func newUnfenceCmd(g *globals) *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "unfence --config FILE --pair P --side blue|green [--plan NAME] [--force]",
-		Short: "Break glass: give back the privileges a fence took, from the state saved on the database",
+		Short: "Break glass: give back the privileges and logins a fence took, from the state saved on the database",
 		Long: `Lift the fence on one side of a PostgreSQL pair by hand, from the original
 grants the fence saved on that database (cutover.fence_state_v3): every saved
-privilege is granted again by its original grantor. No quorum is needed: the
+privilege is granted again by its original grantor, and every login the fence
+locked (green, fence.green: logins) is unlocked. No quorum is needed: the
 agent cluster may be gone. The stored epoch is cleared, so that a new cluster
 can fence the database again.
 

@@ -181,6 +181,7 @@ CREATE TABLE IF NOT EXISTS cutover.fence_state_v3 (
 	unfenced_at timestamptz,
 	unfenced_by text
 );
+ALTER TABLE cutover.fence_state_v3 ADD COLUMN IF NOT EXISTS logins_locked_at timestamptz;
 CREATE TABLE IF NOT EXISTS cutover.markers (
 	nonce      text        PRIMARY KEY,
 	plan       text        NOT NULL,
@@ -193,11 +194,17 @@ CREATE TABLE IF NOT EXISTS cutover.markers (
 // membership (not inheritance) closure, dependent grants saved, search_path
 // pinned. v4 (drain, fence, unfence): a drain that never sits in the lock
 // queue; grants revoked and restored in one statement per set of tables.
+// unfence v5: logins locked by a login fence (lock_logins_v1) are saved as
+// LOGIN entries beside the grants; v4 refuses such a state (an entry
+// naming no table), so an older agent fails loudly rather than lifting
+// the grants and leaving the application unable to log in.
 const (
 	fenceProcName   = "cutover.fence_v4"
 	drainFuncName   = "cutover.drain_v4"
 	writeACLName    = "cutover.write_acl_v3"
-	unfenceFuncName = "cutover.unfence_v4"
+	unfenceFuncName = "cutover.unfence_v5"
+	loginsFuncName  = "cutover.lock_logins_v1"
+	holdersFuncName = "cutover.login_holders_v1"
 	stateTable      = "cutover.fence_state_v3"
 	// legacyStateTable is v2's state, one row per plan and pair: a fence
 	// left in it is folded into the database's state at Prepare.
@@ -520,34 +527,53 @@ END
 $proc$`
 
 // unfenceFuncSQL gives back every saved privilege, each granted by its
-// original grantor, and records the unfence, in one round trip: on green
-// it stands between the flip and the application's first write, and
-// client-driven it took two round trips per privilege (40-400 ms under
-// load). Privileges are granted per grantor, table, column, grantee and
-// grant option in one statement. A grant made by a role that itself holds
-// the privilege WITH GRANT OPTION from another can only be restored after
-// that one, so it loops until no more progress is made. The saved state
-// is checked against the catalogs before anything runs (tables, columns,
-// roles, privileges), and what runs is built from catalog names only, so
-// that a tampered state row cannot run other SQL. p_break_glass (cutover
-// unfence) skips the epoch guard and clears the epoch: the cluster whose
-// epochs it guarded may be gone, and a new one counts from the start.
-// Called with a NULL plan it only compiles (Warm). Errors: CU001 stale
-// epoch.
+// original grantor, and every login a login fence locked, and records the
+// unfence, in one round trip: on green it stands between the flip and the
+// application's first write, and client-driven it took two round trips per
+// privilege (40-400 ms under load). Privileges are granted per grantor,
+// table, column, grantee and grant option in one statement. A grant made by
+// a role that itself holds the privilege WITH GRANT OPTION from another can
+// only be restored after that one, so it loops until no more progress is
+// made. The saved state is checked against the catalogs before anything
+// runs (tables, columns, roles, privileges), and what runs is built from
+// catalog names only, so that a tampered state row cannot run other SQL.
+// p_break_glass (cutover unfence) skips the epoch guard and clears the
+// epoch: the cluster whose epochs it guarded may be gone, and a new one
+// counts from the start.
+//
+// p_keep_logins gives back, before the window, the grants of every role
+// whose logins are locked (lock_logins_v1) and keeps the fence up by the
+// locks alone: it first ends those roles' sessions on this database, and
+// refuses while any role that could log in would get a write privilege
+// back. PUBLIC's grants stay saved (any role could use them). The lift at
+// the flip then only unlocks logins: O(roles), not O(tables).
+//
+// Called with a NULL plan it returns at once; with a NULL epoch it is a
+// dry run that resolves and plans everything on this session and changes
+// nothing (WarmUnfence). Errors: CU001 stale epoch, CU002 not fenced (keep
+// logins), CU003 a session of a locked role is connected (it logged in
+// past the lock: the fence may have been breached), CU004 a role that
+// could log in would get a write privilege back.
 const unfenceFuncSQL = `
-CREATE OR REPLACE FUNCTION ` + unfenceFuncName + `(p_plan text, p_pair text, p_epoch bigint, p_break_glass boolean)
+CREATE OR REPLACE FUNCTION ` + unfenceFuncName + `(p_plan text, p_pair text, p_epoch bigint, p_break_glass boolean, p_keep_logins boolean)
 RETURNS jsonb LANGUAGE plpgsql SET search_path = ` + pinPath + ` AS $unfence$
 DECLARE
 	v_epoch bigint;
 	v_fenced boolean;
 	v_saved jsonb;
+	v_logins jsonb;
+	v_public jsonb := '[]';
 	v_bad jsonb;
 	v_pending jsonb;
 	v_next jsonb;
 	v_g record;
 	v_restored int := 0;
 	v_statements int := 0;
+	v_unlocked int := 0;
+	v_terminated int := 0;
+	v_sessions int := 0;
 	v_err text;
+	v_who text;
 	-- A dry run (no epoch) resolves and plans everything below on this
 	-- session and changes nothing (WarmUnfence): on green the unfence
 	-- runs inside the write outage, and a session's first call took
@@ -566,7 +592,61 @@ BEGIN
 			RAISE EXCEPTION 'presented %, the database has seen %', p_epoch, v_epoch USING ERRCODE = 'CU001';
 		END IF;
 	END IF;
+	IF p_keep_logins AND v_fenced IS NOT TRUE AND NOT v_dry THEN
+		RAISE EXCEPTION 'the database is not fenced' USING ERRCODE = 'CU002';
+	END IF;
 	IF v_fenced THEN
+		SELECT coalesce(jsonb_agg(g) FILTER (WHERE g->>'privilege' = 'LOGIN'), '[]'),
+		       coalesce(jsonb_agg(g) FILTER (WHERE g->>'privilege' IS DISTINCT FROM 'LOGIN'), '[]')
+		INTO v_logins, v_saved FROM jsonb_array_elements(v_saved) g;
+		IF p_keep_logins THEN
+			SELECT coalesce(jsonb_agg(g) FILTER (WHERE g->>'grantee' = 'PUBLIC'), '[]'),
+			       coalesce(jsonb_agg(g) FILTER (WHERE g->>'grantee' IS DISTINCT FROM 'PUBLIC'), '[]')
+			INTO v_public, v_saved FROM jsonb_array_elements(v_saved) g;
+			SELECT string_agg(quote_ident(h), ', ') INTO v_who FROM ` + holdersFuncName + `(v_saved) h;
+			IF v_who IS NOT NULL AND NOT v_dry THEN
+				RAISE EXCEPTION 'roles % can log in and would get write privileges back: lock their logins first', v_who USING ERRCODE = 'CU004';
+			END IF;
+			IF NOT v_dry THEN
+				-- Sessions that logged in before the lock: none may be
+				-- there when the grants come back.
+				SELECT count(*) FILTER (WHERE pg_terminate_backend(a.pid, 5000)), count(*) INTO v_terminated, v_sessions
+				FROM pg_stat_activity a
+				WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+				  AND a.usesysid IN (SELECT r.oid FROM pg_roles r WHERE quote_ident(r.rolname) IN (SELECT g->>'grantee' FROM jsonb_array_elements(v_logins) g));
+				IF v_terminated < v_sessions THEN
+					RAISE EXCEPTION '% session(s) of locked roles did not end within 5 s', v_sessions - v_terminated;
+				END IF;
+			END IF;
+		ELSIF jsonb_array_length(v_logins) > 0 AND NOT p_break_glass AND NOT v_dry THEN
+			-- Nobody logs in as a locked role: a session of one is a login
+			-- that raced the lock, or a lock lifted by hand, and may have
+			-- written.
+			SELECT string_agg(format('pid %s user %s', a.pid, a.usename), ', ') INTO v_who
+			FROM pg_stat_activity a
+			WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+			  AND a.usesysid IN (SELECT r.oid FROM pg_roles r WHERE quote_ident(r.rolname) IN (SELECT g->>'grantee' FROM jsonb_array_elements(v_logins) g));
+			IF v_who IS NOT NULL THEN
+				RAISE EXCEPTION 'sessions of roles whose logins were locked are connected (%): the fence may have been breached', v_who USING ERRCODE = 'CU003';
+			END IF;
+		END IF;
+		-- Logins first: a few roles, resolved against the catalog.
+		IF NOT p_keep_logins THEN
+			FOR v_g IN
+				SELECT g, r.rolname FROM jsonb_array_elements(v_logins) g
+				LEFT JOIN pg_roles r ON quote_ident(r.rolname) = g->>'grantee'
+			LOOP
+				IF v_g.rolname IS NULL THEN
+					RAISE EXCEPTION 'saved logins name a role that no longer exists: %', v_g.g;
+				END IF;
+				IF NOT v_dry THEN
+					EXECUTE format('ALTER ROLE %I LOGIN', v_g.rolname);
+					v_unlocked := v_unlocked + 1;
+				END IF;
+			END LOOP;
+		END IF;
+	END IF;
+	IF v_fenced AND jsonb_array_length(v_saved) > 0 THEN
 		-- Every saved grant resolved against the catalogs: the statements
 		-- below are built from catalog names only.
 		-- Each table found by an index lookup of its name (names are
@@ -606,9 +686,8 @@ BEGIN
 			v_next := '[]';
 			-- One GRANT per grantor, grantee, grant option and set of
 			-- privileges, over every table given exactly that set (column
-			-- privileges: per table and column): on green this runs
-			-- inside the write outage, and a statement per table cost
-			-- 2.2 ms a grant (4.4 s at 509 tables).
+			-- privileges: per table and column): a statement per table
+			-- cost 2.2 ms a grant (4.4 s at 509 tables).
 			FOR v_g IN
 				WITH per_table AS (
 					SELECT g->>'grantor' AS grantor, g->>'table' AS tbl, g->>'column' AS col, g->>'grantee' AS grantee,
@@ -664,14 +743,93 @@ BEGIN
 	IF v_dry THEN
 		RETURN jsonb_build_object('dry', true);
 	END IF;
+	IF p_keep_logins THEN
+		-- Still fenced, by the locks (and PUBLIC's grants, kept saved).
+		UPDATE ` + stateTable + ` SET epoch = p_epoch, saved = v_logins || v_public WHERE id;
+		RETURN jsonb_build_object('restored', v_restored, 'statements', v_statements, 'was_fenced', true,
+			'terminated', v_terminated, 'kept', jsonb_array_length(v_public));
+	END IF;
 	UPDATE ` + stateTable + `
-	SET epoch = CASE WHEN p_break_glass THEN 0 ELSE p_epoch END, fenced = false, saved = '[]',
+	SET epoch = CASE WHEN p_break_glass THEN 0 ELSE p_epoch END, fenced = false, saved = '[]', logins_locked_at = NULL,
 	    unfenced_at = CASE WHEN fenced THEN now() ELSE unfenced_at END,
 	    unfenced_by = CASE WHEN fenced THEN p_plan || '/' || p_pair || CASE WHEN p_break_glass THEN ' (break-glass)' ELSE '' END ELSE unfenced_by END
 	WHERE id;
-	RETURN jsonb_build_object('restored', v_restored, 'statements', v_statements, 'was_fenced', v_fenced);
+	RETURN jsonb_build_object('restored', v_restored, 'statements', v_statements, 'was_fenced', v_fenced, 'unlocked', v_unlocked);
 END
 $unfence$`
+
+// holdersFuncSQL lists the roles that could log in and write with the
+// grants in p_saved once given back: the grantees (PUBLIC aside) and every
+// role that is a member of one, directly or not (membership, not
+// inheritance: a NOINHERIT member can SET ROLE), that may log in, is not
+// a superuser (no fence stops one) and is not the agent.
+const holdersFuncSQL = `
+CREATE OR REPLACE FUNCTION ` + holdersFuncName + `(p_saved jsonb)
+RETURNS SETOF text LANGUAGE sql STABLE SET search_path = ` + pinPath + ` AS $holders$
+	WITH RECURSIVE holders AS (
+		SELECT r.oid FROM pg_roles r
+		WHERE quote_ident(r.rolname) IN (SELECT g->>'grantee' FROM jsonb_array_elements(p_saved) g
+		                                 WHERE g->>'privilege' IS DISTINCT FROM 'LOGIN' AND g->>'grantee' <> 'PUBLIC')
+		UNION SELECT m.member FROM pg_auth_members m JOIN holders h ON m.roleid = h.oid
+	)
+	SELECT r.rolname::text FROM holders h JOIN pg_roles r ON r.oid = h.oid
+	WHERE r.rolcanlogin AND NOT r.rolsuper AND r.rolname <> current_user
+	ORDER BY 1
+$holders$`
+
+// loginsFuncSQL is the login fence (LockLogins): every role that could log
+// in and write with the saved grants is made NOLOGIN, and saved as a LOGIN
+// entry for the unfence to unlock. Run on a database fenced by its grants;
+// the grants can then come back before the window (unfence_v5 with
+// p_keep_logins), so that the flip only unlocks logins. NOLOGIN holds for
+// the whole cluster: the roles cannot log in to its other databases
+// either until the unfence, so unless p_other_databases it refuses (CU005)
+// while they may connect to another database of the cluster (but
+// postgres and templates). Errors: CU001 stale epoch, CU002 not fenced,
+// 42501 the agent may not alter the roles (it needs CREATEROLE, or to be a
+// superuser for roles with REPLICATION or BYPASSRLS).
+const loginsFuncSQL = `
+CREATE OR REPLACE FUNCTION ` + loginsFuncName + `(p_plan text, p_pair text, p_epoch bigint, p_other_databases boolean)
+RETURNS jsonb LANGUAGE plpgsql SET search_path = ` + pinPath + ` AS $logins$
+DECLARE
+	v_epoch bigint;
+	v_fenced boolean;
+	v_saved jsonb;
+	v_role text;
+	v_locked jsonb := '[]';
+	v_dbs text;
+BEGIN
+	SELECT epoch, fenced, saved INTO v_epoch, v_fenced, v_saved FROM ` + stateTable + ` WHERE id FOR UPDATE;
+	IF v_fenced IS NOT TRUE THEN
+		RAISE EXCEPTION 'the database is not fenced' USING ERRCODE = 'CU002';
+	END IF;
+	IF v_epoch > p_epoch THEN
+		RAISE EXCEPTION 'presented %, the database has seen %', p_epoch, v_epoch USING ERRCODE = 'CU001';
+	END IF;
+	IF NOT p_other_databases THEN
+		-- NOLOGIN holds for the whole cluster: not while those roles may
+		-- connect to another database of it (one already switched, say).
+		SELECT string_agg(DISTINCT quote_ident(d.datname), ', ') INTO v_dbs
+		FROM pg_database d, ` + holdersFuncName + `(v_saved) h
+		WHERE d.datname <> current_database() AND d.datallowconn AND NOT d.datistemplate AND d.datname <> 'postgres'
+		  AND has_database_privilege(h, d.oid, 'CONNECT');
+		IF v_dbs IS NOT NULL THEN
+			RAISE EXCEPTION 'the roles to lock may connect to other databases of this cluster (%), and a login lock would keep them out of those too', v_dbs USING ERRCODE = 'CU005';
+		END IF;
+	END IF;
+	FOR v_role IN SELECT h FROM ` + holdersFuncName + `(v_saved) h LOOP
+		EXECUTE format('ALTER ROLE %I NOLOGIN', v_role);
+		v_locked := v_locked || jsonb_build_object('privilege', 'LOGIN', 'grantee', quote_ident(v_role));
+	END LOOP;
+	UPDATE ` + stateTable + `
+	SET saved = saved || v_locked, epoch = p_epoch, plan = p_plan, pair = p_pair,
+	    logins_locked_at = CASE WHEN jsonb_array_length(v_locked) > 0 OR logins_locked_at IS NULL THEN clock_timestamp() ELSE logins_locked_at END
+	WHERE id;
+	RETURN jsonb_build_object('locked', jsonb_array_length(v_locked),
+		'logins', (SELECT coalesce(jsonb_agg(g->>'grantee'), '[]') FROM jsonb_array_elements(v_saved || v_locked) g WHERE g->>'privilege' = 'LOGIN'),
+		'locked_at', (SELECT logins_locked_at FROM ` + stateTable + ` WHERE id));
+END
+$logins$`
 
 // serverObjects are created at Prepare unless already there with the same
 // body (pg_proc.prosrc is the text between the dollar quotes).
@@ -679,7 +837,9 @@ var serverObjects = []struct{ name, sql, body string }{
 	{drainFuncName, drainFuncSQL, strings.Split(drainFuncSQL, "$drain$")[1]},
 	{writeACLName, writeACLSQL, strings.Split(writeACLSQL, "$acl$")[1]},
 	{fenceProcName, fenceProcSQL, strings.Split(fenceProcSQL, "$proc$")[1]},
+	{holdersFuncName, holdersFuncSQL, strings.Split(holdersFuncSQL, "$holders$")[1]},
 	{unfenceFuncName, unfenceFuncSQL, strings.Split(unfenceFuncSQL, "$unfence$")[1]},
+	{loginsFuncName, loginsFuncSQL, strings.Split(loginsFuncSQL, "$logins$")[1]},
 }
 
 // createFenceProc creates the server-side functions unless they are there
@@ -949,7 +1109,7 @@ func (f *Fencer) warmSession(ctx context.Context, conn *pgx.Conn) error {
 	if _, err := f.callOn(ctx, conn, 0, 0, 0, "", f.tableOIDs); err != nil {
 		return err
 	}
-	_, err := conn.PgConn().Exec(ctx, fmt.Sprintf("SELECT %s('{}'::oid[], 1, 0); SELECT %s(NULL, NULL, NULL, NULL)", drainFuncName, unfenceFuncName)).ReadAll()
+	_, err := conn.PgConn().Exec(ctx, fmt.Sprintf("SELECT %s('{}'::oid[], 1, 0); SELECT %s(NULL, NULL, NULL, NULL, NULL)", drainFuncName, unfenceFuncName)).ReadAll()
 	return err
 }
 
@@ -976,7 +1136,7 @@ func (f *Fencer) WarmUnfence(ctx context.Context) error {
 	}
 	conns = append(conns, f.pool.AcquireAllIdle(ctx)...)
 	for _, c := range conns {
-		if _, err := c.Conn().PgConn().Exec(ctx, "SELECT "+unfenceFuncName+"('', '', NULL, false)").ReadAll(); err != nil {
+		if _, err := c.Conn().PgConn().Exec(ctx, "SELECT "+unfenceFuncName+"('', '', NULL, false, false)").ReadAll(); err != nil {
 			return fmt.Errorf("warm unfence: %w", err)
 		}
 	}
@@ -1019,12 +1179,101 @@ func (f *Fencer) Unfence(ctx context.Context, epoch uint64) error {
 	}
 	defer f.Release(ctx)
 	start := time.Now()
-	res, err := f.unfence(ctx, epoch, false)
+	res, err := f.unfence(ctx, epoch, false, false)
 	if err != nil {
 		return fmt.Errorf("unfence %s/%s: %w", f.opts.Plan, f.opts.Pair, err)
 	}
-	f.log.Info("unfenced", zap.Uint64("epoch", epoch), zap.Int("privileges_restored", res.Restored), zap.Int("grant_statements", res.Statements), zap.Duration("took", time.Since(start)))
+	f.log.Info("unfenced", zap.Uint64("epoch", epoch), zap.Int("privileges_restored", res.Restored), zap.Int("grant_statements", res.Statements), zap.Int("logins_unlocked", res.Unlocked), zap.Duration("took", time.Since(start)))
 	return nil
+}
+
+// ErrLoginFenceUnavailable: the agent's role may not lock the fenced roles'
+// logins (it needs CREATEROLE, or to be a superuser for roles with
+// REPLICATION or BYPASSRLS). The fence stays on the grants.
+var ErrLoginFenceUnavailable = errors.New("the agent's role may not lock the application roles' logins")
+
+// ErrLoginFenceUnsafe: the roles to lock may connect to another database
+// of the cluster, which a login lock (cluster-wide) would close to them
+// too. Nothing is changed; the fence stays on the grants.
+var ErrLoginFenceUnsafe = errors.New("a login lock would reach other databases")
+
+// LoginShift is what ShiftToLogins did.
+type LoginShift struct {
+	// Logins are the roles whose logins are locked; Restored the grants
+	// given back, in Statements GRANTs; Terminated the sessions of locked
+	// roles ended before that; KeptPublic PUBLIC's grants, still saved
+	// (the flip restores them).
+	Logins                                     []string
+	Restored, Statements, Terminated, KeptPublic int
+}
+
+// ShiftToLogins turns a fence on the grants into a fence on logins, for a
+// side that takes no application session until the window ends (green):
+// every role that could log in and write with the saved grants is made
+// NOLOGIN (saved for the unfence), and after settle, once any session
+// that logged in as one of them before the lock is ended, the grants come
+// back. The unfence at the flip then unlocks a few roles, whatever the
+// number of tables (it was a GRANT per privilege set over every table,
+// 4.4 s at 509 tables before grants were grouped).
+//
+// settle covers a login that passed its check just before the lock but
+// does not show in pg_stat_activity yet (PostgreSQL lists a backend only
+// once its start-up is done): such a session is ended with the others when
+// it shows. A session of a locked role found at the flip fails the unfence
+// (CU003: the fence may have been breached).
+//
+// The database must be fenced (Fence). The lock holds for the whole
+// cluster: the roles cannot log in to its other databases either until
+// the unfence, so unless otherDatabases it is refused (ErrLoginFenceUnsafe)
+// while they may connect to another database of the cluster (postgres and
+// templates aside). Errors: ErrLoginFenceUnavailable when the agent's role
+// may not alter the roles. Nothing is changed on an error of either kind.
+func (f *Fencer) ShiftToLogins(ctx context.Context, epoch uint64, settle time.Duration, otherDatabases bool) (LoginShift, error) {
+	var out LoginShift
+	start := time.Now()
+	var raw []byte
+	err := f.pool.QueryRow(ctx, "SELECT "+loginsFuncName+"($1::text, $2::text, $3::bigint, $4::boolean)", pgx.QueryExecModeSimpleProtocol,
+		f.opts.Plan, f.opts.Pair, int64(epoch), otherDatabases).Scan(&raw)
+	if err != nil {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "42501" {
+			return out, fmt.Errorf("%w: %s", ErrLoginFenceUnavailable, pgErr.Message)
+		}
+		if errors.As(err, &pgErr) && pgErr.Code == "CU005" {
+			return out, fmt.Errorf("%w: %s", ErrLoginFenceUnsafe, pgErr.Message)
+		}
+		return out, fmt.Errorf("lock logins %s/%s: %w", f.opts.Plan, f.opts.Pair, lockErr(err))
+	}
+	var locked struct {
+		Logins   []string  `json:"logins"`
+		LockedAt time.Time `json:"locked_at"`
+	}
+	if err := json.Unmarshal(raw, &locked); err != nil {
+		return out, fmt.Errorf("lock logins: result: %w", err)
+	}
+	out.Logins = locked.Logins
+	// The settle time counts from the lock's commit as the server saw it.
+	var waitedUS int64
+	if err := f.pool.QueryRow(ctx, "SELECT (extract(epoch FROM clock_timestamp() - $1::timestamptz) * 1e6)::bigint", locked.LockedAt).Scan(&waitedUS); err != nil {
+		return out, fmt.Errorf("lock logins: %w", err)
+	}
+	waited := time.Duration(waitedUS) * time.Microsecond
+	if rest := settle - waited; rest > 0 {
+		select {
+		case <-ctx.Done():
+			return out, ctx.Err()
+		case <-time.After(rest):
+		}
+	}
+	res, err := f.unfence(ctx, epoch, false, true)
+	if err != nil {
+		return out, fmt.Errorf("give back grants under locked logins %s/%s: %w", f.opts.Plan, f.opts.Pair, err)
+	}
+	out.Restored, out.Statements, out.Terminated, out.KeptPublic = res.Restored, res.Statements, res.Terminated, res.Kept
+	f.log.Info("fence shifted to logins", zap.Uint64("epoch", epoch), zap.Strings("logins_locked", out.Logins),
+		zap.Int("privileges_restored", out.Restored), zap.Int("sessions_terminated", out.Terminated),
+		zap.Int("public_grants_kept", out.KeptPublic), zap.Duration("took", time.Since(start)))
+	return out, nil
 }
 
 // Unfenced is what a break-glass unfence did.
@@ -1054,7 +1303,7 @@ func (f *Fencer) Inspect(ctx context.Context) (fencing.State, error) {
 // database that is not fenced is left as it is.
 func (f *Fencer) BreakGlassUnfence(ctx context.Context) (Unfenced, error) {
 	var out Unfenced
-	res, err := f.unfence(ctx, 0, true)
+	res, err := f.unfence(ctx, 0, true, false)
 	if err != nil {
 		return out, fmt.Errorf("break-glass unfence: %w", err)
 	}
@@ -1068,13 +1317,19 @@ type unfenceResult struct {
 	// Statements counts the GRANTs that restored them.
 	Statements int  `json:"statements"`
 	WasFenced  bool `json:"was_fenced"`
+	// Unlocked counts the logins given back; Terminated and Kept are a
+	// shift's (keepLogins): sessions of locked roles ended, PUBLIC's
+	// grants still saved.
+	Unlocked   int `json:"unlocked"`
+	Terminated int `json:"terminated"`
+	Kept       int `json:"kept"`
 }
 
-func (f *Fencer) unfence(ctx context.Context, epoch uint64, breakGlass bool) (unfenceResult, error) {
+func (f *Fencer) unfence(ctx context.Context, epoch uint64, breakGlass, keepLogins bool) (unfenceResult, error) {
 	var res unfenceResult
 	var raw []byte
-	err := f.pool.QueryRow(ctx, "SELECT "+unfenceFuncName+"($1::text, $2::text, $3::bigint, $4::boolean)", pgx.QueryExecModeSimpleProtocol,
-		f.opts.Plan, f.opts.Pair, int64(epoch), breakGlass).Scan(&raw)
+	err := f.pool.QueryRow(ctx, "SELECT "+unfenceFuncName+"($1::text, $2::text, $3::bigint, $4::boolean, $5::boolean)", pgx.QueryExecModeSimpleProtocol,
+		f.opts.Plan, f.opts.Pair, int64(epoch), breakGlass, keepLogins).Scan(&raw)
 	if err != nil {
 		return res, lockErr(err)
 	}

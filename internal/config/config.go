@@ -235,7 +235,25 @@ type Fence struct {
 	// DrainGrace is how long in-flight write transactions may run after the
 	// fence before they are terminated.
 	DrainGrace Duration `yaml:"drain_grace" json:"drain_grace"`
+	// Green is how green is kept from the application until the flip
+	// (PostgreSQL): "logins" locks the logins of the roles that could
+	// write, with their grants given back before the window, so that the
+	// flip unlocks a few roles whatever the number of tables (NOLOGIN holds
+	// for green's whole cluster until then); "grants" keeps their write
+	// grants revoked, and the flip gives them back inside the window (one
+	// GRANT per privilege set, a catalog update per table). Empty or
+	// "auto": logins when the agent's role may alter the roles
+	// (CREATEROLE or superuser) and they may connect to no other database
+	// of green's cluster (postgres aside), else grants.
+	Green string `yaml:"green,omitempty" json:"green,omitempty"`
 }
+
+// The ways green is kept from the application until the flip (Fence.Green).
+const (
+	GreenFenceAuto   = "auto"
+	GreenFenceLogins = "logins"
+	GreenFenceGrants = "grants"
+)
 
 // Verify configures row checksum verification.
 type Verify struct {

@@ -305,6 +305,11 @@ func (p *Plan) validate(ps *problems, key string) {
 	} else if w > 0 && g >= w {
 		ps.add(key+".fence.drain_grace", "%s must be shorter than max_fence_window (%s), which also has to fit catch-up and verification", g, w)
 	}
+	switch p.Fence.Green {
+	case "", GreenFenceAuto, GreenFenceLogins, GreenFenceGrants:
+	default:
+		ps.add(key+".fence.green", "%q is not one of auto, logins, grants", p.Fence.Green)
+	}
 	if p.Verify.ChunkTime <= 0 {
 		ps.add(key+".verify.chunk_time", "must be positive")
 	}
