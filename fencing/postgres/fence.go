@@ -1203,7 +1203,7 @@ type LoginShift struct {
 	// given back, in Statements GRANTs; Terminated the sessions of locked
 	// roles ended before that; KeptPublic PUBLIC's grants, still saved
 	// (the flip restores them).
-	Logins                                     []string
+	Logins                                       []string
 	Restored, Statements, Terminated, KeptPublic int
 }
 
