@@ -140,10 +140,14 @@ func specForAPI(spec config.Plan) map[string]any {
 	for _, t := range spec.Switch.Targets {
 		targets = append(targets, map[string]any{"type": t.Type, "dsn": t.DSN.Reveal(), "key": t.Key, "channel": t.Channel, "timeout": t.Timeout.D().String()})
 	}
+	fence := map[string]any{"max_fence_window": spec.Fence.MaxFenceWindow.D().String(), "drain_grace": spec.Fence.DrainGrace.D().String()}
+	if spec.Fence.Green != "" {
+		fence["green"] = spec.Fence.Green
+	}
 	return map[string]any{
 		"name": spec.Name, "pairs": pairs,
 		"lag":      map[string]any{"max_bytes": int64(spec.Lag.MaxBytes), "max_delay": spec.Lag.MaxDelay.D().String(), "hold": spec.Lag.Hold.D().String()},
-		"fence":    map[string]any{"max_fence_window": spec.Fence.MaxFenceWindow.D().String(), "drain_grace": spec.Fence.DrainGrace.D().String()},
+		"fence":    fence,
 		"verify":   map[string]any{"enabled": *spec.Verify.Enabled, "chunk_time": spec.Verify.ChunkTime.D().String(), "parallel": spec.Verify.Parallel},
 		"switch":   map[string]any{"targets": targets},
 		"rollback": map[string]any{"window": spec.Rollback.Window.D().String(), "watch": spec.Rollback.Watch.D().String(), "interval": spec.Rollback.Interval.D().String(), "failures": spec.Rollback.Failures},
