@@ -48,8 +48,11 @@ func BenchmarkWriteOutageByTables(b *testing.B) {
 	}
 	const accounts = 2000
 	ctx := context.Background()
-	blue := integration.NewPostgres(b, integration.PostgresOptions{})
-	green := integration.NewPostgres(b, integration.PostgresOptions{})
+	// The drain locks every table at once: 5,000 need more than the
+	// default lock table (the fence's Prepare says so).
+	wide := integration.PostgresOptions{Settings: map[string]string{"max_locks_per_transaction": "256"}}
+	blue := integration.NewPostgres(b, wide)
+	green := integration.NewPostgres(b, wide)
 	rds := integration.NewRedis(b, integration.RedisOptions{})
 	// The harness's own database stands for nothing the application uses.
 	if err := green.Exec(ctx, "REVOKE CONNECT ON DATABASE cutover FROM PUBLIC"); err != nil {
@@ -72,8 +75,11 @@ func BenchmarkWriteOutageByTables(b *testing.B) {
 					spec.Fence.Green = lift
 					spec.Fence.MaxFenceWindow = config.Duration(30 * time.Second)
 					for _, side := range []*integration.Postgres{blue, green} {
-						if err := execIn(ctx, side.DSNFor(name, "postgres", ""), wideSchema(tables, side == blue)); err != nil {
-							b.Fatal(err)
+						// In transactions of 500 tables: each takes a lock.
+						for from := 1; from <= tables; from += 500 {
+							if err := execIn(ctx, side.DSNFor(name, "postgres", ""), wideSchema(from, min(from+499, tables), side == blue)); err != nil {
+								b.Fatal(err)
+							}
 						}
 					}
 					l := load.Start(ctx, load.Options{Run: name, Target: func() string { return blue.DSNFor(name, "app", "app-password") }, Writers: writers, Accounts: accounts})
@@ -140,21 +146,19 @@ func BenchmarkWriteOutageByTables(b *testing.B) {
 	}
 }
 
-// wideSchema creates n small tables written by the application's role,
-// with a row each when withRows (blue; green's are filled by the copy).
-func wideSchema(n int, withRows bool) string {
-	if n == 0 {
-		return "SELECT 1"
-	}
+// wideSchema creates tables wide_from..wide_to written by the
+// application's role, with a row each when withRows (blue; green's are
+// filled by the copy).
+func wideSchema(from, to int, withRows bool) string {
 	insert := ""
 	if withRows {
 		insert = "EXECUTE format('INSERT INTO wide_%s VALUES (1, 0)', i);"
 	}
 	return fmt.Sprintf(`DO $$ BEGIN
-	FOR i IN 1..%d LOOP
+	FOR i IN %d..%d LOOP
 		EXECUTE format('CREATE TABLE wide_%%s (id int PRIMARY KEY, v int NOT NULL)', i);
 		%s
 		EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON wide_%%s TO app', i);
 	END LOOP;
-END $$`, n, insert)
+END $$`, from, to, insert)
 }

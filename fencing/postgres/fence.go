@@ -1028,6 +1028,9 @@ func (f *Fencer) Prepare(ctx context.Context) error {
 			return fmt.Errorf("fence: roles %s are superusers, which no privilege can fence: give the application a non-superuser role", strings.Join(supers, ", "))
 		}
 	}
+	if err := checkLockCapacity(ctx, f.pool, oids); err != nil {
+		return err
+	}
 	if err := f.setUp(ctx); err != nil {
 		return err
 	}
@@ -1051,6 +1054,32 @@ func (f *Fencer) Prepare(ctx context.Context) error {
 	}
 	f.tableOIDs = oids
 	return f.Warm(ctx)
+}
+
+// checkLockCapacity refuses tables the drain could not lock all at once:
+// it holds a SHARE lock on every table in scope (partitions included, as
+// LOCK TABLE takes them) in one transaction, and the server's lock table
+// is shared by every session, max_locks_per_transaction x
+// (max_connections + max_prepared_transactions) entries in all. Past that
+// the drain would fail inside the outage with "out of shared memory";
+// half of it is left to the application.
+func checkLockCapacity(ctx context.Context, pool *pgxpool.Pool, oids []uint32) error {
+	var locks, perTx, capacity int64
+	err := pool.QueryRow(ctx, `
+		SELECT (SELECT count(*) FROM pg_catalog.pg_class c
+		        WHERE c.oid = ANY($1::oid[]) OR c.oid IN (SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = ANY($1::oid[]))),
+		       current_setting('max_locks_per_transaction')::bigint,
+		       current_setting('max_locks_per_transaction')::bigint *
+		       (current_setting('max_connections')::bigint + current_setting('max_prepared_transactions')::bigint)`, oids).Scan(&locks, &perTx, &capacity)
+	if err != nil {
+		return fmt.Errorf("fence: read the lock table's size: %w", err)
+	}
+	if 2*locks > capacity {
+		conns := capacity / perTx
+		need := (2*locks + conns - 1) / conns
+		return fmt.Errorf("fence: the drain locks %d tables at once, more than half of the server's lock table (max_locks_per_transaction %d x %d connections = %d locks, shared by every session): set max_locks_per_transaction to at least %d (a restart), or narrow the scope", locks, perTx, conns, capacity, need)
+	}
+	return nil
 }
 
 // warmSessions is how many sessions Warm makes ready: one for the fence,

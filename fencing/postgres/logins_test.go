@@ -3,6 +3,7 @@ package postgres
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -242,5 +243,35 @@ func TestTheLoginFenceRefusesWhenTheRolesUseAnotherDatabaseOfTheCluster(t *testi
 	}
 	if err := f.Unfence(ctx, 2); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// More tables than the drain can lock at once are refused at Prepare,
+// naming the setting to raise, before anything is changed.
+func TestPrepareRefusesMoreTablesThanTheDrainCanLock(t *testing.T) {
+	ctx := context.Background()
+	// 10 connections x 10 locks: a lock table of 100 entries.
+	pg := integration.NewPostgres(t, integration.PostgresOptions{Settings: map[string]string{"max_connections": "10", "max_locks_per_transaction": "10"}})
+	if err := pg.Exec(ctx, appSetup); err != nil {
+		t.Fatal(err)
+	}
+	tables := slices.Clone(allTables)
+	for i := 0; i < 60; i++ {
+		if err := pg.Exec(ctx, fmt.Sprintf("CREATE TABLE extra_%d (id int PRIMARY KEY); GRANT INSERT ON extra_%d TO app", i, i)); err != nil {
+			t.Fatal(err)
+		}
+		tables = append(tables, fmt.Sprintf("public.extra_%d", i))
+	}
+	f := New(newPool(t, pg.DSN()), Options{Plan: "p1", Pair: "db", Tables: tables, Roles: []string{"app"}})
+	err := f.Prepare(ctx)
+	if err == nil || !strings.Contains(err.Error(), "max_locks_per_transaction to at least") {
+		t.Fatalf("prepare with 63 tables and a lock table of 100: %v, want a refusal naming max_locks_per_transaction", err)
+	}
+	var exists bool
+	if err := newPool(t, pg.DSN()).QueryRow(ctx, "SELECT to_regnamespace('cutover') IS NOT NULL").Scan(&exists); err != nil || exists {
+		t.Errorf("schema cutover created by a refused prepare: %v %v", exists, err)
+	}
+	if err := New(newPool(t, pg.DSN()), Options{Plan: "p1", Pair: "db", Tables: allTables, Roles: []string{"app"}}).Prepare(ctx); err != nil {
+		t.Errorf("prepare with 3 tables: %v", err)
 	}
 }
