@@ -656,6 +656,15 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 	f := target.Flip{Plan: plan.Name, From: "blue", To: "green", Epoch: epoch, Positions: positions, At: time.Now().UTC()}
 	// Green takes writes from here; blue stays fenced (invariant 1).
 	if err := rt.forEach(func(pr *pairRT) error { return pr.greenFence.Unfence(ctx, epoch) }); err != nil {
+		if errors.Is(err, fpg.ErrLoginBreach) && ctx.Err() == nil {
+			// Someone is on green past its login lock, with the grants
+			// back: fence its grants, then abort (green may have taken a
+			// write; the plan cannot flip to it).
+			if ferr := rt.refenceGreen(ctx, epoch, log); ferr != nil {
+				return fmt.Errorf("%w; and green could not be fenced again, so blue stays fenced: %v", err, ferr)
+			}
+			return rt.abort(ctx, plan.Name, p, epoch, "green's fence was breached before the flip: "+err.Error())
+		}
 		return err
 	}
 	greenUnfenced := time.Since(began)

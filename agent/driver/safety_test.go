@@ -168,3 +168,42 @@ func TestAFailedFlipNeverUnfencesBlueUntilGreenIsFencedAgain(t *testing.T) {
 		t.Errorf("an application write on green after the abort: %v, want 42501", err)
 	}
 }
+
+// Green's fence moves to logins before the window; a session that gets
+// onto green past the lock (here the lock lifted by hand and a login
+// made) has the grants back and may write. The flip finds it: green's
+// grants are fenced again and the plan aborts, blue unfenced; it never
+// flips to a green that took a write of its own.
+func TestABreachOfGreensLoginFenceAbortsTheFlip(t *testing.T) {
+	s := newScenario(t, 100)
+	var breached atomic.Bool
+	intruder := make(chan *pgconn.PgConn, 1)
+	c := newCluster(t, Options{Fault: func(point string) error {
+		if point != "before flip" || breached.Swap(true) {
+			return nil
+		}
+		ctx := context.Background()
+		if err := s.green.Exec(ctx, "ALTER ROLE app LOGIN"); err != nil {
+			return err
+		}
+		conn, err := pgconn.Connect(ctx, s.green.DSNFor("cutover", "app", "app-password"))
+		if err != nil {
+			return err
+		}
+		intruder <- conn
+		return nil
+	}})
+	createAndStart(t, c, s.spec)
+	p := waitPhase(t, c, "shop", 3*time.Minute, agent.PhaseAborted, agent.PhaseSwitched)
+	if p.Phase != agent.PhaseAborted || !strings.Contains(p.Reason, "breached") {
+		t.Fatalf("plan %s (%s), want aborted for a breach of green's fence", p.Phase, p.Reason)
+	}
+	conn := <-intruder
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(context.Background(), "UPDATE load_accounts SET balance = balance + 1 WHERE id = 3").ReadAll(); !isInsufficientPrivilege(err) {
+		t.Errorf("the intruder's write on green after the abort: %v, want 42501", err)
+	}
+	agenttest.Eventually(t, 30*time.Second, func() error {
+		return appWrite(s.blue.DSNFor("cutover", "app", "app-password"))
+	})
+}

@@ -1226,6 +1226,12 @@ var ErrLoginFenceUnavailable = errors.New("the agent's role may not lock the app
 // too. Nothing is changed; the fence stays on the grants.
 var ErrLoginFenceUnsafe = errors.New("a login lock would reach other databases")
 
+// ErrLoginBreach: a session of a role whose login the fence locked is
+// connected: it got in past the lock (or the lock was lifted by hand), and
+// with the grants back it may have written. Unfence refuses; the grants
+// must be fenced again before anything else.
+var ErrLoginBreach = errors.New("a session of a role whose login is locked is connected")
+
 // LoginShift is what ShiftToLogins did.
 type LoginShift struct {
 	// Logins are the roles whose logins are locked; Restored the grants
@@ -1833,6 +1839,8 @@ func lockErr(err error) error {
 			return fmt.Errorf("%w: %s", fencing.ErrStaleEpoch, pgErr.Message)
 		case "CU002":
 			return fmt.Errorf("%w: %s", fencing.ErrNotFenced, pgErr.Message)
+		case "CU003":
+			return fmt.Errorf("%w: %s", ErrLoginBreach, pgErr.Message)
 		case "55P03":
 			return fmt.Errorf("lock tables: %w", err)
 		}
