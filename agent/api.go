@@ -631,11 +631,11 @@ func (n *Node) handleCreatePlan(ctx context.Context, r *http.Request, body []byt
 		source = "config"
 	case len(req.Spec) > 0:
 		var err error
-		if spec, err = ParsePlanSpec(req.Spec, n.fsm.env.getenv()); err != nil {
+		if spec, err = ParsePlanSpec(req.Spec, n.fsm.env.getenv(), n.cfg.SecretDirs...); err != nil {
 			return 0, nil, err
 		}
 		if lit := spec.LiteralSecrets(); len(lit) > 0 && !req.AllowLiteralSecrets {
-			return 0, nil, fmt.Errorf("%w: the spec writes secrets out (%s): they would be stored in every agent's Raft log and snapshots; write them as ${CUTOVER_NAME} references to variables set on every agent, or set allow_literal_secrets", ErrInvalidCommand, strings.Join(lit, ", "))
+			return 0, nil, fmt.Errorf("%w: the spec writes secrets out (%s): they would be stored in every agent's Raft log and snapshots; write them as ${CUTOVER_NAME} references to variables set on every agent (or ${file:/path} references to files under agent.secret_dirs), or set allow_literal_secrets", ErrInvalidCommand, strings.Join(lit, ", "))
 		}
 		source = "api"
 	default:

@@ -106,10 +106,15 @@ type Config struct {
 	Logger *zap.Logger
 	// Dial opens connections to other agents; nil dials TCP directly.
 	Dial DialFunc
-	// Getenv resolves the ${NAME} references of plan specs when this agent
-	// acts on a plan; nil means the process environment (tests give each
-	// in-process agent its own).
+	// Getenv resolves the ${NAME} and ${file:/path} references of plan
+	// specs (asked "NAME" or "file:/path") when this agent acts on a plan;
+	// nil means the process environment and the files
+	// (config.WithSecretFiles). Tests give each in-process agent its own.
 	Getenv func(string) (string, bool)
+	// SecretDirs are the folders whose files a plan posted to the API may
+	// reference (${file:/path}); none by default. Config-file plans may
+	// reference any absolute path.
+	SecretDirs []string
 	// MaxCommandVersion is the newest command version this agent applies
 	// and says it understands; 0 means CommandVersion. Tests lower it to
 	// play an agent of an older build in a mixed cluster.
