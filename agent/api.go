@@ -64,19 +64,23 @@ type PlanInfo struct {
 // Status is one node's view of the cluster. Plans and members are the
 // replicated state, the same on every caught-up node; the rest is local.
 type Status struct {
-	Node              string         `json:"node"`
-	State             string         `json:"state"`
-	Leader            string         `json:"leader"`
-	LeaderAPI         string         `json:"leader_api,omitempty"`
-	Established       bool           `json:"established"`
-	Term              uint64         `json:"term"`
-	CommitIndex       uint64         `json:"commit_index"`
-	AppliedIndex      uint64         `json:"applied_index"`
-	FSMIndex          uint64         `json:"fsm_index"`
-	LastSnapshotIndex uint64         `json:"last_snapshot_index"`
-	LastContact       string         `json:"last_contact,omitempty"`
-	Members           []MemberStatus `json:"members"`
-	Plans             []PlanSummary  `json:"plans"`
+	Node              string `json:"node"`
+	State             string `json:"state"`
+	Leader            string `json:"leader"`
+	LeaderAPI         string `json:"leader_api,omitempty"`
+	Established       bool   `json:"established"`
+	Term              uint64 `json:"term"`
+	CommitIndex       uint64 `json:"commit_index"`
+	AppliedIndex      uint64 `json:"applied_index"`
+	FSMIndex          uint64 `json:"fsm_index"`
+	LastSnapshotIndex uint64 `json:"last_snapshot_index"`
+	LastContact       string `json:"last_contact,omitempty"`
+	// CommandVersion is the newest Raft command version this agent
+	// applies; a leader proposes a newer kind of command only once every
+	// voter understands it. Absent (0) from agents of older builds.
+	CommandVersion int            `json:"command_version"`
+	Members        []MemberStatus `json:"members"`
+	Plans          []PlanSummary  `json:"plans"`
 }
 
 // MemberStatus is a member of the Raft configuration.
@@ -130,6 +134,7 @@ func (n *Node) Status() Status {
 		FSMIndex:          n.fsm.Index(),
 		LastSnapshotIndex: u("last_snapshot_index"),
 		LastContact:       stats["last_contact"],
+		CommandVersion:    n.fsm.maxCommandVersion(),
 		Members:           []MemberStatus{},
 		Plans:             []PlanSummary{},
 	}
@@ -626,11 +631,11 @@ func (n *Node) handleCreatePlan(ctx context.Context, r *http.Request, body []byt
 		source = "config"
 	case len(req.Spec) > 0:
 		var err error
-		if spec, err = ParsePlanSpec(req.Spec, n.fsm.env.getenv()); err != nil {
+		if spec, err = ParsePlanSpec(req.Spec, n.fsm.env.getenv(), n.cfg.SecretDirs...); err != nil {
 			return 0, nil, err
 		}
 		if lit := spec.LiteralSecrets(); len(lit) > 0 && !req.AllowLiteralSecrets {
-			return 0, nil, fmt.Errorf("%w: the spec writes secrets out (%s): they would be stored in every agent's Raft log and snapshots; write them as ${CUTOVER_NAME} references to variables set on every agent, or set allow_literal_secrets", ErrInvalidCommand, strings.Join(lit, ", "))
+			return 0, nil, fmt.Errorf("%w: the spec writes secrets out (%s): they would be stored in every agent's Raft log and snapshots; write them as ${CUTOVER_NAME} references to variables set on every agent (or ${file:/path} references to files under agent.secret_dirs), or set allow_literal_secrets", ErrInvalidCommand, strings.Join(lit, ", "))
 		}
 		source = "api"
 	default:

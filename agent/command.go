@@ -16,7 +16,31 @@ import (
 // moves a plan's driver owns (see CheckOrigin) to commands that do not come
 // from the driver. Version 1 commands, found in logs written by older
 // builds, are applied as those builds applied them.
-const CommandVersion = 2
+//
+// Version 3 added delete_plan. A build that understands only version 2
+// would refuse the op as unknown while newer nodes apply it, so delete_plan
+// is written as version 3 (which such a build refuses as too new, saying
+// so in its audit log), the state machine refuses a delete_plan stamped
+// with an older version, and the leader proposes it only once every voter
+// says (in its /v1/status) that it understands version 3.
+const CommandVersion = 3
+
+// opVersion is the version a command of the op is written with: the
+// oldest version that carries it, so that a leader running this build
+// still commits everything older builds understand during a rolling
+// upgrade. Ops not listed are written as version 2.
+var opVersion = map[Op]int{OpDeletePlan: 3}
+
+// baseCommandVersion is the version of ops opVersion does not list.
+const baseCommandVersion = 2
+
+// versionOf returns the version a command of op is written with.
+func versionOf(op Op) int {
+	if v, ok := opVersion[op]; ok {
+		return v
+	}
+	return baseCommandVersion
+}
 
 // minCommandVersion is the oldest command version this build applies.
 const minCommandVersion = 1

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -74,6 +75,48 @@ func TestEveryNodeCompactsTheAuditLogAlike(t *testing.T) {
 	for _, m := range c.Members() {
 		if got := c.Node(m.Index).FSM().Audit("", 0); !reflect.DeepEqual(got, want) {
 			t.Errorf("%s holds a different audit log (%d entries, the leader %d)", m.ID, len(got), len(want))
+		}
+	}
+}
+
+func TestALeaderRefusesToDeleteAPlanWhileAVoterRunsAnOlderBuild(t *testing.T) {
+	c := agenttest.New(t, agenttest.Options{
+		Driver: func(int) agent.Driver { return releasingDriver{} },
+		// Node 2 plays an agent of a build that applies commands up to
+		// version 2: it would refuse delete_plan while the others apply it.
+		Tweak: func(i int, cfg *agent.Config) {
+			if i == 2 {
+				cfg.MaxCommandVersion = 2
+			}
+		},
+	})
+	leader := c.Leader(10 * time.Second)
+	cl := c.Client(leader.Index)
+	mustCreate(t, cl, "orders")
+	ctx := agenttest.Ctx(t, 30*time.Second)
+	if _, err := cl.Abort(ctx, "orders", "test"); err != nil {
+		t.Fatal(err)
+	}
+	agenttest.Eventually(t, 20*time.Second, func() error {
+		p, err := cl.Plan(ctx, "orders")
+		if err != nil || p.Finalized.IsZero() {
+			return fmt.Errorf("not finalized yet (%v)", err)
+		}
+		return nil
+	})
+	old := c.Members()[2].ID
+	want := old + " applies command versions up to 2; delete_plan needs version 3 on every voter: upgrade " + old
+	if leader.Index == 2 {
+		want = "this agent applies command versions up to 2; delete_plan needs version 3"
+	}
+	err := cl.DeletePlan(ctx, "orders", "finished")
+	if !errors.Is(err, agent.ErrInvalidCommand) || !strings.Contains(err.Error(), want) {
+		t.Fatalf("deleting with an old voter: %v", err)
+	}
+	c.WaitReplicated(10 * time.Second)
+	for i := range c.Running() {
+		if _, ok := c.Node(i).FSM().Plan("orders"); !ok {
+			t.Errorf("node %d lost the plan", i)
 		}
 	}
 }

@@ -31,6 +31,9 @@ type FSM struct {
 	// env resolves the ${NAME} references of plan specs (Plan.Spec); nil
 	// means the process environment.
 	env *envSource
+	// maxVersion is the newest command version this node applies: 0 means
+	// CommandVersion. Tests lower it to play a node of an older build.
+	maxVersion int
 }
 
 var _ raft.FSM = (*FSM)(nil)
@@ -38,6 +41,14 @@ var _ raft.FSM = (*FSM)(nil)
 // NewFSM returns an empty state machine.
 func NewFSM() *FSM {
 	return &FSM{st: newState(), changed: make(chan struct{})}
+}
+
+// maxCommandVersion is the newest command version this node applies.
+func (f *FSM) maxCommandVersion() int {
+	if f.maxVersion > 0 {
+		return f.maxVersion
+	}
+	return CommandVersion
 }
 
 // Apply applies one committed log entry and returns a *Result. Commands the
@@ -48,7 +59,7 @@ func (f *FSM) Apply(l *raft.Log) any {
 		return nil
 	}
 	f.mu.Lock()
-	res := f.st.apply(l.Index, l.Data)
+	res := f.st.apply(l.Index, l.Data, f.maxCommandVersion())
 	ch := f.changed
 	f.changed = make(chan struct{})
 	f.mu.Unlock()
@@ -57,7 +68,7 @@ func (f *FSM) Apply(l *raft.Log) any {
 }
 
 // apply is the deterministic core of Apply.
-func (s *state) apply(index uint64, data []byte) *Result {
+func (s *state) apply(index uint64, data []byte, maxVersion int) *Result {
 	res := &Result{Index: index}
 	s.Index = index
 	var cmd Command
@@ -77,9 +88,12 @@ func (s *state) apply(index uint64, data []byte) *Result {
 		entry.From = p.Phase
 	}
 	var err error
-	if cmd.Version < minCommandVersion || cmd.Version > CommandVersion {
-		err = fmt.Errorf("%w: %d (this build understands %d to %d)", ErrUnsupportedVersion, cmd.Version, minCommandVersion, CommandVersion)
-	} else {
+	switch {
+	case cmd.Version < minCommandVersion || cmd.Version > maxVersion:
+		err = fmt.Errorf("%w: %d (this build understands %d to %d): upgrade this agent to apply %s", ErrUnsupportedVersion, cmd.Version, minCommandVersion, maxVersion, cmd.Op)
+	case cmd.Version < opVersion[cmd.Op]:
+		err = fmt.Errorf("%w: %s needs command version %d, not %d", ErrUnsupportedVersion, cmd.Op, opVersion[cmd.Op], cmd.Version)
+	default:
 		err = s.dispatch(index, &cmd)
 	}
 	if err != nil {

@@ -70,7 +70,7 @@ func (h *harness) applyRaw(data []byte) *Result {
 func (h *harness) apply(c Command) *Result {
 	h.t.Helper()
 	if c.Version == 0 {
-		c.Version = CommandVersion
+		c.Version = versionOf(c.Op)
 	}
 	if c.At.IsZero() {
 		c.At = h.at()

@@ -83,3 +83,46 @@ func TestAFinishedPlanCanBeDeletedAndNoOtherCan(t *testing.T) {
 	}
 	h.create("orders") // the name is free again
 }
+
+// finishedPlan leaves a finalized, aborted plan "orders" in h.
+func finishedPlan(h *harness) {
+	h.create("orders")
+	h.mustApply(Command{Op: OpTransition, Plan: "orders", To: PhaseAborted, Origin: OriginOperator})
+	h.mustApply(Command{Op: OpFinalize, Plan: "orders"})
+}
+
+func TestDeletePlanIsWrittenAsVersion3AndRefusedByAnOlderBuildOrUnderAnOlderVersion(t *testing.T) {
+	if got := versionOf(OpDeletePlan); got != 3 {
+		t.Fatalf("delete_plan is written as version %d", got)
+	}
+	if got := versionOf(OpTransition); got != 2 {
+		t.Fatalf("transition is written as version %d: builds of version 2 would refuse every command", got)
+	}
+
+	t.Run("an agent of a version-2 build refuses it and keeps the plan", func(t *testing.T) {
+		h := newHarness(t)
+		h.fsm.maxVersion = 2
+		finishedPlan(h)
+		res := h.apply(Command{Version: versionOf(OpDeletePlan), Op: OpDeletePlan, Plan: "orders", Origin: OriginOperator})
+		if !errors.Is(res.Err, ErrUnsupportedVersion) || !strings.Contains(res.Err.Error(), "upgrade this agent to apply delete_plan") {
+			t.Fatalf("err = %v", res.Err)
+		}
+		if _, ok := h.fsm.Plan("orders"); !ok {
+			t.Fatal("the old build deleted the plan")
+		}
+		if a := h.fsm.Audit("orders", 1); !strings.Contains(a[0].Refused, "unsupported command version: 3") {
+			t.Errorf("audit = %+v", a)
+		}
+	})
+	t.Run("a delete_plan stamped with version 2 is refused", func(t *testing.T) {
+		h := newHarness(t)
+		finishedPlan(h)
+		res := h.apply(Command{Version: 2, Op: OpDeletePlan, Plan: "orders", Origin: OriginOperator})
+		if !errors.Is(res.Err, ErrUnsupportedVersion) || !strings.Contains(res.Err.Error(), "delete_plan needs command version 3, not 2") {
+			t.Fatalf("err = %v", res.Err)
+		}
+		if _, ok := h.fsm.Plan("orders"); !ok {
+			t.Fatal("the plan was deleted")
+		}
+	})
+}

@@ -106,10 +106,19 @@ type Config struct {
 	Logger *zap.Logger
 	// Dial opens connections to other agents; nil dials TCP directly.
 	Dial DialFunc
-	// Getenv resolves the ${NAME} references of plan specs when this agent
-	// acts on a plan; nil means the process environment (tests give each
-	// in-process agent its own).
+	// Getenv resolves the ${NAME} and ${file:/path} references of plan
+	// specs (asked "NAME" or "file:/path") when this agent acts on a plan;
+	// nil means the process environment and the files
+	// (config.WithSecretFiles). Tests give each in-process agent its own.
 	Getenv func(string) (string, bool)
+	// SecretDirs are the folders whose files a plan posted to the API may
+	// reference (${file:/path}); none by default. Config-file plans may
+	// reference any absolute path.
+	SecretDirs []string
+	// MaxCommandVersion is the newest command version this agent applies
+	// and says it understands; 0 means CommandVersion. Tests lower it to
+	// play an agent of an older build in a mixed cluster.
+	MaxCommandVersion int
 }
 
 // Peer is another initial voter.
@@ -194,6 +203,7 @@ func Start(cfg Config) (n *Node, err error) {
 	if cfg.Getenv != nil {
 		n.fsm.env = &envSource{lookup: cfg.Getenv}
 	}
+	n.fsm.maxVersion = cfg.MaxCommandVersion
 	for _, p := range cfg.Peers {
 		if p.API != "" {
 			n.peerAPI[p.ID] = p.API
@@ -434,7 +444,7 @@ func (n *Node) Propose(ctx context.Context, c Command) (*Result, error) {
 		return nil, ErrNotLeader
 	}
 	if c.Version == 0 {
-		c.Version = CommandVersion
+		c.Version = versionOf(c.Op)
 	}
 	c.At = time.Now().UTC()
 	c.Node = n.cfg.NodeID
@@ -498,6 +508,12 @@ func (n *Node) Transition(ctx context.Context, plan string, to Phase, ifEpoch ui
 // DeletePlan forgets a finished (terminal, finalized) plan; its audit
 // entries and reports stay.
 func (n *Node) DeletePlan(ctx context.Context, plan string, o Origin) error {
+	if !n.IsLeader() {
+		return ErrNotLeader
+	}
+	if err := n.votersUnderstand(ctx, versionOf(OpDeletePlan), OpDeletePlan); err != nil {
+		return err
+	}
 	_, err := n.Propose(ctx, Command{Op: OpDeletePlan, Plan: plan, Actor: o.Actor, Origin: OriginOperator, Via: o.Via, Reason: o.Reason})
 	return err
 }

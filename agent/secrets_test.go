@@ -153,12 +153,26 @@ func TestAnOldPlanWithLiteralSecretsStillWorksAndIsFlagged(t *testing.T) {
 }
 
 func TestALeaderLackingAVariableHandsLeadershipToAPeerThatHasIt(t *testing.T) {
+	// A secret file an agent cannot use counts as a missing variable.
+	for _, tc := range []struct{ ref, spec string }{
+		{"CUTOVER_T_REF_PW", refSpec},
+		{"file:/run/secrets/shop_pw", string(fileRefSpec("orders", "/run/secrets/shop_pw"))},
+	} {
+		t.Run(tc.ref, func(t *testing.T) { leaderHandsOver(t, tc.ref, tc.spec) })
+	}
+}
+
+// leaderHandsOver checks that a leader lacking ref (a variable or
+// "file:PATH"), which the plan posted as spec references, hands
+// leadership to the one follower that has it.
+func leaderHandsOver(t *testing.T, ref, spec string) {
 	var lacks [3]atomic.Bool
 	c := agenttest.New(t, agenttest.Options{
 		Driver: func(int) agent.Driver { return specDriver{} },
 		Tweak: func(i int, cfg *agent.Config) {
+			cfg.SecretDirs = []string{"/run/secrets"}
 			cfg.Getenv = func(name string) (string, bool) {
-				if name == "CUTOVER_T_REF_PW" && !lacks[i].Load() {
+				if name == ref && !lacks[i].Load() {
 					return "ref-pw-0a9b8c7d", true
 				}
 				return "", false
@@ -167,7 +181,7 @@ func TestALeaderLackingAVariableHandsLeadershipToAPeerThatHasIt(t *testing.T) {
 	})
 	leader := c.Leader(10 * time.Second)
 	write(t, func(ctx context.Context) (agent.PlanInfo, error) {
-		return c.Client(leader.Index).CreatePlan(ctx, agent.CreatePlanRequest{Spec: json.RawMessage(refSpec), Reason: "test"})
+		return c.Client(leader.Index).CreatePlan(ctx, agent.CreatePlanRequest{Spec: json.RawMessage(spec), Reason: "test"})
 	}, func(err error) bool { return errors.Is(err, agent.ErrPlanExists) })
 	// Only a follower keeps the variable.
 	target := (leader.Index + 1) % 3
@@ -190,7 +204,7 @@ func TestALeaderLackingAVariableHandsLeadershipToAPeerThatHasIt(t *testing.T) {
 		return nil
 	})
 	p, _ := c.Node(target).FSM().Plan("orders")
-	if leader.Index != target && !strings.Contains(p.Driver.LastError, "CUTOVER_T_REF_PW") {
+	if leader.Index != target && !strings.Contains(p.Driver.LastError, strings.TrimPrefix(ref, "file:")) {
 		t.Errorf("the first leader's failure is not recorded: %+v", p.Driver)
 	}
 	if !c.LogsContain("handing leadership to a peer that has them") {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"reflect"
 	"regexp"
 	"strings"
@@ -131,19 +132,34 @@ var planNameRE = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,31}$`)
 // agent's environment) for validation and, later, by every agent from its
 // own environment when it acts; the state keeps the references. Only
 // CUTOVER_* variables may be named: the rest of the agent's environment is
-// not the caller's to read (a webhook URL could carry it away).
-func ParsePlanSpec(raw []byte, getenv func(string) (string, bool)) (config.Plan, error) {
+// not the caller's to read (a webhook URL could carry it away). For the
+// same reason a ${file:/path} reference must name a file under one of
+// secretDirs (the agent's secret_dirs; none allows none).
+func ParsePlanSpec(raw []byte, getenv func(string) (string, bool), secretDirs ...string) (config.Plan, error) {
 	if getenv == nil {
 		getenv = func(string) (string, bool) { return "", false }
 	}
-	var foreign []string
+	var foreign, outside []string
 	for _, name := range config.RefNames(string(raw)) {
+		if path, ok := config.SecretFilePath(name); ok {
+			if !underAny(path, secretDirs) {
+				outside = append(outside, path)
+			}
+			continue
+		}
 		if !strings.HasPrefix(name, "CUTOVER_") {
 			foreign = append(foreign, name)
 		}
 	}
 	if len(foreign) > 0 {
 		return config.Plan{}, fmt.Errorf("%w: a posted plan may reference only CUTOVER_* environment variables, not %s", ErrInvalidCommand, strings.Join(foreign, ", "))
+	}
+	if len(outside) > 0 {
+		dirs := "none is configured: set agent.secret_dirs"
+		if len(secretDirs) > 0 {
+			dirs = strings.Join(secretDirs, ", ")
+		}
+		return config.Plan{}, fmt.Errorf("%w: a posted plan may reference only secret files under the agent's secret_dirs (%s), not %s", ErrInvalidCommand, dirs, strings.Join(outside, ", "))
 	}
 	raw = bytes.TrimSpace(raw)
 	if len(raw) == 0 || raw[0] != '{' || !json.Valid(raw) {
@@ -187,4 +203,20 @@ func ParsePlanSpec(raw []byte, getenv func(string) (string, bool)) (config.Plan,
 		return config.Plan{}, fmt.Errorf("%w: the plan spec must hold one plan", ErrInvalidCommand)
 	}
 	return loaded.Config.Plans[0], nil
+}
+
+// underAny reports whether path, made absolute and cleaned, lies inside one
+// of dirs (not at a dir itself; ".." cannot climb out).
+func underAny(path string, dirs []string) bool {
+	if !filepath.IsAbs(path) {
+		return false
+	}
+	clean := filepath.Clean(path)
+	for _, d := range dirs {
+		d = filepath.Clean(d)
+		if filepath.IsAbs(d) && strings.HasPrefix(clean, strings.TrimSuffix(d, string(filepath.Separator))+string(filepath.Separator)) {
+			return true
+		}
+	}
+	return false
 }

@@ -161,9 +161,12 @@ type envSource struct {
 	lookup func(string) (string, bool)
 }
 
+// getenv resolves reference names: ${NAME} from the process environment
+// and ${file:/path} from the file, unless a lookup was given (tests give
+// each in-process agent its own, answering for both kinds of names).
 func (e *envSource) getenv() func(string) (string, bool) {
 	if e == nil || e.lookup == nil {
-		return os.LookupEnv
+		return config.WithSecretFiles(os.LookupEnv)
 	}
 	return e.lookup
 }
@@ -192,13 +195,19 @@ func (p Plan) Spec() (config.Plan, error) {
 }
 
 // MissingEnv lists the variables the plan's references need that this
-// agent's environment lacks.
+// agent's environment lacks, and the secret files it cannot use, each
+// with the reason ("file /run/x: mode 0644 gives group or others access;
+// chmod 600 it (or 400)").
 func (p Plan) MissingEnv() []string {
 	spec, err := openSpec(p.sealed)
 	if err != nil {
 		return nil
 	}
-	return spec.MissingEnv(p.env.getenv())
+	names := spec.MissingEnv(p.env.getenv())
+	for i, n := range names {
+		names[i] = config.DescribeMissing(n)
+	}
+	return names
 }
 
 // LiteralSecrets lists the fields of the plan's sealed specification that

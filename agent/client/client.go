@@ -51,6 +51,12 @@ func WithTLS(conf *tls.Config) Option {
 	}
 }
 
+// WithIndex starts the client at Raft index i, as if it had seen it: its
+// reads wait until the agent has applied i. The CLI passes the index its
+// previous run saw, so that a read never shows a state older than the
+// write the run before made.
+func WithIndex(i uint64) Option { return func(c *Client) { c.index.Store(i) } }
+
 // WithUser says who runs the client (e.g. alice@laptop); the agent records
 // it in the audit log next to the caller's address.
 func WithUser(user string) Option { return func(c *Client) { c.user = user } }

@@ -124,6 +124,7 @@ func agentConfig(c *config.Config, log *zap.Logger) (agent.Config, error) {
 		Insecure:          a.Insecure,
 		InsecureOpenReads: a.API.InsecureOpenReads,
 		AuditMax:          a.History.AuditMax,
+		SecretDirs:        a.SecretDirs,
 		StepsMax:          a.History.StepsMax,
 		Plans:             c.Plans,
 		Logger:            log,

@@ -39,6 +39,9 @@ type globals struct {
 	logFormat string
 	logLevel  string
 	redactor  *redact.Redactor
+	// clients are the API clients the command made, by agent address:
+	// the index they reached is kept for the next run (see indexstate.go).
+	clients []addrClient
 }
 
 // logger builds the logger for a command, writing to w.
@@ -83,6 +86,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	err := root.Execute()
+	g.keepIndexes()
 	if err == nil {
 		return exitOK
 	}

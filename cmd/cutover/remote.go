@@ -69,11 +69,13 @@ func (r *remote) clientFor(g *globals, addr string) (*client.Client, string, err
 		}
 		hc.Transport = &http.Transport{TLSClientConfig: conf}
 	}
-	opts := []client.Option{client.WithHTTPClient(hc)}
+	opts := []client.Option{client.WithHTTPClient(hc), client.WithIndex(lastIndex(addr))}
 	if u := whoami(); u != "" {
 		opts = append(opts, client.WithUser(u))
 	}
-	return client.New(addr, token, opts...), addr, nil
+	c := client.New(addr, token, opts...)
+	g.clients = append(g.clients, addrClient{addr: addr, c: c})
+	return c, addr, nil
 }
 
 func clientTLS(caFile, certFile, keyFile string) (*tls.Config, error) {

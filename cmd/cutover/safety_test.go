@@ -73,7 +73,7 @@ func TestStatusPrintsAManualPlanAndARetriedOne(t *testing.T) {
 	printStatus(&b, agent.Status{Node: "n1", State: "Leader", Leader: "n1", Plans: []agent.PlanSummary{
 		{Name: "drill", Phase: agent.PhaseReady, Epoch: 4, Manual: true},
 		{Name: "orders", Phase: agent.PhaseReplicating, Epoch: 9, Driver: &agent.DriverStatus{Failures: 3, Retries: 7, LastError: "measure lag of db: connection refused", Phase: agent.PhaseReplicating, At: at}},
-	}})
+	}}, 0)
 	for _, want := range []string{
 		"drill: manual (operators move its phases",
 		"orders: RETRYING: the driver failed 3 times in a row (7 retries in all); last error in replicating at 2026-12-03T12:00:00Z: measure lag of db: connection refused",

@@ -74,14 +74,26 @@ func TestNoSecretOfAPlanAppearsInAnswersOutputLogsOrTheDataDirectory(t *testing.
 	for k, v := range secrets {
 		t.Setenv(k, v)
 	}
+	// Secrets read from files (${file:/path}): a webhook header and a
+	// command argument.
+	secretDir := t.TempDir()
+	fileSecrets := map[string]string{"hook_key": "filekey-4a7c19e2d8", "cmd_arg": "filearg-8e03b5c6f1"}
+	for name, v := range fileSecrets {
+		if err := os.WriteFile(filepath.Join(secretDir, name), []byte(v+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		secrets["file "+name] = v
+	}
 	// The webhook echoes what it got (URL, headers) in its error answer, as
 	// a careless endpoint would.
 	var hookHits atomic.Int32
+	var hookFileKey atomic.Value
 	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		hookHits.Add(1)
+		hookFileKey.Store(r.Header.Get("X-File-Key"))
 		u, p, _ := r.BasicAuth()
 		w.WriteHeader(http.StatusInternalServerError)
-		fmt.Fprintf(w, "refused %s user %s:%s auth %s", r.URL.String(), u, p, r.Header.Get("X-Api-Key"))
+		fmt.Fprintf(w, "refused %s user %s:%s auth %s key %s", r.URL.String(), u, p, r.Header.Get("X-Api-Key"), r.Header.Get("X-File-Key"))
 	}))
 	defer hook.Close()
 
@@ -95,6 +107,7 @@ func TestNoSecretOfAPlanAppearsInAnswersOutputLogsOrTheDataDirectory(t *testing.
 				t.Fatal(err)
 			}
 			cfg.Logger = l
+			cfg.SecretDirs = []string{secretDir}
 		},
 	})
 	leader := c.Leader(10 * time.Second)
@@ -107,8 +120,8 @@ func TestNoSecretOfAPlanAppearsInAnswersOutputLogsOrTheDataDirectory(t *testing.
 		"blue":{"dsn":"postgres://app:${CUTOVER_T_DB_PASSWORD}@127.0.0.1:1/shop"},
 		"green":{"dsn":"postgres://app:${CUTOVER_T_DB_PASSWORD}@127.0.0.1:2/shop"}}],
 		"switch":{"targets":[
-			{"type":"webhook","url":%q,"headers":{"X-Api-Key":"${CUTOVER_T_HOOK_TOKEN}"},"retries":0,"timeout":"2s"},
-			{"type":"command","command":["/bin/sh","-c","echo deploying with $0 >&2; exit 3","${CUTOVER_T_CMD_SECRET}"],"timeout":"5s"}]}}`, hookURL)
+			{"type":"webhook","url":%q,"headers":{"X-Api-Key":"${CUTOVER_T_HOOK_TOKEN}","X-File-Key":"${file:%s/hook_key}"},"retries":0,"timeout":"2s"},
+			{"type":"command","command":["/bin/sh","-c","echo deploying with $0 and $1 >&2; exit 3","${CUTOVER_T_CMD_SECRET}","--key=${file:%s/cmd_arg}"],"timeout":"5s"}]}}`, hookURL, secretDir, secretDir)
 	if err := os.WriteFile(spec, []byte(body), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -136,6 +149,12 @@ func TestNoSecretOfAPlanAppearsInAnswersOutputLogsOrTheDataDirectory(t *testing.
 	})
 	if hookHits.Load() == 0 {
 		t.Fatal("the webhook was never called")
+	}
+	if got, _ := hookFileKey.Load().(string); got != fileSecrets["hook_key"] {
+		t.Fatalf("the webhook got X-File-Key %q, not the file's secret", got)
+	}
+	if p, _ := c.Node(leader.Index).FSM().Plan("orders"); !strings.Contains(p.Driver.LastError, "deploying with "+redact.Mask+" and --key="+redact.Mask) {
+		t.Fatalf("the command did not get both secrets (masked in its error): %s", p.Driver.LastError)
 	}
 	for _, m := range c.Running() {
 		if err := m.Node.Snapshot(); err != nil {
@@ -185,6 +204,7 @@ func TestNoSecretOfAPlanAppearsInAnswersOutputLogsOrTheDataDirectory(t *testing.
 		runCLI("plan", "list")
 		runCLI("status")
 		runCLI("status", "--json")
+		runCLI("audit", "export")
 		for _, out := range outputs {
 			check("CLI output", out)
 		}

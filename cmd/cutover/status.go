@@ -24,7 +24,10 @@ func newStatusCmd(g *globals) *cobra.Command {
 		Short: "Show an agent's view of the cluster: leader, members, plans",
 		Long: `Show the cluster as the agent at --addr sees it: its Raft state, the leader,
 the members, and every plan's phase and epoch. Plans and members are the
-replicated state; the indexes are the agent's own.
+replicated state; the indexes are the agent's own. The answer reflects the
+state at the Raft index shown (its X-Cutover-Index): at least the index of
+the last write or read this CLI made through the same --addr in the last
+10 minutes (kept in $CUTOVER_STATE_DIR, default ~/.local/state/cutover).
 
 Exit status: 0 shown, 2 the agent could not be asked.`,
 		Args: cobra.NoArgs,
@@ -58,7 +61,7 @@ Exit status: 0 shown, 2 the agent could not be asked.`,
 				enc.SetIndent("", "  ")
 				return enc.Encode(st)
 			}
-			printStatus(cmd.OutOrStdout(), st)
+			printStatus(cmd.OutOrStdout(), st, c.Index())
 			return nil
 		},
 	}
@@ -67,13 +70,16 @@ Exit status: 0 shown, 2 the agent could not be asked.`,
 	return cmd
 }
 
-func printStatus(w io.Writer, st agent.Status) {
+// printStatus prints the status; index is the Raft index the answer
+// reflects (its X-Cutover-Index).
+func printStatus(w io.Writer, st agent.Status, index uint64) {
 	leader := st.Leader
 	if leader == "" {
 		leader = "(none known)"
 	}
 	fmt.Fprintf(w, "node %s: %s, term %d, leader %s\n", st.Node, st.State, st.Term, leader)
-	fmt.Fprintf(w, "commit index %d, applied %d, last snapshot %d\n\n", st.CommitIndex, st.AppliedIndex, st.LastSnapshotIndex)
+	fmt.Fprintf(w, "commit index %d, applied %d, last snapshot %d\n", st.CommitIndex, st.AppliedIndex, st.LastSnapshotIndex)
+	fmt.Fprintf(w, "this answer reflects the state at Raft index %d\n\n", index)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "MEMBER\tRAFT\tAPI\tSUFFRAGE\tROLE")
 	for _, m := range st.Members {

@@ -37,6 +37,10 @@ type Agent struct {
 	Insecure bool `yaml:"insecure,omitempty" json:"insecure,omitempty"`
 	// History caps the replicated history.
 	History History `yaml:"history,omitempty" json:"history,omitempty"`
+	// SecretDirs are the folders whose files a plan posted to the API may
+	// reference as ${file:/path}; none by default (config-file plans may
+	// reference any absolute path).
+	SecretDirs []string `yaml:"secret_dirs,omitempty" json:"secret_dirs,omitempty"`
 }
 
 // History caps the audit log and each plan's steps; past a cap the oldest

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"reflect"
 	"regexp"
 	"sort"
@@ -86,7 +87,7 @@ func Load(path string, getenv func(string) (string, bool)) (*Loaded, error) {
 // Parse is Load on bytes already read; name is used in messages only.
 func Parse(name string, data []byte, getenv func(string) (string, bool)) (*Loaded, error) {
 	if getenv == nil {
-		getenv = os.LookupEnv
+		getenv = WithSecretFiles(os.LookupEnv)
 	}
 	invalid := &InvalidError{Path: name}
 	file, err := parser.ParseBytes(data, 0)
@@ -400,17 +401,24 @@ func editDistance(a, b string) int {
 	return prev[len(b)]
 }
 
-var envRef = regexp.MustCompile(`\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}`)
+// envRef matches $$, ${NAME}, ${file:/path} and either with :-default.
+var envRef = regexp.MustCompile(`\$\$|\$\{(file:[^}]*?|[A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}`)
 
-// expandEnv replaces ${NAME} and ${NAME:-default}; $${ escapes a literal ${.
-// A bare $NAME is left alone so that passwords holding a $ survive.
+// expandEnv replaces ${NAME}, ${file:/path} (see ReadSecretFile) and
+// either with :-default; $${ escapes a literal ${. A bare $NAME is left
+// alone so that passwords holding a $ survive. getenv answers for both
+// kinds of names (see WithSecretFiles).
 func expandEnv(s string, getenv func(string) (string, bool)) (string, error) {
-	var missing []string
+	var missing, bad []string
 	out := envRef.ReplaceAllStringFunc(s, func(ref string) string {
 		if ref == "$$" {
 			return "$"
 		}
 		m := envRef.FindStringSubmatch(ref)
+		if path, ok := SecretFilePath(m[1]); ok && !filepath.IsAbs(path) {
+			bad = append(bad, path)
+			return ""
+		}
 		if v, ok := getenv(m[1]); ok && v != "" {
 			return v
 		}
@@ -420,8 +428,11 @@ func expandEnv(s string, getenv func(string) (string, bool)) (string, error) {
 		missing = append(missing, m[1])
 		return ""
 	})
+	if len(bad) > 0 {
+		return "", fmt.Errorf("secret file reference ${file:%s}: the path must be absolute", bad[0])
+	}
 	if len(missing) > 0 {
-		return "", fmt.Errorf("environment variable %s is not set", strings.Join(missing, ", "))
+		return "", fmt.Errorf("%s", missingText(missing, "environment variable %s is not set"))
 	}
 	if strings.Contains(out, "${") && !strings.Contains(s, "$${") {
 		return "", errors.New("malformed ${...} reference (use ${NAME} or ${NAME:-default})")

@@ -94,7 +94,26 @@ type MissingEnvError struct {
 }
 
 func (e *MissingEnvError) Error() string {
-	return fmt.Sprintf("plan %s needs environment variable %s, not set on this agent", e.Plan, strings.Join(e.Names, ", "))
+	return fmt.Sprintf("plan %s needs %s", e.Plan, missingText(e.Names, "environment variable %s, not set on this agent"))
+}
+
+// missingText says what the reference names lack: the variables not set,
+// and each secret file with what is wrong with it.
+func missingText(names []string, varsFormat string) string {
+	var vars, files []string
+	for _, n := range names {
+		if _, ok := SecretFilePath(n); ok {
+			files = append(files, DescribeMissing(n))
+		} else {
+			vars = append(vars, n)
+		}
+	}
+	var parts []string
+	if len(vars) > 0 {
+		parts = append(parts, fmt.Sprintf(varsFormat, strings.Join(vars, ", ")))
+	}
+	parts = append(parts, files...)
+	return strings.Join(parts, "; ")
 }
 
 // Sealed returns a copy of the plan holding, in every field written with a

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"time"
@@ -196,6 +197,11 @@ func (c *Config) validate() []Problem {
 	}
 	if a.Raft.Bind != "" && a.API.Listen != "" {
 		ps = append(ps, ExposureProblems(a.Raft.Bind, a.API.Listen, t.Enabled(), a.API.Tokens.Read != "", a.Insecure, a.API.InsecureOpenReads)...)
+	}
+	for i, d := range a.SecretDirs {
+		if !filepath.IsAbs(d) {
+			ps.add(fmt.Sprintf("agent.secret_dirs[%d]", i), "%q must be an absolute path", d)
+		}
 	}
 	if a.History.AuditMax < 100 {
 		ps.add("agent.history.audit_max", "%d is too small: keep at least 100 audit entries", a.History.AuditMax)
