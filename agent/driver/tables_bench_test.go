@@ -84,7 +84,9 @@ func BenchmarkWriteOutageByTables(b *testing.B) {
 					}
 					l := load.Start(ctx, load.Options{Run: name, Target: func() string { return blue.DSNFor(name, "app", "app-password") }, Writers: writers, Accounts: accounts})
 					createAndStart(b, c, spec)
-					p := waitPhase(b, c, name, 10*time.Minute, agent.PhaseSwitched, agent.PhaseAborted)
+					// Per-table work before the window (copy, online verification) grows
+					// with the schema; the window itself must not.
+					p := waitPhase(b, c, name, 10*time.Minute+time.Duration(tables)*300*time.Millisecond, agent.PhaseSwitched, agent.PhaseAborted)
 					receipts, _ := l.Stop()
 					if p.Phase != agent.PhaseSwitched {
 						b.Fatalf("plan %s ended %s: %s", name, p.Phase, p.Reason)
