@@ -45,6 +45,9 @@ type PgBouncerSummary struct {
 	// PoolPauseMS is the driver's pause to resume (fact pool_pause_ms).
 	PoolPauseMS int64  `json:"pool_pause_ms"`
 	Route       string `json:"route"`
+	// Stalls are every client's longest transaction, sorted (benchmarks
+	// pool them across runs).
+	Stalls []time.Duration `json:"-"`
 }
 
 const (
@@ -239,7 +242,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pgbench_accounts, pgbench_branches, pgbe
 	sum.OutageMS = fenceToGate(ctx, clients, planName)
 	ps := &PgBouncerSummary{
 		Clients: opts.Clients, Committed: res.Processed, ApplicationErrors: res.Failed + res.Aborted,
-		StallP50MS: ms(res.StallPercentile(50)), StallP99MS: ms(res.StallPercentile(99)), LatencyP50MS: ms(res.Latency),
+		Stalls: res.Stalls, StallP50MS: ms(res.StallPercentile(50)), StallP99MS: ms(res.StallPercentile(99)), LatencyP50MS: ms(res.Latency),
 	}
 	if n := len(res.Stalls); n > 0 {
 		ps.StallMaxMS = ms(res.Stalls[n-1])
