@@ -109,6 +109,14 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pgbench_accounts, pgbench_branches, pgbe
 		return nil, err
 	}
 	defer pgb.Stop(context.Background())
+	if opts.KeepDir {
+		// PgBouncer's directory goes with it: its log is kept beside the agents'.
+		defer func() {
+			if data, err := os.ReadFile(pgb.LogFile); err == nil {
+				os.WriteFile(filepath.Join(dir, "pgbouncer.log"), data, 0o600)
+			}
+		}()
+	}
 	say("PgBouncer on %s (transaction pooling): database %s -> blue", pgb.Addr(), pgbDatabase)
 
 	token := randomToken()
