@@ -120,6 +120,10 @@ func (b *PgBouncer) writeFiles(as account, opts PgBouncerOptions) error {
 		// Clients held by a PAUSE wait at most this long (the default,
 		// 120 s, would hide a pool left paused).
 		"query_wait_timeout": "30",
+		// A server login cut short by PAUSE counts as a failed login, after
+		// which PgBouncer waits server_login_retry (default 15 s) before
+		// it connects again: the held clients would stall that long.
+		"server_login_retry": "0.1",
 		"server_lifetime":    "3600",
 		"logfile":            "",
 		"pidfile":            "",

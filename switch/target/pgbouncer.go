@@ -68,6 +68,9 @@ type PgBouncerOptions struct {
 	Timeout time.Duration
 }
 
+// maxLoginRetry is the longest server_login_retry Warm accepts.
+const maxLoginRetry = time.Second
+
 // DefaultPauseTimeout bounds PAUSE when the configuration says nothing.
 const DefaultPauseTimeout = 2 * time.Second
 
@@ -149,16 +152,24 @@ func (b *PgBouncer) Warm(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	cfg, err := b.admin(ctx, b.timeout, "SHOW CONFIG")
+	if err != nil {
+		return err
+	}
 	mode := db["pool_mode"]
 	if mode == "" {
-		res, err := b.admin(ctx, b.timeout, "SHOW CONFIG")
-		if err != nil {
-			return err
-		}
-		mode = configValue(res, "pool_mode")
+		mode = configValue(cfg, "pool_mode")
 	}
 	if mode == "session" {
 		return fmt.Errorf("%s: pool_mode is session: PAUSE would wait for every client to disconnect; use pool_mode = transaction for this database", b.Name())
+	}
+	// PAUSE closes a server connection still logging in, which PgBouncer
+	// counts as a failed login: it then waits server_login_retry before it
+	// connects again, and the held clients stall that long after RESUME.
+	if v := configValue(cfg, "server_login_retry"); v != "" {
+		if secs, err := strconv.ParseFloat(v, 64); err == nil && secs > maxLoginRetry.Seconds() {
+			return fmt.Errorf("%s: server_login_retry is %ss: a server login cut short by PAUSE would hold the clients that long after RESUME; set server_login_retry = 0.1 in pgbouncer.ini", b.Name(), v)
+		}
 	}
 	return b.withFile(func(st fileState) (fileState, bool, error) {
 		if st.colour() == "" {

@@ -328,6 +328,21 @@ func TestPgBouncerWarmRefuses(t *testing.T) {
 	if err := r2.target.Warm(ctx); err == nil || !strings.Contains(err.Error(), "neither the configured blue nor green") {
 		t.Fatalf("unknown entry: %v", err)
 	}
+	// PgBouncer's default server_login_retry (15 s): a login cut short by
+	// PAUSE would hold the clients that long after RESUME.
+	slow := integration.NewPgBouncer(t, integration.PgBouncerOptions{
+		Databases: map[string]string{"appdb": r2.blue.PgBouncerEntry(r2.blue.Database)},
+		Settings:  map[string]string{"server_login_retry": "15"},
+	})
+	st, err := NewPgBouncer(PgBouncerOptions{AdminDSN: slow.AdminDSN(), Database: "appdb", File: slow.DatabasesFile,
+		Blue: r2.blue.PgBouncerEntry(r2.blue.Database), Green: r2.green.PgBouncerEntry(r2.green.Database)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if err := st.Warm(ctx); err == nil || !strings.Contains(err.Error(), "server_login_retry") {
+		t.Fatalf("server_login_retry 15s: %v", err)
+	}
 	if _, err := NewPgBouncer(PgBouncerOptions{AdminDSN: r2.pgb.AdminDSN(), Database: "appdb", File: r2.pgb.DatabasesFile, Blue: "host=a password=secret", Green: "host=b"}); err == nil || strings.Contains(err.Error(), "secret") {
 		t.Fatalf("a password in an entry: %v", err)
 	}
