@@ -195,7 +195,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pgbench_accounts, pgbench_branches, pgbe
 			if bench != nil {
 				select {
 				case <-bench.Done():
-					return p, fmt.Errorf("pgbench ended before the plan reached %v (raise --seconds); logs in %s", until, dir)
+					res, _ := bench.Wait(ctx)
+					return p, fmt.Errorf("pgbench ended before the plan reached %v (%d clients aborted on errors, %d transactions failed: %q; or raise --seconds); logs in %s", until, res.Aborted, res.Failed, res.Errors, dir)
 				default:
 				}
 			}
