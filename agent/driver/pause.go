@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"time"
@@ -72,7 +73,7 @@ func (rt *planRT) resumeAt(ctx context.Context, epoch uint64, colour string) err
 	must := rt.mustResume.Load() || rt.pausedAt.Load() != 0
 	rctx, cancel := context.WithTimeout(ctx, pauseResumeTimeout)
 	defer cancel()
-	if err := target.ResumeAll(rctx, targets, epoch, colour); err != nil {
+	if err := target.ResumeAll(rctx, targets, epoch, colour); err != nil && !errors.Is(err, target.ErrStaleEpoch) {
 		if must {
 			return fmt.Errorf("resume the pools at %s: %w", colour, err)
 		}
@@ -116,5 +117,9 @@ func resumeAborted(ctx context.Context, spec config.Plan, epoch uint64) error {
 	}()
 	rctx, cancel := context.WithTimeout(ctx, pauseResumeTimeout)
 	defer cancel()
-	return target.ResumeAll(rctx, targets, epoch, "blue")
+	err = target.ResumeAll(rctx, targets, epoch, "blue")
+	if errors.Is(err, target.ErrStaleEpoch) {
+		return nil // a newer plan or leader owns the pool
+	}
+	return err
 }
