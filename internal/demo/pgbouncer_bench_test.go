@@ -26,7 +26,7 @@ func BenchmarkDemoViaPgBouncer(b *testing.B) {
 	errs, lost := 0, 0
 	for i := 0; i < b.N; i++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-		sum, err := Run(ctx, Options{Binary: binary, Via: ViaPgBouncer, Clients: 32, Seconds: 35, ReportDir: b.TempDir()}, io.Discard)
+		sum, err := Run(ctx, Options{Binary: binary, Via: ViaPgBouncer, Clients: 32, Seconds: 60, ReportDir: b.TempDir()}, io.Discard)
 		cancel()
 		if err != nil {
 			b.Fatal(err)
