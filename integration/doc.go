@@ -1,5 +1,7 @@
 // Package integration starts throwaway PostgreSQL, MariaDB and Redis servers
-// for tests and for `cutover demo`.
+// (and a PgBouncer in front of PostgreSQL, StartPgBouncer, running as the
+// system user "postgres" when the caller is root) for tests and for
+// `cutover demo`; StartPgbench runs pgbench's TPC-B against them.
 //
 // Every server gets its own temporary directory under os.TempDir() named
 // "cutover-it-<engine>-*", listens only on 127.0.0.1 on a free port picked at

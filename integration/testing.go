@@ -71,3 +71,17 @@ func stopInTest(t testing.TB, engine string, stop func(context.Context) error) {
 		t.Errorf("integration: stop %s: %v", engine, err)
 	}
 }
+
+// NewPgBouncer is NewPostgres for PgBouncer.
+func NewPgBouncer(t testing.TB, opts PgBouncerOptions) *PgBouncer {
+	t.Helper()
+	skipIfShort(t)
+	ctx, cancel := context.WithTimeout(context.Background(), testStartTimeout)
+	defer cancel()
+	b, err := StartPgBouncer(ctx, opts)
+	if err != nil {
+		t.Fatalf("integration: %v", err)
+	}
+	t.Cleanup(func() { stopInTest(t, "pgbouncer", b.Stop) })
+	return b
+}

@@ -206,6 +206,13 @@ func (d *Driver) Finalize(ctx context.Context, plan agent.Plan) error {
 			errs = append(errs, fmt.Errorf("pair %s: %w", pair.Name, err))
 		}
 	}
+	if plan.Phase == agent.PhaseAborted {
+		// An abort from outside the driver (an operator, mid-window) may
+		// leave pools paused: they go back to blue, unfenced above.
+		if err := resumeAborted(ctx, spec, plan.Epoch); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	return errors.Join(errs...)
 }
 

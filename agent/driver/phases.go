@@ -265,6 +265,10 @@ var errDrift = errors.New("schema drift")
 // the stream, sync sequences, verify what changed, and open the gate, all
 // within max_fence_window; otherwise blue is unfenced and the plan aborts.
 func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
+	// A pool a deposed leader paused before its window is let go first.
+	if err := rt.resumeLeftPaused(ctx, plan.Epoch); err != nil {
+		return err
+	}
 	// Everything that can happen before the fence happens before it.
 	if err := rt.streamingAndVerified(ctx, plan, p); err != nil {
 		return err
@@ -316,8 +320,14 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	if err := rt.d.fault("before fence"); err != nil {
 		return err
 	}
+	// Pools (PgBouncer) hold new transactions from here to the flip:
+	// the application waits instead of failing on the fence.
+	if err := rt.pause(ctx, plan.Epoch, log); err != nil {
+		return err
+	}
 	epoch, err := p.Intent(ctx, plan.Name, "fence", plan.Epoch)
 	if err != nil {
+		rt.resumeAfterFailure(ctx, plan.Epoch, "", log)
 		return err
 	}
 	var latest atomic.Uint64 // the newest epoch: what the lift must carry
@@ -467,7 +477,10 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 		return nil
 	}
 	if ctx.Err() != nil {
-		return ctx.Err() // deposed: the window lifted the fence; the next leader aborts
+		// Deposed: the window lifted the fence; the next leader aborts
+		// (and resumes the pools at blue with its higher epoch).
+		rt.resumeAfterFailure(ctx, latest.Load(), "", log)
+		return ctx.Err()
 	}
 	reason := fmt.Sprintf("cutover window failed after %s (fence lifted: %v): %v", out.Outage.Round(time.Millisecond), out.Lifted, err)
 	return rt.abort(ctx, plan.Name, p, latest.Load(), reason)
@@ -590,6 +603,7 @@ func heldBreachCheck(ctx context.Context, f *fpg.Fencer, side, pair string) erro
 // authorized. See the resume rules in the package documentation.
 func (rt *planRT) abortInterruptedWindow(ctx context.Context, plan agent.Plan, p agent.Proposer, log *zap.Logger) error {
 	log.Warn("a cutover window was interrupted by a change of leader; unfencing blue and aborting")
+	rt.mustResume.Store(true) // the old leader paused the pools
 	return rt.abort(ctx, plan.Name, p, plan.Epoch, fmt.Sprintf("the leader changed while the plan was %s; the outage is bounded, so blue is unfenced and the plan aborts", plan.Phase))
 }
 
@@ -614,6 +628,11 @@ func (rt *planRT) abort(ctx context.Context, name string, p agent.Proposer, epoc
 		p.Outcome(ctx, name, e, agent.Outcome{OK: false, Detail: err.Error()})
 		return err
 	}
+	// Pools held since the window go back to blue, now writable.
+	if err := rt.resumeAt(ctx, e, "blue"); err != nil {
+		p.Outcome(ctx, name, e, agent.Outcome{OK: false, Detail: err.Error()})
+		return err
+	}
 	if err := p.Outcome(ctx, name, e, agent.Outcome{OK: true, To: agent.PhaseAborted, Detail: "blue unfenced; green stays fenced", Reason: reason}); err != nil {
 		return err
 	}
@@ -633,6 +652,9 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 	// Blue's writers held since the drain are let go right after the
 	// targets flip (below), or whenever this step ends before that.
 	defer rt.releaseBlue(ctx, log)
+	// Pools paused in the window are resumed by their flip, or at blue by
+	// an abort.
+	rt.mustResume.Store(true)
 	if err := rt.d.fault("before flip"); err != nil {
 		return err
 	}
@@ -684,6 +706,14 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 	}
 	fields := []zap.Field{zap.Duration("reverse_ready_after", reverseReady), zap.Duration("green_unfenced_after", greenUnfenced), zap.Duration("targets_flipped_after", time.Since(began))}
 	facts := map[string]string{"flipped_at": f.At.Format(time.RFC3339Nano), "route": "green"}
+	if at := rt.pausedAt.Swap(0); at != 0 {
+		// Pools held new transactions from the pause to here: what the
+		// application saw as a stall instead of errors.
+		stall := time.Since(time.Unix(0, at))
+		fields = append(fields, zap.Duration("pool_pause", stall))
+		facts["pool_pause_ms"] = strconv.FormatInt(stall.Milliseconds(), 10)
+	}
+	rt.mustResume.Store(false)
 	if outage, ok := writeOutage(rt.lastFenceStart.Load(), plan.Facts["fence_started_at"]); ok {
 		// The application's whole write outage, the headline figure: from
 		// the fence on blue to traffic on a writable green.
@@ -896,6 +926,9 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 	if err := rt.readyWindow(ctx, func(pr *pairRT) (*fpg.Fencer, *rpg.Replicator) { return pr.greenFence, pr.rev }); err != nil {
 		return err
 	}
+	if err := rt.pause(ctx, epoch, log); err != nil {
+		return err // traffic stays on green; tried again
+	}
 	grace := rt.spec.Fence.DrainGrace.D()
 	markers := make([]fencing.Marker, len(rt.pairs))
 	w := fencing.Window{
@@ -939,6 +972,7 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 	out, err := w.Run(ctx)
 	if err != nil {
 		rt.forEach(func(pr *pairRT) error { pr.greenFence.Release(ctx); return nil })
+		rt.resumeAfterFailure(ctx, epoch, "green", log)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -953,12 +987,16 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 		return err
 	}
 	f := target.Flip{Plan: plan.Name, From: "green", To: "blue", Epoch: epoch, At: time.Now().UTC()}
-	if _, err := flipWithRetry(ctx, targets, f, log); err != nil {
-		return err
-	}
+	// Blue takes writes before the targets flip, as green does on the way
+	// forward (green stays fenced: invariant 1), so that a pool resumed
+	// by its flip sends the held transactions to a writable blue.
 	if err := rt.forEach(func(pr *pairRT) error { return pr.blueFence.Unfence(ctx, epoch) }); err != nil {
 		return err
 	}
+	if _, err := flipWithRetry(ctx, targets, f, log); err != nil {
+		return err
+	}
+	rt.pausedAt.Store(0)
 	// Green's writers, held since the drain, now fail on its fence.
 	rt.forEach(func(pr *pairRT) error { pr.greenFence.Release(ctx); return nil })
 	return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseRolledBack, Detail: "traffic back on blue; nothing written on green is lost", Reason: "rolled back", Facts: map[string]string{"route": "blue", "rolled_back_at": f.At.Format(time.RFC3339Nano)}})

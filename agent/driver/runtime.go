@@ -43,6 +43,14 @@ type planRT struct {
 	// targets are the flip targets, built once (switchTargets).
 	targetsMu sync.Mutex
 	targets   []target.Target
+	// Pools (target.Pauser): pausedAt is when this term paused them (unix
+	// nanoseconds, 0: not paused by this term); mustResume says they may
+	// be paused (by this term or a deposed leader) until a flip or an
+	// abort resumes them; leftPausedChecked: this term has resumed what a
+	// deposed leader may have left paused before its window (pause.go).
+	pausedAt          atomic.Int64
+	mustResume        atomic.Bool
+	leftPausedChecked bool
 
 	// Background work of the switched phase (health watch, window timer);
 	// bgMu orders starting it with close waiting for it.

@@ -285,6 +285,9 @@ const (
 	TargetRedis   TargetType = "redis"
 	TargetWebhook TargetType = "webhook"
 	TargetCommand TargetType = "command"
+	// TargetPgBouncer pauses a PgBouncer database through the window and
+	// repoints its entry at the flip (switch/target.PgBouncer).
+	TargetPgBouncer TargetType = "pgbouncer"
 )
 
 // Target is one flip target. Which fields apply depends on Type.
@@ -306,6 +309,16 @@ type Target struct {
 	EnvAllow []string `yaml:"env_allow,omitempty" json:"env_allow,omitempty"`
 	Timeout  Duration `yaml:"timeout" json:"timeout,omitempty"`
 	Retries  int      `yaml:"retries,omitempty" json:"retries,omitempty"`
+	// PgBouncer: DSN is the admin console (database "pgbouncer"),
+	// Database the [databases] entry the application uses, DatabasesFile
+	// the file pgbouncer.ini %includes that holds it, Blue and Green the
+	// entry's connect string for each side (no password: auth_file), and
+	// PauseTimeout bounds PAUSE waiting for in-flight transactions.
+	Database      string   `yaml:"database,omitempty" json:"database,omitempty"`
+	DatabasesFile string   `yaml:"databases_file,omitempty" json:"databases_file,omitempty"`
+	Blue          string   `yaml:"blue,omitempty" json:"blue,omitempty"`
+	Green         string   `yaml:"green,omitempty" json:"green,omitempty"`
+	PauseTimeout  Duration `yaml:"pause_timeout,omitempty" json:"pause_timeout,omitempty"`
 }
 
 // Defaults used where the file is silent.

@@ -165,7 +165,7 @@ func (p Plan) Secrets(getenv func(string) (string, bool)) []string {
 		add(dsnPassword(pair.Engine, pair.Green.DSN.Reveal()))
 	}
 	for _, t := range p.Switch.Targets {
-		add(dsnPassword(Redis, t.DSN.Reveal()))
+		add(dsnPassword(targetEngine(t), t.DSN.Reveal()))
 		for _, h := range t.Headers {
 			add(h.Reveal())
 		}
@@ -252,7 +252,7 @@ func (p Plan) LiteralSecrets() []string {
 	}
 	for i, t := range p.Switch.Targets {
 		key := fmt.Sprintf("switch.targets[%d]", i)
-		dsn(key+".dsn", Redis, t.DSN)
+		dsn(key+".dsn", targetEngine(t), t.DSN)
 		urlSecrets(key+".url", t.URL)
 		names := make([]string, 0, len(t.Headers))
 		for h := range t.Headers {
@@ -377,4 +377,13 @@ func deepCopy(dst, src reflect.Value) {
 	default:
 		dst.Set(src)
 	}
+}
+
+// targetEngine is the kind of DSN a flip target holds: a PgBouncer admin
+// console speaks the PostgreSQL protocol.
+func targetEngine(t Target) Engine {
+	if t.Type == TargetPgBouncer {
+		return Postgres
+	}
+	return Redis
 }

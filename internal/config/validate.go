@@ -393,10 +393,28 @@ func (t *Target) validate(ps *problems, key string) {
 				ps.add(fmt.Sprintf("%s.env_allow[%d]", key, i), "%q is not an environment variable name", name)
 			}
 		}
+	case TargetPgBouncer:
+		if t.DSN == "" {
+			ps.add(key+".dsn", "required for a pgbouncer target: the admin console, postgres://ADMIN_USER:PASSWORD@HOST:PORT/pgbouncer")
+		} else if err := CheckDSN(Postgres, t.DSN.Reveal()); err != nil {
+			ps.add(key+".dsn", "%v", err)
+		}
+		if t.Database == "" {
+			ps.add(key+".database", "required for a pgbouncer target: the [databases] entry the application connects to")
+		}
+		if t.DatabasesFile == "" {
+			ps.add(key+".databases_file", "required for a pgbouncer target: the absolute path of the file pgbouncer.ini %%includes that holds the entry")
+		}
+		if t.Blue == "" || t.Green == "" {
+			ps.add(key+".blue", "blue and green are required for a pgbouncer target: the entry's connect string for each side (host=... port=... dbname=...)")
+		}
+		if t.PauseTimeout < 0 {
+			ps.add(key+".pause_timeout", "must not be negative")
+		}
 	case "":
-		ps.add(key+".type", "required: redis, webhook or command")
+		ps.add(key+".type", "required: redis, webhook, command or pgbouncer")
 	default:
-		ps.add(key+".type", "%q is not a target type (redis, webhook or command)", string(t.Type))
+		ps.add(key+".type", "%q is not a target type (redis, webhook, command or pgbouncer)", string(t.Type))
 	}
 	if t.Timeout <= 0 {
 		ps.add(key+".timeout", "must be positive")

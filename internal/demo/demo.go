@@ -62,6 +62,12 @@ type Options struct {
 	// replication's back once the plan replicates: the verification must
 	// name it and the plan abort.
 	TamperGreen bool
+	// Via "pgbouncer" runs the application (pgbench's TPC-B, Clients
+	// clients for Seconds) through PgBouncer, flipped by a pgbouncer
+	// target that pauses the pool through the window.
+	Via     string
+	Clients int
+	Seconds int
 }
 
 // Summary is the demo's last line.
@@ -98,6 +104,9 @@ type Summary struct {
 	Audit []string `json:"-"`
 	// Dir holds the agents' data and logs (removed unless KeepDir).
 	Dir string `json:"-"`
+	// Via and PgBouncer: the run through PgBouncer (Options.Via).
+	Via       string            `json:"via,omitempty"`
+	PgBouncer *PgBouncerSummary `json:"pgbouncer,omitempty"`
 }
 
 // Agent is one agent process.
@@ -148,6 +157,13 @@ const (
 
 // Run runs the demo, writing the timeline to w.
 func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
+	switch opts.Via {
+	case "":
+	case ViaPgBouncer:
+		return runViaPgBouncer(ctx, opts, w)
+	default:
+		return nil, fmt.Errorf("--via %q: the demo runs directly (no --via) or through pgbouncer", opts.Via)
+	}
 	if opts.Writers <= 0 {
 		opts.Writers = 8
 	}

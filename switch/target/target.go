@@ -1,5 +1,6 @@
 // Package target flips traffic from one colour to the other when the gate
-// opens: a Redis routing key, an HTTP webhook, or a command.
+// opens: a Redis routing key, an HTTP webhook, a command, or a PgBouncer
+// database entry (paused through the window: see Pauser).
 //
 // Every flip carries the plan's epoch (fencing token). Targets that keep
 // state refuse an epoch lower than one they have seen, so a deposed leader
@@ -52,6 +53,69 @@ type Warmer interface {
 	Warm(ctx context.Context) error
 }
 
+// Pauser is a target that can hold the application's new transactions
+// through the write outage, so that they wait instead of failing on the
+// fence (PgBouncer's PAUSE). The driver pauses right before it fences and
+// resumes once the route is settled: Flip resumes after repointing, and
+// an attempt that ends without a flip resumes pointing at the side that
+// takes the writes. Both refuse an epoch lower than one the target has
+// seen (ErrStaleEpoch).
+type Pauser interface {
+	Target
+	// Pause waits for in-flight transactions to end and holds new ones,
+	// within the target's own bound; when it fails, the target has been
+	// resumed as it was.
+	Pause(ctx context.Context, epoch uint64) error
+	// Resume points the target at colour ("blue" or "green"; "" leaves
+	// the route as it is) and lets the held transactions go. Resuming a
+	// target that is not paused is not an error.
+	Resume(ctx context.Context, epoch uint64, colour string) error
+}
+
+// PauseAll pauses every Pauser among targets. When one fails, those
+// already paused are resumed (route unchanged) and the error returned.
+func PauseAll(ctx context.Context, targets []Target, epoch uint64) error {
+	var paused []Pauser
+	for _, t := range targets {
+		p, ok := t.(Pauser)
+		if !ok {
+			continue
+		}
+		if err := p.Pause(ctx, epoch); err != nil {
+			for _, q := range paused {
+				q.Resume(context.WithoutCancel(ctx), epoch, "")
+			}
+			return fmt.Errorf("pause %s: %w", t.Name(), err)
+		}
+		paused = append(paused, p)
+	}
+	return nil
+}
+
+// ResumeAll resumes every Pauser among targets pointing at colour, and
+// joins the errors: each is tried.
+func ResumeAll(ctx context.Context, targets []Target, epoch uint64, colour string) error {
+	var errs []error
+	for _, t := range targets {
+		if p, ok := t.(Pauser); ok {
+			if err := p.Resume(ctx, epoch, colour); err != nil {
+				errs = append(errs, fmt.Errorf("resume %s: %w", t.Name(), err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// HasPauser reports whether any target is a Pauser.
+func HasPauser(targets []Target) bool {
+	for _, t := range targets {
+		if _, ok := t.(Pauser); ok {
+			return true
+		}
+	}
+	return false
+}
+
 // New builds the target that cfg describes.
 func New(cfg config.Target) (Target, error) {
 	switch cfg.Type {
@@ -61,6 +125,11 @@ func New(cfg config.Target) (Target, error) {
 		return NewWebhook(cfg.URL, cfg.Headers, cfg.Timeout.D(), cfg.Retries), nil
 	case config.TargetCommand:
 		return NewCommand(cfg.Command, cfg.Timeout.D(), cfg.EnvAllow), nil
+	case config.TargetPgBouncer:
+		return NewPgBouncer(PgBouncerOptions{
+			AdminDSN: cfg.DSN.Reveal(), Database: cfg.Database, File: cfg.DatabasesFile,
+			Blue: cfg.Blue, Green: cfg.Green, PauseTimeout: cfg.PauseTimeout.D(), Timeout: cfg.Timeout.D(),
+		})
 	}
 	return nil, fmt.Errorf("unknown target type %q", cfg.Type)
 }
