@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -320,5 +321,75 @@ func TestTheStoryCheckerCatchesAWriteOnGreenBeforeTheGateOpened(t *testing.T) {
 	}
 	if v := c.story(nil, after, "green"); len(v) != 1 {
 		t.Errorf("a write on green without authorized in the audit log was not flagged: %v", v)
+	}
+}
+
+// buildMutant builds the cutover binary with a mutation's build tag.
+func buildMutant(t *testing.T, tag string) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "cutover-"+tag)
+	out, err := exec.Command("go", "build", "-tags", tag, "-o", bin, "../../cmd/cutover").CombinedOutput()
+	if err != nil {
+		t.Fatalf("build the %s mutant: %v\n%s", tag, err, out)
+	}
+	return bin
+}
+
+// The mutation check: each deliberately broken build (Mutations) must be
+// caught by a checker within MUTATION_RUNS runs (default 3) of the schedule
+// designed for it, and the real build must pass the same schedule (else the
+// schedule, not the mutation, broke the invariant). A surviving mutant
+// fails the test. NEMESIS_MUTATIONS names the mutations to run (comma
+// separated tags, or "all").
+func TestEveryMutantIsCaught(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end: builds mutants, starts PostgreSQL, Redis and three agent processes per run")
+	}
+	which := os.Getenv("NEMESIS_MUTATIONS")
+	if which == "" {
+		which = "all"
+	}
+	runs := int(envInt(t, "MUTATION_RUNS", 3))
+	dir := os.Getenv("NEMESIS_DIR")
+	for _, m := range Mutations {
+		if which != "all" && !slices.Contains(strings.Split(which, ","), m.Tag) {
+			continue
+		}
+		t.Run(m.Tag, func(t *testing.T) {
+			run := func(bin string) *Result {
+				ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+				defer cancel()
+				s := m.Schedule
+				opts := Options{Binary: bin, Schedule: &s, Dir: dir, Log: testLog{t, 0}}
+				if os.Getenv("NEMESIS_QUIET") != "" {
+					opts.Log = nil
+				}
+				res, err := Run(ctx, opts)
+				if err != nil {
+					t.Fatalf("the run failed: %v\nschedule: %s", err, s)
+				}
+				if dir == "" && len(res.Violations) == 0 {
+					os.RemoveAll(res.Dir)
+				}
+				return res
+			}
+			res := run(binary)
+			if len(res.Violations) > 0 {
+				t.Fatalf("the real build broke an invariant under the %s schedule (fix the schedule or the product):\n  %s\nhistory: %s",
+					m.Tag, strings.Join(res.Violations, "\n  "), res.History)
+			}
+			t.Logf("the real build under the %s schedule: %s, no violation", m.Tag, res.Final)
+			mutant := buildMutant(t, m.Tag)
+			for i := 1; i <= runs; i++ {
+				res := run(mutant)
+				if len(res.Violations) > 0 {
+					t.Logf("the %s mutant was caught in run %d of %d (plan %s):\n  %s\nhistory: %s",
+						m.Tag, i, runs, res.Final, strings.Join(res.Violations, "\n  "), res.History)
+					return
+				}
+				t.Logf("run %d: the %s mutant survived (plan %s)", i, m.Tag, res.Final)
+			}
+			t.Errorf("the %s mutant survived %d runs of its schedule: the checkers (or the schedule) miss the defect it plants", m.Tag, runs)
+		})
 	}
 }

@@ -152,11 +152,14 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}
 	token := randomToken()
 	var env []string
-	if point, ok := holdPoints[sched.Hold]; ok {
-		env = append(env, "CUTOVER_TEST_HOLD="+point+"=2s")
+	if hold := sched.hold(); hold != "" {
+		env = append(env, "CUTOVER_TEST_HOLD="+hold)
 	}
-	agents, err := demo.StartAgents(ctx, opts.Binary, dir, token, env,
-		demo.PlanYAML(planName, viaProxy(blue, proxies["blue"]), viaProxy(green, proxies["green"]), rds.URL()))
+	plan := demo.PlanYAML(planName, viaProxy(blue, proxies["blue"]), viaProxy(green, proxies["green"]), rds.URL())
+	if plan, err = sched.tune(plan); err != nil {
+		return nil, err
+	}
+	agents, err := demo.StartAgents(ctx, opts.Binary, dir, token, env, plan)
 	if err != nil {
 		return nil, err
 	}
@@ -298,7 +301,17 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 				if f.Phase != "" && !fired[i] && !p.Phase.Terminal() && atOrAfter(p.Phase, f.Phase) {
 					fired[i] = true
 					nem.wg.Add(1)
-					go func() { defer nem.wg.Done(); nem.inject(nemCtx, i, f, p.Phase) }()
+					go func() {
+						defer nem.wg.Done()
+						if f.Delay > 0 {
+							select {
+							case <-nemCtx.Done():
+								return
+							case <-time.After(f.Delay):
+							}
+						}
+						nem.inject(nemCtx, i, f, p.Phase)
+					}()
 				}
 			}
 			if p.Phase == agent.PhaseSwitched {
@@ -382,6 +395,28 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		}
 	}
 	return res, nil
+}
+
+// tune applies the schedule's plan settings to the plan's YAML.
+func (s Schedule) tune(plan string) (string, error) {
+	swap := func(old, new string) error {
+		if !strings.Contains(plan, old) {
+			return fmt.Errorf("nemesis: the demo's plan has no %q to change", old)
+		}
+		plan = strings.Replace(plan, old, new, 1)
+		return nil
+	}
+	if s.NoVerify {
+		if err := swap("verify: {enabled: true,", "verify: {enabled: false,"); err != nil {
+			return "", err
+		}
+	}
+	if s.MaxDelay > 0 {
+		if err := swap("lag: {max_bytes: 1MiB, max_delay: 500ms,", fmt.Sprintf("lag: {max_bytes: 256MiB, max_delay: %s,", s.MaxDelay)); err != nil {
+			return "", err
+		}
+	}
+	return plan, nil
 }
 
 // end is when the schedule's last timed fault has healed, after the start.
@@ -572,6 +607,20 @@ func (n *nemesis) inject(ctx context.Context, i int, f Fault, phase agent.Phase)
 			return
 		}
 		n.h.note("fault", fmt.Sprintf("#%d terminated %d sessions of the agents on %s (%s)", i, len(ended), f.Target, strings.Join(ended, ", ")))
+	case KindStall:
+		n.proxies[f.Target].Stall(true)
+		n.h.note("fault", fmt.Sprintf("#%d stalled the agents' open connections to %s for %s", i, f.Target, f.For))
+		heal = func() {
+			n.proxies[f.Target].Stall(false)
+			n.h.note("heal", fmt.Sprintf("#%d stall to %s ended: what it held is delivered", i, f.Target))
+		}
+	case KindStreamDelay:
+		n.proxies[f.Target].SetStreamDelay(f.Latency)
+		n.h.note("fault", fmt.Sprintf("#%d replication streams through %s's link run %s behind for %s", i, f.Target, f.Latency, f.For))
+		heal = func() {
+			n.proxies[f.Target].SetStreamDelay(0)
+			n.h.note("heal", fmt.Sprintf("#%d stream delay on %s removed", i, f.Target))
+		}
 	case KindBlackhole:
 		n.proxies[f.Target].Blackhole(true)
 		n.h.note("fault", fmt.Sprintf("#%d blackhole between the agents and %s for %s", i, f.Target, f.For))

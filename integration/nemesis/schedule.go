@@ -35,6 +35,15 @@ const (
 	// server's side (pg_terminate_backend), the walsender of a
 	// replication stream included.
 	KindTerminate Kind = "terminate"
+	// KindStall holds what the agents' connections to a database open at
+	// the moment carry until For has passed, then delivers it (new
+	// connections pass): a delayed message, which the epoch guards are
+	// there for. A dead agent's last request still lands.
+	KindStall Kind = "stall"
+	// KindStreamDelay delays the replication streams through a
+	// database's link by Latency for For, without limiting their
+	// throughput: the stream runs behind.
+	KindStreamDelay Kind = "stream-delay"
 )
 
 // Fault is one fault of a schedule, triggered either at a moment (After the
@@ -45,7 +54,10 @@ type Fault struct {
 	Kind  Kind          `json:"kind"`
 	// Target is "leader" or "follower" (agent faults), "blue" or "green"
 	// (database link faults).
-	Target  string        `json:"target"`
+	Target string `json:"target"`
+	// Delay, for a fault tied to a phase, waits that long after the
+	// phase is seen.
+	Delay   time.Duration `json:"delay,omitempty"`
 	For     time.Duration `json:"for,omitempty"`
 	Latency time.Duration `json:"latency,omitempty"`
 }
@@ -54,6 +66,9 @@ func (f Fault) String() string {
 	var b strings.Builder
 	if f.Phase != "" {
 		fmt.Fprintf(&b, "in %-11s", f.Phase)
+		if f.Delay > 0 {
+			fmt.Fprintf(&b, " +%s", f.Delay)
+		}
 	} else {
 		fmt.Fprintf(&b, "at +%-9s", f.After.Round(time.Millisecond))
 	}
@@ -75,8 +90,34 @@ type Schedule struct {
 	// so that a fault lands inside a phase that otherwise lasts
 	// milliseconds; empty for none.
 	Hold agent.Phase `json:"hold,omitempty"`
+	// HoldAt, when set, is the driver's fault point the agents hold at
+	// (instead of Hold's), for HoldFor (default 2s).
+	HoldAt  string        `json:"hold_at,omitempty"`
+	HoldFor time.Duration `json:"hold_for,omitempty"`
 	// Rollback rolls the plan back after the flip.
 	Rollback bool `json:"rollback,omitempty"`
+	// NoVerify turns the plan's verification off and MaxDelay, when set,
+	// loosens its lag threshold: the mutation schedules use them so that
+	// a mutant's defect is not masked by the product's second line of
+	// defence (the in-fence verification would abort on the lag a
+	// skipped catch-up proof leaves).
+	NoVerify bool          `json:"no_verify,omitempty"`
+	MaxDelay time.Duration `json:"max_delay,omitempty"`
+}
+
+// hold returns the CUTOVER_TEST_HOLD value for s ("" for none).
+func (s Schedule) hold() string {
+	d := s.HoldFor
+	if d <= 0 {
+		d = 2 * time.Second
+	}
+	if s.HoldAt != "" {
+		return s.HoldAt + "=" + d.String()
+	}
+	if point, ok := holdPoints[s.Hold]; ok {
+		return point + "=" + d.String()
+	}
+	return ""
 }
 
 func (s Schedule) String() string {
@@ -84,6 +125,15 @@ func (s Schedule) String() string {
 	fmt.Fprintf(&b, "seed %d: %d faults", s.Seed, len(s.Faults))
 	if s.Hold != "" {
 		fmt.Fprintf(&b, ", agents hold in %s", s.Hold)
+	}
+	if s.HoldAt != "" {
+		fmt.Fprintf(&b, ", agents hold %s", s.hold())
+	}
+	if s.NoVerify {
+		b.WriteString(", no verification")
+	}
+	if s.MaxDelay > 0 {
+		fmt.Fprintf(&b, ", lag max_delay %s", s.MaxDelay)
 	}
 	if s.Rollback {
 		b.WriteString(", rollback after the flip")
@@ -158,4 +208,49 @@ func NewSchedule(seed uint64) Schedule {
 		s.Faults = append(s.Faults, f)
 	}
 	return s
+}
+
+// Mutations are the product's deliberately broken builds (build tags) and,
+// for each, a schedule designed to expose it. The mutation check
+// (TestEveryMutantIsCaught) builds each and runs its schedule until a
+// checker fires.
+var Mutations = []Mutation{
+	{
+		// The fence's epoch guard removed (fencing/postgres,
+		// mutation_noepoch.go): a deposed leader's late request lands.
+		// The leader sends green's unfence of the flip into a stalled
+		// connection and is killed; the next leader flips again, and the
+		// plan is rolled back (green fenced again, with a higher epoch,
+		// blue unfenced). Then the stalled request is delivered: the
+		// guard refuses it, the mutant unfences green: both sides take
+		// writes.
+		Tag: "mutation_noepoch",
+		Schedule: Schedule{
+			HoldAt: "before flip", HoldFor: 2 * time.Second, Rollback: true,
+			Faults: []Fault{
+				{Phase: agent.PhaseAuthorized, Kind: KindStall, Target: "green", For: 60 * time.Second},
+				{Phase: agent.PhaseAuthorized, Delay: 3 * time.Second, Kind: KindKill, Target: "leader", For: 2 * time.Second},
+			},
+		},
+	},
+	{
+		// The catch-up proof skipped (agent/driver, mutation_nocatchup.go):
+		// the flip goes ahead without the fence marker applied on green.
+		// The stream runs a second and a half behind from ready on, so
+		// the writes of the last moments before the fence are still on
+		// their way when the forward stream is closed at the flip.
+		Tag: "mutation_nocatchup",
+		Schedule: Schedule{
+			NoVerify: true, MaxDelay: 10 * time.Second,
+			Faults: []Fault{
+				{Phase: agent.PhaseReplicating, Kind: KindStreamDelay, Target: "blue", Latency: 1500 * time.Millisecond, For: 120 * time.Second},
+			},
+		},
+	},
+}
+
+// Mutation is one broken build and the schedule meant to catch it.
+type Mutation struct {
+	Tag      string
+	Schedule Schedule
 }
