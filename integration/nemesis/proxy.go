@@ -26,6 +26,10 @@ type Proxy struct {
 	// side); unstalled is closed when the stall ends.
 	stalled   map[net.Conn]bool
 	unstalled chan struct{}
+	// stallMatch, when set, narrows a stall to the first chunk holding it
+	// (and what follows on that connection); stallHits counts them.
+	stallMatch []byte
+	stallHits  int
 	// streamDelay delays what replication connections carry, without
 	// limiting their throughput; repl marks them (by client side).
 	streamDelay time.Duration
@@ -101,6 +105,28 @@ func (p *Proxy) Blackhole(on bool) {
 func (p *Proxy) Stall(on bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.stall(on, nil)
+}
+
+// StallMatching stalls the connections open now from the first chunk that
+// holds match on (match a query's text: the agents connect without TLS),
+// until Stall(false): the one late request a test wants, and what follows
+// it on that connection.
+func (p *Proxy) StallMatching(match string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.stall(true, []byte(match))
+}
+
+// StallHits is how many chunks a StallMatching caught.
+func (p *Proxy) StallHits() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stallHits
+}
+
+func (p *Proxy) stall(on bool, match []byte) {
+	p.stallMatch = match
 	if on {
 		if len(p.stalled) == 0 {
 			p.unstalled = make(chan struct{})
@@ -266,7 +292,7 @@ func (p *Proxy) pump(dst, src, key net.Conn) error {
 			}
 			latency, healed := p.state()
 			<-healed
-			p.waitStall(key)
+			p.waitStall(key, buf[:n])
 			if latency > 0 {
 				time.Sleep(latency)
 			}
@@ -299,11 +325,15 @@ func (p *Proxy) markReplication(key net.Conn, startup []byte) {
 	}
 }
 
-func (p *Proxy) waitStall(key net.Conn) {
+func (p *Proxy) waitStall(key net.Conn, data []byte) {
 	p.mu.Lock()
-	stalled, unstalled := p.stalled[key], p.unstalled
+	hit := p.stalled[key] && (p.stallMatch == nil || bytes.Contains(data, p.stallMatch))
+	unstalled := p.unstalled
+	if hit && p.stallMatch != nil {
+		p.stallHits++
+	}
 	p.mu.Unlock()
-	if stalled {
+	if hit {
 		<-unstalled
 	}
 }
@@ -315,4 +345,51 @@ func (p *Proxy) delayOf(key net.Conn) time.Duration {
 		return p.streamDelay
 	}
 	return 0
+}
+
+// Link is the agents' way to one database: a Proxy per agent, so that a
+// fault may hit every agent's link at once (the methods below) or one
+// agent's (Via).
+type Link struct {
+	Via []*Proxy // by agent, in the order of the cluster's agents
+}
+
+// StartLink starts n proxies to target.
+func StartLink(target string, n int) (*Link, error) {
+	l := &Link{}
+	for range n {
+		p, err := StartProxy(target)
+		if err != nil {
+			l.Close()
+			return nil, err
+		}
+		l.Via = append(l.Via, p)
+	}
+	return l, nil
+}
+
+func (l *Link) each(f func(p *Proxy)) {
+	for _, p := range l.Via {
+		f(p)
+	}
+}
+
+// SetLatency, Blackhole, Stall, SetStreamDelay and Heal act on every
+// agent's proxy; DropAll returns the connections dropped in all.
+func (l *Link) SetLatency(d time.Duration) { l.each(func(p *Proxy) { p.SetLatency(d) }) }
+func (l *Link) Blackhole(on bool)          { l.each(func(p *Proxy) { p.Blackhole(on) }) }
+func (l *Link) Stall(on bool)              { l.each(func(p *Proxy) { p.Stall(on) }) }
+func (l *Link) StallMatching(match string) { l.each(func(p *Proxy) { p.StallMatching(match) }) }
+func (l *Link) StallHits() int {
+	n := 0
+	l.each(func(p *Proxy) { n += p.StallHits() })
+	return n
+}
+func (l *Link) SetStreamDelay(d time.Duration) { l.each(func(p *Proxy) { p.SetStreamDelay(d) }) }
+func (l *Link) Heal()                          { l.each(func(p *Proxy) { p.Heal() }) }
+func (l *Link) Close()                         { l.each(func(p *Proxy) { p.Close() }) }
+func (l *Link) DropAll() int {
+	n := 0
+	l.each(func(p *Proxy) { n += p.DropAll() })
+	return n
 }

@@ -135,31 +135,57 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	if err := demo.SetupDatabases(ctx, blue, green, opts.Accounts); err != nil {
 		return nil, err
 	}
-	// The agents reach the databases only through the proxies.
-	proxies := map[string]*Proxy{}
+	// The agents reach the databases only through the proxies, one per
+	// agent and database (each agent reads its own address from its
+	// environment: the plan's DSNs are ${...} references), and each other
+	// through one per Raft link.
+	proxies := map[string]*Link{}
 	for side, pg := range map[string]*integration.Postgres{"blue": blue, "green": green} {
-		p, err := StartProxy(pg.Host + ":" + strconv.Itoa(pg.Port))
+		l, err := StartLink(pg.Host+":"+strconv.Itoa(pg.Port), 3)
 		if err != nil {
 			return nil, err
 		}
-		defer p.Close()
-		proxies[side] = p
+		defer l.Close()
+		proxies[side] = l
 	}
 	viaProxy := func(pg *integration.Postgres, p *Proxy) string {
 		u, _ := url.Parse(pg.DSN())
 		u.Host = p.Addr()
 		return u.String()
 	}
+	raft := [3][3]*Proxy{}
 	token := randomToken()
 	var env []string
 	if hold := sched.hold(); hold != "" {
 		env = append(env, "CUTOVER_TEST_HOLD="+hold)
 	}
-	plan := demo.PlanYAML(planName, viaProxy(blue, proxies["blue"]), viaProxy(green, proxies["green"]), rds.URL())
+	plan := demo.PlanYAML(planName, "${NEMESIS_BLUE_DSN}", "${NEMESIS_GREEN_DSN}", rds.URL())
 	if plan, err = sched.tune(plan); err != nil {
 		return nil, err
 	}
-	agents, err := demo.StartAgents(ctx, opts.Binary, dir, token, env, plan)
+	wiring := demo.Wiring{
+		Raft: func(from, to int, target string) (string, error) {
+			p, err := StartProxy(target)
+			if err != nil {
+				return "", err
+			}
+			raft[from][to] = p
+			return p.Addr(), nil
+		},
+		Env: func(i int) []string {
+			return []string{"NEMESIS_BLUE_DSN=" + viaProxy(blue, proxies["blue"].Via[i]), "NEMESIS_GREEN_DSN=" + viaProxy(green, proxies["green"].Via[i])}
+		},
+	}
+	defer func() {
+		for _, row := range raft {
+			for _, p := range row {
+				if p != nil {
+					p.Close()
+				}
+			}
+		}
+	}()
+	agents, err := demo.StartAgentsWired(ctx, opts.Binary, dir, token, env, plan, wiring)
 	if err != nil {
 		return nil, err
 	}
@@ -246,7 +272,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 
 	// The nemesis: faults at moments, and faults at phases (fired by the
 	// watcher below).
-	nem := &nemesis{c: c, proxies: proxies, dbs: map[string]*integration.Postgres{"blue": blue, "green": green}, h: h, res: res}
+	nem := &nemesis{c: c, proxies: proxies, raft: raft, dbs: map[string]*integration.Postgres{"blue": blue, "green": green}, h: h, res: res}
 	nemCtx, stopNem := context.WithCancel(ctx)
 	defer stopNem()
 	for i, f := range sched.Faults {
@@ -416,6 +442,11 @@ func (s Schedule) tune(plan string) (string, error) {
 			return "", err
 		}
 	}
+	if s.MaxWindow > 0 {
+		if err := swap("fence: {max_fence_window: 5s,", fmt.Sprintf("fence: {max_fence_window: %s,", s.MaxWindow)); err != nil {
+			return "", err
+		}
+	}
 	return plan, nil
 }
 
@@ -536,7 +567,8 @@ func (c *cluster) audit(ctx context.Context, plan string) []agent.AuditEntry {
 // nemesis injects the faults of a schedule.
 type nemesis struct {
 	c       *cluster
-	proxies map[string]*Proxy
+	proxies map[string]*Link
+	raft    [3][3]*Proxy // raft[i][j]: agent i's link to agent j
 	dbs     map[string]*integration.Postgres
 	h       *history
 	wg      sync.WaitGroup
@@ -559,6 +591,9 @@ func (n *nemesis) count(key string, skipped bool) {
 // ends). phase is the phase it was fired in ("" for a timed fault).
 func (n *nemesis) inject(ctx context.Context, i int, f Fault, phase agent.Phase) {
 	key := string(f.Kind) + " " + f.Target
+	if f.DB != "" {
+		key += "-" + f.DB
+	}
 	if phase != "" {
 		key += " in " + string(phase)
 	} else {
@@ -608,11 +643,17 @@ func (n *nemesis) inject(ctx context.Context, i int, f Fault, phase agent.Phase)
 		}
 		n.h.note("fault", fmt.Sprintf("#%d terminated %d sessions of the agents on %s (%s)", i, len(ended), f.Target, strings.Join(ended, ", ")))
 	case KindStall:
-		n.proxies[f.Target].Stall(true)
-		n.h.note("fault", fmt.Sprintf("#%d stalled the agents' open connections to %s for %s", i, f.Target, f.For))
+		what := "the agents' open connections"
+		if f.Match != "" {
+			n.proxies[f.Target].StallMatching(f.Match)
+			what = fmt.Sprintf("the first %q on each of the agents' open connections", f.Match)
+		} else {
+			n.proxies[f.Target].Stall(true)
+		}
+		n.h.note("fault", fmt.Sprintf("#%d stalled %s to %s for %s", i, what, f.Target, f.For))
 		heal = func() {
 			n.proxies[f.Target].Stall(false)
-			n.h.note("heal", fmt.Sprintf("#%d stall to %s ended: what it held is delivered", i, f.Target))
+			n.h.note("heal", fmt.Sprintf("#%d stall to %s ended: what it held is delivered (%d matching requests)", i, f.Target, n.proxies[f.Target].StallHits()))
 		}
 	case KindStreamDelay:
 		n.proxies[f.Target].SetStreamDelay(f.Latency)
@@ -621,6 +662,38 @@ func (n *nemesis) inject(ctx context.Context, i int, f Fault, phase agent.Phase)
 			n.proxies[f.Target].SetStreamDelay(0)
 			n.h.note("heal", fmt.Sprintf("#%d stream delay on %s removed", i, f.Target))
 		}
+	case KindIsolate, KindOneWay, KindCutDB:
+		a := n.pick(ctx, f.Target)
+		if a == nil {
+			n.h.note("fault", fmt.Sprintf("#%d %s: no %s to hit (skipped)", i, f.Kind, f.Target))
+			n.count(key, true)
+			return
+		}
+		links := n.cut(f, a)
+		for _, p := range links {
+			p.Blackhole(true)
+		}
+		what := map[Kind]string{KindIsolate: "cut off from the other agents", KindOneWay: "unreachable by the other agents (it still reaches them)",
+			KindCutDB: "cut off from " + f.DB}[f.Kind]
+		n.h.note("fault", fmt.Sprintf("#%d the %s %s %s for %s", i, f.Target, a.ID, what, f.For))
+		heal = func() {
+			for _, p := range links {
+				p.Blackhole(false)
+			}
+			n.h.note("heal", fmt.Sprintf("#%d partition of %s ended", i, a.ID))
+		}
+	case KindRestart:
+		n.h.note("fault", fmt.Sprintf("#%d restart %s: down for %s", i, f.Target, f.For))
+		// Started again even when the plan ended meanwhile: the checks
+		// read it.
+		if err := n.dbs[f.Target].Restart(context.WithoutCancel(ctx), f.For); err != nil {
+			n.h.note("heal", fmt.Sprintf("#%d restart %s: %v", i, f.Target, err))
+			n.count(key, true)
+			return
+		}
+		n.h.note("heal", fmt.Sprintf("#%d %s is up again", i, f.Target))
+		n.count(key, false)
+		return
 	case KindBlackhole:
 		n.proxies[f.Target].Blackhole(true)
 		n.h.note("fault", fmt.Sprintf("#%d blackhole between the agents and %s for %s", i, f.Target, f.For))
@@ -635,6 +708,27 @@ func (n *nemesis) inject(ctx context.Context, i int, f Fault, phase agent.Phase)
 	case <-time.After(f.For):
 	}
 	heal()
+}
+
+// cut returns the proxies a partition of agent a blackholes.
+func (n *nemesis) cut(f Fault, a *demo.Agent) []*Proxy {
+	i := slices.Index(n.c.agents, a)
+	var out []*Proxy
+	switch f.Kind {
+	case KindCutDB:
+		out = append(out, n.proxies[f.DB].Via[i])
+	case KindIsolate, KindOneWay:
+		for j := range n.raft {
+			if j == i {
+				continue
+			}
+			out = append(out, n.raft[j][i]) // j's requests to a, and a's answers
+			if f.Kind == KindIsolate {
+				out = append(out, n.raft[i][j])
+			}
+		}
+	}
+	return out
 }
 
 // pick returns the leader or a running follower.
@@ -678,6 +772,13 @@ func (n *nemesis) healAgent(a *demo.Agent) {
 func (n *nemesis) healAll() {
 	for _, p := range n.proxies {
 		p.Heal()
+	}
+	for _, row := range n.raft {
+		for _, p := range row {
+			if p != nil {
+				p.Heal()
+			}
+		}
 	}
 	for _, a := range n.c.agents {
 		n.healAgent(a)

@@ -12,9 +12,7 @@ import (
 // Kind is a kind of fault.
 type Kind string
 
-// The faults the nemesis injects. A database restart is not among them: the
-// harness's PostgreSQL can be stopped but not started again on the same
-// port and data directory (Stop removes both).
+// The faults the nemesis injects.
 const (
 	// KindKill kills an agent (SIGKILL) and starts it again from its data
 	// directory after For.
@@ -44,6 +42,19 @@ const (
 	// database's link by Latency for For, without limiting their
 	// throughput: the stream runs behind.
 	KindStreamDelay Kind = "stream-delay"
+	// KindIsolate cuts the leader or a follower off from the other
+	// agents (its Raft links, both ways) for For.
+	KindIsolate Kind = "isolate"
+	// KindOneWay makes the leader or a follower unreachable by the other
+	// agents for For, while it still reaches them: an asymmetric
+	// partition.
+	KindOneWay Kind = "one-way"
+	// KindCutDB cuts the leader or a follower off from one database (DB)
+	// for For; the other agents still reach it.
+	KindCutDB Kind = "cut-db"
+	// KindRestart stops blue or green at once (immediate shutdown, as a
+	// crash) and starts it again on its data directory after For.
+	KindRestart Kind = "restart"
 )
 
 // Fault is one fault of a schedule, triggered either at a moment (After the
@@ -55,6 +66,11 @@ type Fault struct {
 	// Target is "leader" or "follower" (agent faults), "blue" or "green"
 	// (database link faults).
 	Target string `json:"target"`
+	// Match narrows a stall to the first request holding it, on each
+	// connection open at the moment.
+	Match string `json:"match,omitempty"`
+	// DB is the database a cut-db fault cuts the agent off from.
+	DB string `json:"db,omitempty"`
 	// Delay, for a fault tied to a phase, waits that long after the
 	// phase is seen.
 	Delay   time.Duration `json:"delay,omitempty"`
@@ -72,7 +88,14 @@ func (f Fault) String() string {
 	} else {
 		fmt.Fprintf(&b, "at +%-9s", f.After.Round(time.Millisecond))
 	}
-	fmt.Fprintf(&b, " %-9s %-8s", f.Kind, f.Target)
+	target := f.Target
+	if f.DB != "" {
+		target += "-" + f.DB
+	}
+	fmt.Fprintf(&b, " %-9s %-8s", f.Kind, target)
+	if f.Match != "" {
+		fmt.Fprintf(&b, " %q", f.Match)
+	}
 	if f.Latency > 0 {
 		fmt.Fprintf(&b, " +%s", f.Latency)
 	}
@@ -103,6 +126,8 @@ type Schedule struct {
 	// skipped catch-up proof leaves).
 	NoVerify bool          `json:"no_verify,omitempty"`
 	MaxDelay time.Duration `json:"max_delay,omitempty"`
+	// MaxWindow, when set, is the plan's max_fence_window.
+	MaxWindow time.Duration `json:"max_window,omitempty"`
 }
 
 // hold returns the CUTOVER_TEST_HOLD value for s ("" for none).
@@ -134,6 +159,9 @@ func (s Schedule) String() string {
 	}
 	if s.MaxDelay > 0 {
 		fmt.Fprintf(&b, ", lag max_delay %s", s.MaxDelay)
+	}
+	if s.MaxWindow > 0 {
+		fmt.Fprintf(&b, ", max_fence_window %s", s.MaxWindow)
 	}
 	if s.Rollback {
 		b.WriteString(", rollback after the flip")
@@ -207,6 +235,41 @@ func NewSchedule(seed uint64) Schedule {
 		}
 		s.Faults = append(s.Faults, f)
 	}
+	// Partitions between the agents and between an agent and a
+	// database: drawn after the rest, so that adding them left the
+	// earlier draws of every seed as they were.
+	if rng.IntN(2) == 0 {
+		kinds := []Kind{KindIsolate, KindOneWay, KindCutDB}
+		f := Fault{Kind: kinds[rng.IntN(len(kinds))], Target: []string{"leader", "follower"}[rng.IntN(2)],
+			For: time.Duration(1000+rng.IntN(5000)) * time.Millisecond}
+		if f.Kind == KindCutDB {
+			f.DB = []string{"blue", "green"}[rng.IntN(2)]
+		}
+		if rng.IntN(2) == 0 {
+			f.Phase = faultPhases[rng.IntN(len(faultPhases))]
+			if _, short := holdPoints[f.Phase]; short && s.Hold != f.Phase {
+				f.Phase = ""
+			}
+		}
+		if f.Phase == "" {
+			f.After = time.Duration(rng.IntN(12000)) * time.Millisecond
+		}
+		s.Faults = append(s.Faults, f)
+	}
+	// A database restart, drawn last for the same reason.
+	if rng.IntN(4) == 0 {
+		f := Fault{Kind: KindRestart, Target: []string{"blue", "green"}[rng.IntN(2)], For: time.Duration(500+rng.IntN(3500)) * time.Millisecond}
+		if rng.IntN(2) == 0 {
+			f.Phase = faultPhases[rng.IntN(len(faultPhases))]
+			if _, short := holdPoints[f.Phase]; short && s.Hold != f.Phase {
+				f.Phase = ""
+			}
+		}
+		if f.Phase == "" {
+			f.After = time.Duration(rng.IntN(12000)) * time.Millisecond
+		}
+		s.Faults = append(s.Faults, f)
+	}
 	return s
 }
 
@@ -218,17 +281,18 @@ var Mutations = []Mutation{
 	{
 		// The fence's epoch guard removed (fencing/postgres,
 		// mutation_noepoch.go): a deposed leader's late request lands.
-		// The leader sends green's unfence of the flip into a stalled
-		// connection and is killed; the next leader flips again, and the
-		// plan is rolled back (green fenced again, with a higher epoch,
-		// blue unfenced). Then the stalled request is delivered: the
-		// guard refuses it, the mutant unfences green: both sides take
-		// writes.
+		// The leader's unfence of green at the flip is held by the proxy
+		// (the first "unfence" on each connection open when the gate
+		// opened) and the leader is killed; the next leader, on new
+		// connections, flips again, and the plan is rolled back (green
+		// fenced again with a higher epoch, blue unfenced). Then the held
+		// request is delivered: the guard refuses it, the mutant
+		// unfences green: both sides take writes.
 		Tag: "mutation_noepoch",
 		Schedule: Schedule{
 			HoldAt: "before flip", HoldFor: 2 * time.Second, Rollback: true,
 			Faults: []Fault{
-				{Phase: agent.PhaseAuthorized, Kind: KindStall, Target: "green", For: 60 * time.Second},
+				{Phase: agent.PhaseAuthorized, Kind: KindStall, Target: "green", Match: "unfence", For: 90 * time.Second},
 				{Phase: agent.PhaseAuthorized, Delay: 3 * time.Second, Kind: KindKill, Target: "leader", For: 2 * time.Second},
 			},
 		},
@@ -236,14 +300,17 @@ var Mutations = []Mutation{
 	{
 		// The catch-up proof skipped (agent/driver, mutation_nocatchup.go):
 		// the flip goes ahead without the fence marker applied on green.
-		// The stream runs a second and a half behind from ready on, so
-		// the writes of the last moments before the fence are still on
-		// their way when the forward stream is closed at the flip.
+		// The stream runs six seconds behind from replicating on (longer
+		// than a flip takes on a loaded machine), so the writes of the
+		// last moments before the fence are still on their way when the
+		// forward stream is closed at the flip. The lag threshold and
+		// the fence window are loosened so that the real build, which
+		// waits for the marker, completes.
 		Tag: "mutation_nocatchup",
 		Schedule: Schedule{
-			NoVerify: true, MaxDelay: 10 * time.Second,
+			NoVerify: true, MaxDelay: 30 * time.Second, MaxWindow: 30 * time.Second,
 			Faults: []Fault{
-				{Phase: agent.PhaseReplicating, Kind: KindStreamDelay, Target: "blue", Latency: 1500 * time.Millisecond, For: 120 * time.Second},
+				{Phase: agent.PhaseReplicating, Kind: KindStreamDelay, Target: "blue", Latency: 6 * time.Second, For: 180 * time.Second},
 			},
 		},
 	},
