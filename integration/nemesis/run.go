@@ -185,6 +185,18 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			}
 		}
 	}()
+	// Each agent's data directory is a small tmpfs of its own (when the
+	// test may mount), for the disk-full fault.
+	disks := map[string]bool{}
+	for i := range 3 {
+		data := filepath.Join(dir, fmt.Sprintf("agent-%d", i+1))
+		if err := mountDisk(data); err != nil {
+			h.note("disk", fmt.Sprintf("no tmpfs under %s (%v): disk faults are skipped", data, err))
+			continue
+		}
+		disks[filepath.Base(data)] = true
+		defer syscall.Unmount(data, syscall.MNT_DETACH)
+	}
 	agents, err := demo.StartAgentsWired(ctx, opts.Binary, dir, token, env, plan, wiring)
 	if err != nil {
 		return nil, err
@@ -272,7 +284,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 
 	// The nemesis: faults at moments, and faults at phases (fired by the
 	// watcher below).
-	nem := &nemesis{c: c, proxies: proxies, raft: raft, dbs: map[string]*integration.Postgres{"blue": blue, "green": green}, h: h, res: res}
+	nem := &nemesis{c: c, proxies: proxies, raft: raft, disks: disks, dir: dir, dbs: map[string]*integration.Postgres{"blue": blue, "green": green}, h: h, res: res}
 	nemCtx, stopNem := context.WithCancel(ctx)
 	defer stopNem()
 	for i, f := range sched.Faults {
@@ -298,8 +310,11 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	requested := false
 	var newestIndex uint64
 	var reqWG sync.WaitGroup
-	// Stuck: no terminal phase long after the last fault healed.
-	deadline := planStart.Add(sched.end() + 150*time.Second)
+	// Stuck: no progress (no new phase) for 150 s once the last timed
+	// fault healed. Measured from the last progress, not from the start:
+	// on a loaded machine a plan may take minutes and still move.
+	const stuckAfter = 150 * time.Second
+	deadline := planStart.Add(sched.end() + stuckAfter)
 	for {
 		p, at, ok := c.newest(ctx, planName)
 		// An agent behind the others (the leader that committed the
@@ -312,6 +327,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		}
 		if ok && p.Phase != last {
 			last = p.Phase
+			deadline = maxTime(deadline, time.Now().Add(stuckAfter))
 			h.note("phase", fmt.Sprintf("%s epoch %d %s", p.Phase, p.Epoch, p.Reason))
 			if opts.OnPhase != nil {
 				if err := opts.OnPhase(ctx, p.Phase, blue, green); err != nil {
@@ -368,7 +384,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		}
 		if time.Now().After(deadline) {
 			res.Final = last
-			res.Violations = append(res.Violations, fmt.Sprintf("stuck: the plan is still %s %s after it started (faults healed long ago)", last, time.Since(planStart).Round(time.Second)))
+			res.Violations = append(res.Violations, fmt.Sprintf("stuck: the plan is still %s %s after it started, with no progress for %s (faults healed long ago)", last, time.Since(planStart).Round(time.Second), stuckAfter))
 			break
 		}
 		select {
@@ -568,7 +584,9 @@ func (c *cluster) audit(ctx context.Context, plan string) []agent.AuditEntry {
 type nemesis struct {
 	c       *cluster
 	proxies map[string]*Link
-	raft    [3][3]*Proxy // raft[i][j]: agent i's link to agent j
+	raft    [3][3]*Proxy    // raft[i][j]: agent i's link to agent j
+	disks   map[string]bool // agents whose data directory is a tmpfs
+	dir     string
 	dbs     map[string]*integration.Postgres
 	h       *history
 	wg      sync.WaitGroup
@@ -694,6 +712,20 @@ func (n *nemesis) inject(ctx context.Context, i int, f Fault, phase agent.Phase)
 		n.h.note("heal", fmt.Sprintf("#%d %s is up again", i, f.Target))
 		n.count(key, false)
 		return
+	case KindDiskFull:
+		a := n.pick(ctx, f.Target)
+		if a == nil || !n.disks[a.ID] {
+			n.h.note("fault", fmt.Sprintf("#%d %s: no %s to hit, or no tmpfs (skipped)", i, f.Kind, f.Target))
+			n.count(key, true)
+			return
+		}
+		filler := filepath.Join(n.dir, a.ID, "nemesis-filler")
+		written, err := fill(filler)
+		n.h.note("fault", fmt.Sprintf("#%d filled the data directory of the %s %s (%d MiB, %v) for %s", i, f.Target, a.ID, written>>20, err, f.For))
+		heal = func() {
+			os.Remove(filler)
+			n.h.note("heal", fmt.Sprintf("#%d %s's disk has room again", i, a.ID))
+		}
 	case KindBlackhole:
 		n.proxies[f.Target].Blackhole(true)
 		n.h.note("fault", fmt.Sprintf("#%d blackhole between the agents and %s for %s", i, f.Target, f.For))
@@ -922,4 +954,45 @@ func retry(ctx context.Context, fn func() error) error {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+}
+
+// diskSize is the size of each agent's tmpfs: room for a run's Raft log
+// (raft-wal preallocates nothing on tmpfs), small enough to fill at once.
+const diskSize = "256m"
+
+// mountDisk mounts a tmpfs of diskSize at dir (root only).
+func mountDisk(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	return syscall.Mount("tmpfs", dir, "tmpfs", 0, "size="+diskSize+",mode=0700")
+}
+
+// fill writes path until the file system is full (ENOSPC) and returns how
+// much it wrote.
+func fill(path string) (int64, error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	var n int64
+	for {
+		w, err := f.Write(buf)
+		n += int64(w)
+		if err != nil {
+			if errors.Is(err, syscall.ENOSPC) {
+				return n, nil
+			}
+			return n, err
+		}
+	}
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }

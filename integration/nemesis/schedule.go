@@ -55,6 +55,9 @@ const (
 	// KindRestart stops blue or green at once (immediate shutdown, as a
 	// crash) and starts it again on its data directory after For.
 	KindRestart Kind = "restart"
+	// KindDiskFull fills the leader's or a follower's data directory (a
+	// tmpfs of its own) for For, then frees it.
+	KindDiskFull Kind = "disk-full"
 )
 
 // Fault is one fault of a schedule, triggered either at a moment (After the
@@ -259,6 +262,20 @@ func NewSchedule(seed uint64) Schedule {
 	// A database restart, drawn last for the same reason.
 	if rng.IntN(4) == 0 {
 		f := Fault{Kind: KindRestart, Target: []string{"blue", "green"}[rng.IntN(2)], For: time.Duration(500+rng.IntN(3500)) * time.Millisecond}
+		if rng.IntN(2) == 0 {
+			f.Phase = faultPhases[rng.IntN(len(faultPhases))]
+			if _, short := holdPoints[f.Phase]; short && s.Hold != f.Phase {
+				f.Phase = ""
+			}
+		}
+		if f.Phase == "" {
+			f.After = time.Duration(rng.IntN(12000)) * time.Millisecond
+		}
+		s.Faults = append(s.Faults, f)
+	}
+	// A full disk under an agent, drawn last for the same reason.
+	if rng.IntN(5) == 0 {
+		f := Fault{Kind: KindDiskFull, Target: []string{"leader", "follower"}[rng.IntN(2)], For: time.Duration(1000+rng.IntN(5000)) * time.Millisecond}
 		if rng.IntN(2) == 0 {
 			f.Phase = faultPhases[rng.IntN(len(faultPhases))]
 			if _, short := holdPoints[f.Phase]; short && s.Hold != f.Phase {
