@@ -352,6 +352,15 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 							case <-time.After(f.Delay):
 							}
 						}
+						if f.WaitHeld != "" {
+							for end := time.Now().Add(30 * time.Second); proxies[f.WaitHeld].StallHits() == 0 && time.Now().Before(end); {
+								select {
+								case <-nemCtx.Done():
+									return
+								case <-time.After(10 * time.Millisecond):
+								}
+							}
+						}
 						nem.inject(nemCtx, i, f, p.Phase)
 					}()
 				}

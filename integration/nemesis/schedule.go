@@ -69,6 +69,9 @@ type Fault struct {
 	// Target is "leader" or "follower" (agent faults), "blue" or "green"
 	// (database link faults).
 	Target string `json:"target"`
+	// WaitHeld, for a fault tied to a phase, waits (up to 30 s) until the
+	// stall on that database's link holds a request.
+	WaitHeld string `json:"wait_held,omitempty"`
 	// Match narrows a stall to the first request holding it, on each
 	// connection open at the moment.
 	Match string `json:"match,omitempty"`
@@ -87,6 +90,9 @@ func (f Fault) String() string {
 		fmt.Fprintf(&b, "in %-11s", f.Phase)
 		if f.Delay > 0 {
 			fmt.Fprintf(&b, " +%s", f.Delay)
+		}
+		if f.WaitHeld != "" {
+			fmt.Fprintf(&b, " once %s holds a request", f.WaitHeld)
 		}
 	} else {
 		fmt.Fprintf(&b, "at +%-9s", f.After.Round(time.Millisecond))
@@ -310,7 +316,7 @@ var Mutations = []Mutation{
 			HoldAt: "before flip", HoldFor: 2 * time.Second, Rollback: true,
 			Faults: []Fault{
 				{Phase: agent.PhaseAuthorized, Kind: KindStall, Target: "green", Match: "unfence", For: 90 * time.Second},
-				{Phase: agent.PhaseAuthorized, Delay: 3 * time.Second, Kind: KindKill, Target: "leader", For: 2 * time.Second},
+				{Phase: agent.PhaseAuthorized, WaitHeld: "green", Kind: KindKill, Target: "leader", For: 2 * time.Second},
 			},
 		},
 	},
