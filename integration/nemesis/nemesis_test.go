@@ -340,14 +340,12 @@ func buildMutant(t *testing.T, tag string) string {
 // designed for it, and the real build must pass the same schedule (else the
 // schedule, not the mutation, broke the invariant). A surviving mutant
 // fails the test. NEMESIS_MUTATIONS names the mutations to run (comma
-// separated tags, or "all").
+// separated tags, or "all"; make mutations): four whole cutovers at least,
+// too slow for make test, which leaves it out.
 func TestEveryMutantIsCaught(t *testing.T) {
-	if testing.Short() {
-		t.Skip("end-to-end: builds mutants, starts PostgreSQL, Redis and three agent processes per run")
-	}
 	which := os.Getenv("NEMESIS_MUTATIONS")
-	if which == "" {
-		which = "all"
+	if testing.Short() || which == "" {
+		t.Skip("the mutation check runs with NEMESIS_MUTATIONS=all (make mutations): two builds and four whole cutovers at least")
 	}
 	runs := int(envInt(t, "MUTATION_RUNS", 3))
 	dir := os.Getenv("NEMESIS_DIR")
@@ -391,5 +389,29 @@ func TestEveryMutantIsCaught(t *testing.T) {
 			}
 			t.Errorf("the %s mutant survived %d runs of its schedule: the checkers (or the schedule) miss the defect it plants", m.Tag, runs)
 		})
+	}
+}
+
+func TestTheAuditCheckerCatchesAPhaseTheLogNeverCommitted(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	audit := []agent.AuditEntry{
+		{Index: 5, Op: agent.OpCreatePlan, To: agent.PhasePending},
+		{Index: 6, From: agent.PhasePending, To: agent.PhaseCopying},
+		{Index: 9, Op: agent.OpIntent, Step: "fence"},
+		{Index: 10, From: agent.PhaseReady, To: agent.PhaseFenced},
+		{Index: 11, From: agent.PhaseFenced, To: agent.PhaseAuthorized, Refused: "stale epoch"},
+		{Index: 12, From: agent.PhaseFenced, To: agent.PhaseAborted},
+	}
+	obs := []Observation{{Index: 6, Phase: agent.PhaseCopying}, {Index: 9, Phase: agent.PhaseCopying}, {Index: 10, Phase: agent.PhaseFenced}, {Index: 12, Phase: agent.PhaseAborted}}
+	c := &checker{}
+	if v := c.audited(audit, obs, agent.PhaseAborted); len(v) != 0 {
+		t.Errorf("a history that follows the audit log was flagged: %v", v)
+	}
+	seen := append(slices.Clone(obs), Observation{At: t0, Index: 11, Phase: agent.PhaseAuthorized})
+	if v := c.audited(audit, seen, agent.PhaseAborted); len(v) != 1 {
+		t.Errorf("a phase seen that the log refused was not flagged: %v", v)
+	}
+	if v := c.audited(audit, obs, agent.PhaseDone); len(v) != 1 {
+		t.Errorf("a final phase the log does not end with was not flagged: %v", v)
 	}
 }

@@ -430,6 +430,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	res.Violations = append(res.Violations, gv...)
 	res.Violations = append(res.Violations, chk.endState(blueApp, greenApp)...)
 	res.Violations = append(res.Violations, chk.story(audit, receipts, greenApp)...)
+	res.Violations = append(res.Violations, chk.audited(audit, h.observations(), res.Final)...)
 	res.Violations = append(res.Violations, chk.orphans()...)
 
 	for _, v := range res.Violations {
