@@ -415,3 +415,59 @@ func TestTheAuditCheckerCatchesAPhaseTheLogNeverCommitted(t *testing.T) {
 		t.Errorf("a final phase the log does not end with was not flagged: %v", v)
 	}
 }
+
+// A stall narrowed to a request holds that request, lets new connections
+// pass, and delivers the held request when it ends, even though its client
+// is gone by then: the late message the mutation check relies on.
+func TestTheProxyStallDeliversARequestLateAfterItsClientDied(t *testing.T) {
+	pg := integration.NewPostgres(t, integration.PostgresOptions{})
+	p, err := StartProxy(fmt.Sprintf("%s:%d", pg.Host, pg.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	dsn := fmt.Sprintf("postgres://postgres@%s/%s?sslmode=disable", p.Addr(), pg.Database)
+	ctx := context.Background()
+	old, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.StallMatching("late_table")
+	if _, err := old.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatalf("a request not matching the stall was held: %v", err)
+	}
+	sent := make(chan error, 1)
+	go func() {
+		_, err := old.Exec(ctx, "CREATE TABLE late_table (id int)", pgx.QueryExecModeSimpleProtocol)
+		sent <- err
+	}()
+	for deadline := time.Now().Add(10 * time.Second); p.StallHits() == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the stall never held the request")
+		}
+	}
+	// The client dies with its request held.
+	old.PgConn().Conn().Close()
+	<-sent
+	fresh, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatalf("a new connection during the stall: %v", err)
+	}
+	defer fresh.Close(ctx)
+	exists := func() bool {
+		var ok bool
+		if err := fresh.QueryRow(ctx, "SELECT to_regclass('late_table') IS NOT NULL").Scan(&ok); err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	}
+	if exists() {
+		t.Fatal("the held request reached the server during the stall")
+	}
+	p.Stall(false)
+	for deadline := time.Now().Add(10 * time.Second); !exists(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the held request was not delivered when the stall ended")
+		}
+	}
+}
