@@ -245,13 +245,28 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}()
 
 	api := &anyAgent{clients: c.clients}
+	// A retry after an attempt whose answer was lost (a timeout on a
+	// loaded machine) may find the plan created, or started, already.
+	tried := false
 	if err := retry(ctx, func() error {
 		_, err := api.CreatePlan(ctx, agent.CreatePlanRequest{ConfigPlan: planName, Reason: "nemesis"})
+		if tried && errors.Is(err, agent.ErrPlanExists) {
+			return nil
+		}
+		tried = true
 		return err
 	}); err != nil {
 		return nil, fmt.Errorf("create plan: %w", err)
 	}
-	if err := retry(ctx, func() error { _, err := api.Start(ctx, planName, "nemesis"); return err }); err != nil {
+	tried = false
+	if err := retry(ctx, func() error {
+		_, err := api.Start(ctx, planName, "nemesis")
+		if tried && errors.Is(err, agent.ErrIllegalTransition) {
+			return nil
+		}
+		tried = true
+		return err
+	}); err != nil {
 		return nil, fmt.Errorf("start plan: %w", err)
 	}
 	h.note("plan", "started")
