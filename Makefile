@@ -3,7 +3,7 @@ GO      ?= go
 PKGS    ?= ./...
 TIMEOUT ?= 40m
 
-.PHONY: all build test unit vet fmt-check bench demo nemesis clean
+.PHONY: all build test unit vet fmt-check bench demo nemesis mutations clean
 
 all: build
 
@@ -43,6 +43,14 @@ SEED ?= 1
 nemesis:
 	RUNS=$(RUNS) SEED=$(SEED) NEMESIS_DIR=$(CURDIR)/nemesis-out NEMESIS_QUIET=1 \
 		$(GO) test -count=1 -v -timeout 0 -run TestTheCutoverKeepsItsInvariantsUnderSeededFaults ./integration/nemesis/
+
+# The mutation check: builds of the product with a defect planted (build
+# tags mutation_noepoch, mutation_nocatchup) must each be caught by the
+# checkers within MUTATION_RUNS runs of the schedule designed for it.
+MUTATION_RUNS ?= 3
+mutations:
+	NEMESIS_MUTATIONS=all MUTATION_RUNS=$(MUTATION_RUNS) NEMESIS_DIR=$(CURDIR)/nemesis-out NEMESIS_QUIET=1 \
+		$(GO) test -count=1 -v -timeout 0 -run TestEveryMutantIsCaught ./integration/nemesis/
 
 clean:
 	rm -rf bin

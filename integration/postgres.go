@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/url"
 	"os"
@@ -84,7 +85,8 @@ type Postgres struct {
 	LogFile         string        // server log (stderr)
 	StartupDuration time.Duration // how long StartPostgres took
 
-	srv server
+	srv  server
+	spec procSpec // how the server was launched, for Restart
 }
 
 type postgresBins struct{ postgres, initdb string }
@@ -169,14 +171,36 @@ func (p *Postgres) start(ctx context.Context, bins postgresBins, as account, opt
 		if err := p.writeConf(as, opts.Settings); err != nil {
 			return err
 		}
-		return p.srv.launch(ctx, procSpec{
+		p.spec = procSpec{
 			path:     bins.postgres,
 			args:     []string{"-D", p.DataDir},
 			dir:      p.Dir,
 			as:       as,
 			deathSig: syscall.SIGQUIT, // immediate shutdown; unlike SIGKILL it releases shared memory
-		}, p.ping)
+		}
+		return p.srv.launch(ctx, p.spec, p.ping)
 	})
+}
+
+// Restart stops the server at once (an immediate shutdown, as after a
+// crash: the next start runs crash recovery), waits down, and starts it
+// again on the same port and data directory: every session is cut, what
+// was committed (replication slots included) survives. The fault suite
+// uses it; not to be called concurrently with Stop.
+func (p *Postgres) Restart(ctx context.Context, down time.Duration) error {
+	if p.srv.proc == nil {
+		return errors.New("restart postgres: not running")
+	}
+	p.srv.proc.stop(ctx, syscall.SIGQUIT)
+	select {
+	case <-time.After(down):
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if err := p.srv.launch(ctx, p.spec, p.ping); err != nil {
+		return fmt.Errorf("restart postgres: %w", err)
+	}
+	return nil
 }
 
 // initPostgres runs initdb into dir/data, installs pg_hba.conf and the

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -206,5 +207,39 @@ func TestSetSystemIdentifierRefusesUnknownLayout(t *testing.T) {
 	}
 	if string(got) != string(junk) {
 		t.Error("pg_control changed although the patch was refused")
+	}
+}
+
+// Restart (the fault suite's database restart) cuts every session and
+// brings the server back on the same port with what was committed,
+// replication slots included.
+func TestPostgresRestartKeepsPortDataAndSlots(t *testing.T) {
+	pg := NewPostgres(t, PostgresOptions{})
+	ctx := context.Background()
+	conn := pgConnect(t, pg.DSN())
+	if _, err := conn.Exec(ctx, `CREATE TABLE kept (id int); INSERT INTO kept VALUES (42)`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Exec(ctx, `SELECT pg_create_logical_replication_slot('kept_slot', 'pgoutput')`); err != nil {
+		t.Fatal(err)
+	}
+	port := pg.Port
+	if err := pg.Restart(ctx, 200*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	if pg.Port != port {
+		t.Fatalf("restarted on port %d, was %d", pg.Port, port)
+	}
+	if _, err := conn.Exec(ctx, `SELECT 1`); err == nil {
+		t.Error("a session from before the restart still answers")
+	}
+	after := pgConnect(t, pg.DSN())
+	var id int
+	if err := after.QueryRow(ctx, `SELECT id FROM kept`).Scan(&id); err != nil || id != 42 {
+		t.Fatalf("the committed row after the restart: %d, %v", id, err)
+	}
+	var slots int
+	if err := after.QueryRow(ctx, `SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'kept_slot'`).Scan(&slots); err != nil || slots != 1 {
+		t.Fatalf("the slot after the restart: %d, %v", slots, err)
 	}
 }

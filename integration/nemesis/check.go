@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"path/filepath"
+	"sort"
 	"strings"
 	"time"
 
@@ -327,4 +328,40 @@ func (c *checker) story(audit []agent.AuditEntry, receipts []load.Receipt, green
 		}
 	}
 	return nil
+}
+
+// audited: the audit log tells the same story as the history. Every phase
+// the agents were seen in is the one the audit log's last applied phase
+// change at or before that index names, and the plan's last phase is the
+// audit log's last.
+func (c *checker) audited(audit []agent.AuditEntry, obs []Observation, final agent.Phase) []string {
+	type change struct {
+		index uint64
+		to    agent.Phase
+	}
+	var changes []change
+	for _, e := range audit {
+		if e.Refused == "" && e.To != "" && e.Summary == nil {
+			changes = append(changes, change{e.Index, e.To})
+		}
+	}
+	if len(changes) == 0 {
+		return []string{"story: the audit log records no phase change"}
+	}
+	var out []string
+	if last := changes[len(changes)-1]; last.to != final {
+		out = append(out, fmt.Sprintf("story: the plan ended %s, but the audit log's last phase change (index %d) is to %s", final, last.index, last.to))
+	}
+	for _, o := range obs {
+		k := sort.Search(len(changes), func(i int) bool { return changes[i].index > o.Index }) - 1
+		if k < 0 {
+			continue // before the first change the log still holds
+		}
+		if changes[k].to != o.Phase {
+			out = append(out, fmt.Sprintf("story: the agents were seen %s at index %d (%s), but the audit log's last phase change by then (index %d) is to %s",
+				o.Phase, o.Index, o.At.Format("15:04:05.000"), changes[k].index, changes[k].to))
+			break
+		}
+	}
+	return out
 }

@@ -3,14 +3,17 @@
 //
 // A run (Run) starts blue and green PostgreSQL and a Redis holding the
 // routing key (the integration harness), three `cutover agent` processes
-// (internal/demo.StartAgents) that reach blue and green only through a TCP
-// Proxy each, and an application: writers that follow the routing key and
-// keep a receipt of every acknowledged write (integration/load), a prober
-// that tries a write on both sides every 10ms, and a gate reader that asks
-// the agents' gate in turn, recording invoke and complete times. One plan
-// runs to its end: completed (switched, then done), rolled back (a quarter
-// of the seeds ask for it after the flip) or aborted (by the driver, when a
-// fault makes a step fail).
+// (internal/demo.StartAgentsWired) that reach blue and green only through
+// a TCP Proxy per agent and database (each agent's DSNs come from its
+// environment) and each other through a Proxy per Raft link, each with a
+// 256 MiB tmpfs as its data directory when the test may mount; and an
+// application: writers that follow the routing key and keep a receipt of
+// every acknowledged write (integration/load), a prober that tries a write
+// on both sides every 10ms, and a gate reader that asks the agents' gate in
+// turn, recording invoke and complete times. One plan runs to its end:
+// completed (switched, then done), rolled back (a quarter of the seeds ask
+// for it after the flip) or aborted (by the driver, when a fault makes a
+// step fail).
 //
 // # Faults
 //
@@ -33,12 +36,26 @@
 //   - terminate: end the agents' sessions on blue or green from the
 //     server's side (pg_terminate_backend), the replication stream's
 //     walsender included (a third of the seeds add one, in copying,
-//     replicating or ready, or at a moment).
+//     replicating or ready, or at a moment);
+//   - isolate, one-way, cut-db (half of the seeds): the leader or a
+//     follower cut off from the other agents (its Raft links, both ways),
+//     unreachable by them while it still reaches them (asymmetric), or cut
+//     off from blue or green alone, for 1–6 s;
+//   - restart (a quarter of the seeds): blue or green stopped at once
+//     (immediate shutdown) and started again on its data directory after
+//     0.5–4 s (integration.Postgres.Restart);
+//   - disk-full (a fifth of the seeds): the leader's or a follower's data
+//     directory filled for 1–6 s.
 //
-// Not injected yet: a database restart (the harness's PostgreSQL can be
-// stopped, but Stop removes its directory and port, so it cannot come back
-// on the same address), partitions between agents (network namespaces),
-// clock jumps and disk faults.
+// The kinds added later are drawn after the earlier ones, so that a seed
+// keeps the faults it drew before. Two more serve the mutation check's
+// schedules (Mutations): stall (what the connections open at the moment
+// carry is held, optionally from the first request matching a string, and
+// delivered late, even after the client died) and stream-delay (the
+// replication streams run behind without losing throughput).
+//
+// Not injected: clock jumps (the agents have no injected time source; see
+// docs/nemesis.md), a slow disk.
 //
 // # Checkers
 //
@@ -54,7 +71,7 @@
 //     to have applied it; reads that failed or answered closed without
 //     reading the plan (no leader) are left out;
 //   - end state: the plan ended completed, aborted or rolled back (never
-//     stuck: 150 s after the last fault healed at most); the serving side
+//     stuck: no new phase for 150 s once the timed faults healed); the serving side
 //     is unfenced (cutover.fence_state_v3) and takes the application's
 //     writes, the other does not, never both fenced; the routing key
 //     points at the serving side;
@@ -62,6 +79,15 @@
 //     was acknowledged on green before the plan committed authorized;
 //   - orphans: no slot or publication named cutover_… is left on blue or
 //     green once the plan ended and was finalized (within a minute).
+//
+// # Mutation check
+//
+// TestEveryMutantIsCaught (make mutations) builds the product with a
+// defect planted by a build tag (Mutations: the fence's epoch guard
+// removed; the catch-up proof skipped) and runs the schedule designed for
+// each until a checker fires; a mutant that survives MUTATION_RUNS runs
+// fails the test, and so does the real build breaking an invariant under
+// the same schedule.
 //
 // `make nemesis RUNS=N SEED=S` runs seeds S..S+N-1 and prints, for a
 // failure, the seed, the schedule and the history's file (timeline, audit

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -320,5 +321,153 @@ func TestTheStoryCheckerCatchesAWriteOnGreenBeforeTheGateOpened(t *testing.T) {
 	}
 	if v := c.story(nil, after, "green"); len(v) != 1 {
 		t.Errorf("a write on green without authorized in the audit log was not flagged: %v", v)
+	}
+}
+
+// buildMutant builds the cutover binary with a mutation's build tag.
+func buildMutant(t *testing.T, tag string) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "cutover-"+tag)
+	out, err := exec.Command("go", "build", "-tags", tag, "-o", bin, "../../cmd/cutover").CombinedOutput()
+	if err != nil {
+		t.Fatalf("build the %s mutant: %v\n%s", tag, err, out)
+	}
+	return bin
+}
+
+// The mutation check: each deliberately broken build (Mutations) must be
+// caught by a checker within MUTATION_RUNS runs (default 3) of the schedule
+// designed for it, and the real build must pass the same schedule (else the
+// schedule, not the mutation, broke the invariant). A surviving mutant
+// fails the test. NEMESIS_MUTATIONS names the mutations to run (comma
+// separated tags, or "all"; make mutations): four whole cutovers at least,
+// too slow for make test, which leaves it out.
+func TestEveryMutantIsCaught(t *testing.T) {
+	which := os.Getenv("NEMESIS_MUTATIONS")
+	if testing.Short() || which == "" {
+		t.Skip("the mutation check runs with NEMESIS_MUTATIONS=all (make mutations): two builds and four whole cutovers at least")
+	}
+	runs := int(envInt(t, "MUTATION_RUNS", 3))
+	dir := os.Getenv("NEMESIS_DIR")
+	for _, m := range Mutations {
+		if which != "all" && !slices.Contains(strings.Split(which, ","), m.Tag) {
+			continue
+		}
+		t.Run(m.Tag, func(t *testing.T) {
+			run := func(bin string) *Result {
+				ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+				defer cancel()
+				s := m.Schedule
+				opts := Options{Binary: bin, Schedule: &s, Dir: dir, Log: testLog{t, 0}}
+				if os.Getenv("NEMESIS_QUIET") != "" {
+					opts.Log = nil
+				}
+				res, err := Run(ctx, opts)
+				if err != nil {
+					t.Fatalf("the run failed: %v\nschedule: %s", err, s)
+				}
+				if dir == "" && len(res.Violations) == 0 {
+					os.RemoveAll(res.Dir)
+				}
+				return res
+			}
+			res := run(binary)
+			if len(res.Violations) > 0 {
+				t.Fatalf("the real build broke an invariant under the %s schedule (fix the schedule or the product):\n  %s\nhistory: %s",
+					m.Tag, strings.Join(res.Violations, "\n  "), res.History)
+			}
+			t.Logf("the real build under the %s schedule: %s, no violation", m.Tag, res.Final)
+			mutant := buildMutant(t, m.Tag)
+			for i := 1; i <= runs; i++ {
+				res := run(mutant)
+				if len(res.Violations) > 0 {
+					t.Logf("the %s mutant was caught in run %d of %d (plan %s):\n  %s\nhistory: %s",
+						m.Tag, i, runs, res.Final, strings.Join(res.Violations, "\n  "), res.History)
+					return
+				}
+				t.Logf("run %d: the %s mutant survived (plan %s)", i, m.Tag, res.Final)
+			}
+			t.Errorf("the %s mutant survived %d runs of its schedule: the checkers (or the schedule) miss the defect it plants", m.Tag, runs)
+		})
+	}
+}
+
+func TestTheAuditCheckerCatchesAPhaseTheLogNeverCommitted(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	audit := []agent.AuditEntry{
+		{Index: 5, Op: agent.OpCreatePlan, To: agent.PhasePending},
+		{Index: 6, From: agent.PhasePending, To: agent.PhaseCopying},
+		{Index: 9, Op: agent.OpIntent, Step: "fence"},
+		{Index: 10, From: agent.PhaseReady, To: agent.PhaseFenced},
+		{Index: 11, From: agent.PhaseFenced, To: agent.PhaseAuthorized, Refused: "stale epoch"},
+		{Index: 12, From: agent.PhaseFenced, To: agent.PhaseAborted},
+	}
+	obs := []Observation{{Index: 6, Phase: agent.PhaseCopying}, {Index: 9, Phase: agent.PhaseCopying}, {Index: 10, Phase: agent.PhaseFenced}, {Index: 12, Phase: agent.PhaseAborted}}
+	c := &checker{}
+	if v := c.audited(audit, obs, agent.PhaseAborted); len(v) != 0 {
+		t.Errorf("a history that follows the audit log was flagged: %v", v)
+	}
+	seen := append(slices.Clone(obs), Observation{At: t0, Index: 11, Phase: agent.PhaseAuthorized})
+	if v := c.audited(audit, seen, agent.PhaseAborted); len(v) != 1 {
+		t.Errorf("a phase seen that the log refused was not flagged: %v", v)
+	}
+	if v := c.audited(audit, obs, agent.PhaseDone); len(v) != 1 {
+		t.Errorf("a final phase the log does not end with was not flagged: %v", v)
+	}
+}
+
+// A stall narrowed to a request holds that request, lets new connections
+// pass, and delivers the held request when it ends, even though its client
+// is gone by then: the late message the mutation check relies on.
+func TestTheProxyStallDeliversARequestLateAfterItsClientDied(t *testing.T) {
+	pg := integration.NewPostgres(t, integration.PostgresOptions{})
+	p, err := StartProxy(fmt.Sprintf("%s:%d", pg.Host, pg.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	dsn := fmt.Sprintf("postgres://postgres@%s/%s?sslmode=disable", p.Addr(), pg.Database)
+	ctx := context.Background()
+	old, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.StallMatching("late_table")
+	if _, err := old.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatalf("a request not matching the stall was held: %v", err)
+	}
+	sent := make(chan error, 1)
+	go func() {
+		_, err := old.Exec(ctx, "CREATE TABLE late_table (id int)", pgx.QueryExecModeSimpleProtocol)
+		sent <- err
+	}()
+	for deadline := time.Now().Add(10 * time.Second); p.StallHits() == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the stall never held the request")
+		}
+	}
+	// The client dies with its request held.
+	old.PgConn().Conn().Close()
+	<-sent
+	fresh, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatalf("a new connection during the stall: %v", err)
+	}
+	defer fresh.Close(ctx)
+	exists := func() bool {
+		var ok bool
+		if err := fresh.QueryRow(ctx, "SELECT to_regclass('late_table') IS NOT NULL").Scan(&ok); err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	}
+	if exists() {
+		t.Fatal("the held request reached the server during the stall")
+	}
+	p.Stall(false)
+	for deadline := time.Now().Add(10 * time.Second); !exists(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the held request was not delivered when the stall ended")
+		}
 	}
 }

@@ -135,28 +135,69 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	if err := demo.SetupDatabases(ctx, blue, green, opts.Accounts); err != nil {
 		return nil, err
 	}
-	// The agents reach the databases only through the proxies.
-	proxies := map[string]*Proxy{}
+	// The agents reach the databases only through the proxies, one per
+	// agent and database (each agent reads its own address from its
+	// environment: the plan's DSNs are ${...} references), and each other
+	// through one per Raft link.
+	proxies := map[string]*Link{}
 	for side, pg := range map[string]*integration.Postgres{"blue": blue, "green": green} {
-		p, err := StartProxy(pg.Host + ":" + strconv.Itoa(pg.Port))
+		l, err := StartLink(pg.Host+":"+strconv.Itoa(pg.Port), 3)
 		if err != nil {
 			return nil, err
 		}
-		defer p.Close()
-		proxies[side] = p
+		defer l.Close()
+		proxies[side] = l
 	}
 	viaProxy := func(pg *integration.Postgres, p *Proxy) string {
 		u, _ := url.Parse(pg.DSN())
 		u.Host = p.Addr()
 		return u.String()
 	}
+	raft := [3][3]*Proxy{}
 	token := randomToken()
 	var env []string
-	if point, ok := holdPoints[sched.Hold]; ok {
-		env = append(env, "CUTOVER_TEST_HOLD="+point+"=2s")
+	if hold := sched.hold(); hold != "" {
+		env = append(env, "CUTOVER_TEST_HOLD="+hold)
 	}
-	agents, err := demo.StartAgents(ctx, opts.Binary, dir, token, env,
-		demo.PlanYAML(planName, viaProxy(blue, proxies["blue"]), viaProxy(green, proxies["green"]), rds.URL()))
+	plan := demo.PlanYAML(planName, "${NEMESIS_BLUE_DSN}", "${NEMESIS_GREEN_DSN}", rds.URL())
+	if plan, err = sched.tune(plan); err != nil {
+		return nil, err
+	}
+	wiring := demo.Wiring{
+		Raft: func(from, to int, target string) (string, error) {
+			p, err := StartProxy(target)
+			if err != nil {
+				return "", err
+			}
+			raft[from][to] = p
+			return p.Addr(), nil
+		},
+		Env: func(i int) []string {
+			return []string{"NEMESIS_BLUE_DSN=" + viaProxy(blue, proxies["blue"].Via[i]), "NEMESIS_GREEN_DSN=" + viaProxy(green, proxies["green"].Via[i])}
+		},
+	}
+	defer func() {
+		for _, row := range raft {
+			for _, p := range row {
+				if p != nil {
+					p.Close()
+				}
+			}
+		}
+	}()
+	// Each agent's data directory is a small tmpfs of its own (when the
+	// test may mount), for the disk-full fault.
+	disks := map[string]bool{}
+	for i := range 3 {
+		data := filepath.Join(dir, fmt.Sprintf("agent-%d", i+1))
+		if err := mountDisk(data); err != nil {
+			h.note("disk", fmt.Sprintf("no tmpfs under %s (%v): disk faults are skipped", data, err))
+			continue
+		}
+		disks[filepath.Base(data)] = true
+		defer syscall.Unmount(data, syscall.MNT_DETACH)
+	}
+	agents, err := demo.StartAgentsWired(ctx, opts.Binary, dir, token, env, plan, wiring)
 	if err != nil {
 		return nil, err
 	}
@@ -204,13 +245,28 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}()
 
 	api := &anyAgent{clients: c.clients}
+	// A retry after an attempt whose answer was lost (a timeout on a
+	// loaded machine) may find the plan created, or started, already.
+	tried := false
 	if err := retry(ctx, func() error {
 		_, err := api.CreatePlan(ctx, agent.CreatePlanRequest{ConfigPlan: planName, Reason: "nemesis"})
+		if tried && errors.Is(err, agent.ErrPlanExists) {
+			return nil
+		}
+		tried = true
 		return err
 	}); err != nil {
 		return nil, fmt.Errorf("create plan: %w", err)
 	}
-	if err := retry(ctx, func() error { _, err := api.Start(ctx, planName, "nemesis"); return err }); err != nil {
+	tried = false
+	if err := retry(ctx, func() error {
+		_, err := api.Start(ctx, planName, "nemesis")
+		if tried && errors.Is(err, agent.ErrIllegalTransition) {
+			return nil
+		}
+		tried = true
+		return err
+	}); err != nil {
 		return nil, fmt.Errorf("start plan: %w", err)
 	}
 	h.note("plan", "started")
@@ -243,7 +299,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 
 	// The nemesis: faults at moments, and faults at phases (fired by the
 	// watcher below).
-	nem := &nemesis{c: c, proxies: proxies, dbs: map[string]*integration.Postgres{"blue": blue, "green": green}, h: h, res: res}
+	nem := &nemesis{c: c, proxies: proxies, raft: raft, disks: disks, dir: dir, dbs: map[string]*integration.Postgres{"blue": blue, "green": green}, h: h, res: res}
 	nemCtx, stopNem := context.WithCancel(ctx)
 	defer stopNem()
 	for i, f := range sched.Faults {
@@ -269,8 +325,11 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	requested := false
 	var newestIndex uint64
 	var reqWG sync.WaitGroup
-	// Stuck: no terminal phase long after the last fault healed.
-	deadline := planStart.Add(sched.end() + 150*time.Second)
+	// Stuck: no progress (no new phase) for 150 s once the last timed
+	// fault healed. Measured from the last progress, not from the start:
+	// on a loaded machine a plan may take minutes and still move.
+	const stuckAfter = 150 * time.Second
+	deadline := planStart.Add(sched.end() + stuckAfter)
 	for {
 		p, at, ok := c.newest(ctx, planName)
 		// An agent behind the others (the leader that committed the
@@ -283,6 +342,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		}
 		if ok && p.Phase != last {
 			last = p.Phase
+			deadline = maxTime(deadline, time.Now().Add(stuckAfter))
 			h.note("phase", fmt.Sprintf("%s epoch %d %s", p.Phase, p.Epoch, p.Reason))
 			if opts.OnPhase != nil {
 				if err := opts.OnPhase(ctx, p.Phase, blue, green); err != nil {
@@ -298,7 +358,26 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 				if f.Phase != "" && !fired[i] && !p.Phase.Terminal() && atOrAfter(p.Phase, f.Phase) {
 					fired[i] = true
 					nem.wg.Add(1)
-					go func() { defer nem.wg.Done(); nem.inject(nemCtx, i, f, p.Phase) }()
+					go func() {
+						defer nem.wg.Done()
+						if f.Delay > 0 {
+							select {
+							case <-nemCtx.Done():
+								return
+							case <-time.After(f.Delay):
+							}
+						}
+						if f.WaitHeld != "" {
+							for end := time.Now().Add(30 * time.Second); proxies[f.WaitHeld].StallHits() == 0 && time.Now().Before(end); {
+								select {
+								case <-nemCtx.Done():
+									return
+								case <-time.After(10 * time.Millisecond):
+								}
+							}
+						}
+						nem.inject(nemCtx, i, f, p.Phase)
+					}()
 				}
 			}
 			if p.Phase == agent.PhaseSwitched {
@@ -329,7 +408,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		}
 		if time.Now().After(deadline) {
 			res.Final = last
-			res.Violations = append(res.Violations, fmt.Sprintf("stuck: the plan is still %s %s after it started (faults healed long ago)", last, time.Since(planStart).Round(time.Second)))
+			res.Violations = append(res.Violations, fmt.Sprintf("stuck: the plan is still %s %s after it started, with no progress for %s (faults healed long ago)", last, time.Since(planStart).Round(time.Second), stuckAfter))
 			break
 		}
 		select {
@@ -366,6 +445,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	res.Violations = append(res.Violations, gv...)
 	res.Violations = append(res.Violations, chk.endState(blueApp, greenApp)...)
 	res.Violations = append(res.Violations, chk.story(audit, receipts, greenApp)...)
+	res.Violations = append(res.Violations, chk.audited(audit, h.observations(), res.Final)...)
 	res.Violations = append(res.Violations, chk.orphans()...)
 
 	for _, v := range res.Violations {
@@ -382,6 +462,33 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		}
 	}
 	return res, nil
+}
+
+// tune applies the schedule's plan settings to the plan's YAML.
+func (s Schedule) tune(plan string) (string, error) {
+	swap := func(old, new string) error {
+		if !strings.Contains(plan, old) {
+			return fmt.Errorf("nemesis: the demo's plan has no %q to change", old)
+		}
+		plan = strings.Replace(plan, old, new, 1)
+		return nil
+	}
+	if s.NoVerify {
+		if err := swap("verify: {enabled: true,", "verify: {enabled: false,"); err != nil {
+			return "", err
+		}
+	}
+	if s.MaxDelay > 0 {
+		if err := swap("lag: {max_bytes: 1MiB, max_delay: 500ms,", fmt.Sprintf("lag: {max_bytes: 256MiB, max_delay: %s,", s.MaxDelay)); err != nil {
+			return "", err
+		}
+	}
+	if s.MaxWindow > 0 {
+		if err := swap("fence: {max_fence_window: 5s,", fmt.Sprintf("fence: {max_fence_window: %s,", s.MaxWindow)); err != nil {
+			return "", err
+		}
+	}
+	return plan, nil
 }
 
 // end is when the schedule's last timed fault has healed, after the start.
@@ -501,7 +608,10 @@ func (c *cluster) audit(ctx context.Context, plan string) []agent.AuditEntry {
 // nemesis injects the faults of a schedule.
 type nemesis struct {
 	c       *cluster
-	proxies map[string]*Proxy
+	proxies map[string]*Link
+	raft    [3][3]*Proxy    // raft[i][j]: agent i's link to agent j
+	disks   map[string]bool // agents whose data directory is a tmpfs
+	dir     string
 	dbs     map[string]*integration.Postgres
 	h       *history
 	wg      sync.WaitGroup
@@ -524,6 +634,9 @@ func (n *nemesis) count(key string, skipped bool) {
 // ends). phase is the phase it was fired in ("" for a timed fault).
 func (n *nemesis) inject(ctx context.Context, i int, f Fault, phase agent.Phase) {
 	key := string(f.Kind) + " " + f.Target
+	if f.DB != "" {
+		key += "-" + f.DB
+	}
 	if phase != "" {
 		key += " in " + string(phase)
 	} else {
@@ -572,6 +685,72 @@ func (n *nemesis) inject(ctx context.Context, i int, f Fault, phase agent.Phase)
 			return
 		}
 		n.h.note("fault", fmt.Sprintf("#%d terminated %d sessions of the agents on %s (%s)", i, len(ended), f.Target, strings.Join(ended, ", ")))
+	case KindStall:
+		what := "the agents' open connections"
+		if f.Match != "" {
+			n.proxies[f.Target].StallMatching(f.Match)
+			what = fmt.Sprintf("the first %q on each of the agents' open connections", f.Match)
+		} else {
+			n.proxies[f.Target].Stall(true)
+		}
+		n.h.note("fault", fmt.Sprintf("#%d stalled %s to %s for %s", i, what, f.Target, f.For))
+		heal = func() {
+			n.proxies[f.Target].Stall(false)
+			n.h.note("heal", fmt.Sprintf("#%d stall to %s ended: what it held is delivered (%d matching requests)", i, f.Target, n.proxies[f.Target].StallHits()))
+		}
+	case KindStreamDelay:
+		n.proxies[f.Target].SetStreamDelay(f.Latency)
+		n.h.note("fault", fmt.Sprintf("#%d replication streams through %s's link run %s behind for %s", i, f.Target, f.Latency, f.For))
+		heal = func() {
+			n.proxies[f.Target].SetStreamDelay(0)
+			n.h.note("heal", fmt.Sprintf("#%d stream delay on %s removed", i, f.Target))
+		}
+	case KindIsolate, KindOneWay, KindCutDB:
+		a := n.pick(ctx, f.Target)
+		if a == nil {
+			n.h.note("fault", fmt.Sprintf("#%d %s: no %s to hit (skipped)", i, f.Kind, f.Target))
+			n.count(key, true)
+			return
+		}
+		links := n.cut(f, a)
+		for _, p := range links {
+			p.Blackhole(true)
+		}
+		what := map[Kind]string{KindIsolate: "cut off from the other agents", KindOneWay: "unreachable by the other agents (it still reaches them)",
+			KindCutDB: "cut off from " + f.DB}[f.Kind]
+		n.h.note("fault", fmt.Sprintf("#%d the %s %s %s for %s", i, f.Target, a.ID, what, f.For))
+		heal = func() {
+			for _, p := range links {
+				p.Blackhole(false)
+			}
+			n.h.note("heal", fmt.Sprintf("#%d partition of %s ended", i, a.ID))
+		}
+	case KindRestart:
+		n.h.note("fault", fmt.Sprintf("#%d restart %s: down for %s", i, f.Target, f.For))
+		// Started again even when the plan ended meanwhile: the checks
+		// read it.
+		if err := n.dbs[f.Target].Restart(context.WithoutCancel(ctx), f.For); err != nil {
+			n.h.note("heal", fmt.Sprintf("#%d restart %s: %v", i, f.Target, err))
+			n.count(key, true)
+			return
+		}
+		n.h.note("heal", fmt.Sprintf("#%d %s is up again", i, f.Target))
+		n.count(key, false)
+		return
+	case KindDiskFull:
+		a := n.pick(ctx, f.Target)
+		if a == nil || !n.disks[a.ID] {
+			n.h.note("fault", fmt.Sprintf("#%d %s: no %s to hit, or no tmpfs (skipped)", i, f.Kind, f.Target))
+			n.count(key, true)
+			return
+		}
+		filler := filepath.Join(n.dir, a.ID, "nemesis-filler")
+		written, err := fill(filler)
+		n.h.note("fault", fmt.Sprintf("#%d filled the data directory of the %s %s (%d MiB, %v) for %s", i, f.Target, a.ID, written>>20, err, f.For))
+		heal = func() {
+			os.Remove(filler)
+			n.h.note("heal", fmt.Sprintf("#%d %s's disk has room again", i, a.ID))
+		}
 	case KindBlackhole:
 		n.proxies[f.Target].Blackhole(true)
 		n.h.note("fault", fmt.Sprintf("#%d blackhole between the agents and %s for %s", i, f.Target, f.For))
@@ -586,6 +765,27 @@ func (n *nemesis) inject(ctx context.Context, i int, f Fault, phase agent.Phase)
 	case <-time.After(f.For):
 	}
 	heal()
+}
+
+// cut returns the proxies a partition of agent a blackholes.
+func (n *nemesis) cut(f Fault, a *demo.Agent) []*Proxy {
+	i := slices.Index(n.c.agents, a)
+	var out []*Proxy
+	switch f.Kind {
+	case KindCutDB:
+		out = append(out, n.proxies[f.DB].Via[i])
+	case KindIsolate, KindOneWay:
+		for j := range n.raft {
+			if j == i {
+				continue
+			}
+			out = append(out, n.raft[j][i]) // j's requests to a, and a's answers
+			if f.Kind == KindIsolate {
+				out = append(out, n.raft[i][j])
+			}
+		}
+	}
+	return out
 }
 
 // pick returns the leader or a running follower.
@@ -629,6 +829,13 @@ func (n *nemesis) healAgent(a *demo.Agent) {
 func (n *nemesis) healAll() {
 	for _, p := range n.proxies {
 		p.Heal()
+	}
+	for _, row := range n.raft {
+		for _, p := range row {
+			if p != nil {
+				p.Heal()
+			}
+		}
 	}
 	for _, a := range n.c.agents {
 		n.healAgent(a)
@@ -772,4 +979,45 @@ func retry(ctx context.Context, fn func() error) error {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+}
+
+// diskSize is the size of each agent's tmpfs: room for a run's Raft log
+// (raft-wal preallocates nothing on tmpfs), small enough to fill at once.
+const diskSize = "256m"
+
+// mountDisk mounts a tmpfs of diskSize at dir (root only).
+func mountDisk(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	return syscall.Mount("tmpfs", dir, "tmpfs", 0, "size="+diskSize+",mode=0700")
+}
+
+// fill writes path until the file system is full (ENOSPC) and returns how
+// much it wrote.
+func fill(path string) (int64, error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	var n int64
+	for {
+		w, err := f.Write(buf)
+		n += int64(w)
+		if err != nil {
+			if errors.Is(err, syscall.ENOSPC) {
+				return n, nil
+			}
+			return n, err
+		}
+	}
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }

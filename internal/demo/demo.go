@@ -629,6 +629,23 @@ func startAgents(ctx context.Context, binary, dir, token string, env []string, b
 // cluster) with their data and logs under dir, plans (YAML list items, see
 // PlanYAML) in their configuration, and env added to their environment.
 func StartAgents(ctx context.Context, binary, dir, token string, env []string, plans string) ([]*Agent, error) {
+	return StartAgentsWired(ctx, binary, dir, token, env, plans, Wiring{})
+}
+
+// Wiring lets a test stand between the agents (the fault suite's proxies).
+type Wiring struct {
+	// Raft, when set, returns the address agent from (0-based) dials to
+	// reach agent to's Raft port at target. Each agent keeps the
+	// addresses of its own bootstrap configuration (the cluster never
+	// changes its membership), so each link can have a proxy of its own.
+	Raft func(from, to int, target string) (string, error)
+	// Env, when set, adds variables to agent i's environment alone.
+	Env func(i int) []string
+}
+
+// StartAgentsWired is StartAgents with the links between the agents, and
+// each agent's environment, given by w.
+func StartAgentsWired(ctx context.Context, binary, dir, token string, env []string, plans string, w Wiring) ([]*Agent, error) {
 	type ports struct{ raft, api int }
 	ps := make([]ports, 3)
 	for i := range ps {
@@ -646,7 +663,14 @@ func StartAgents(ctx context.Context, binary, dir, token string, env []string, p
 		var peers strings.Builder
 		for j, p := range ps {
 			if j != i {
-				fmt.Fprintf(&peers, "      - {id: agent-%d, address: \"127.0.0.1:%d\", api: \"http://127.0.0.1:%d\"}\n", j+1, p.raft, p.api)
+				addr := fmt.Sprintf("127.0.0.1:%d", p.raft)
+				if w.Raft != nil {
+					var err error
+					if addr, err = w.Raft(i, j, addr); err != nil {
+						return nil, err
+					}
+				}
+				fmt.Fprintf(&peers, "      - {id: agent-%d, address: \"%s\", api: \"http://127.0.0.1:%d\"}\n", j+1, addr, p.api)
 			}
 		}
 		cfg := fmt.Sprintf(`agent:
@@ -668,7 +692,11 @@ plans:
 		if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 			return nil, err
 		}
-		a := &Agent{ID: id, API: fmt.Sprintf("http://127.0.0.1:%d", ps[i].api), Config: path, Log: filepath.Join(dir, id+".log"), env: env}
+		agentEnv := env
+		if w.Env != nil {
+			agentEnv = append(slices.Clone(env), w.Env(i)...)
+		}
+		a := &Agent{ID: id, API: fmt.Sprintf("http://127.0.0.1:%d", ps[i].api), Config: path, Log: filepath.Join(dir, id+".log"), env: agentEnv}
 		if err := a.start(binary, token); err != nil {
 			for _, b := range agents {
 				b.Kill()
