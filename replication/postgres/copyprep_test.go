@@ -51,7 +51,7 @@ func catalogOf(t testing.TB, pg *integration.Postgres) []string {
 		UNION ALL
 		SELECT 'constraint ' || conname || ': ' || pg_get_constraintdef(oid) || ' valid=' || convalidated FROM pg_constraint WHERE connamespace = 'public'::regnamespace
 		UNION ALL
-		SELECT 'identity ' || relname || ': ' || relreplident FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r'
+		SELECT 'identity ' || relname || ': ' || relreplident::text FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r'
 		UNION ALL
 		SELECT 'comment ' || c.relname || ': ' || d.description FROM pg_description d JOIN pg_class c ON c.oid = d.objoid AND d.classoid = 'pg_class'::regclass WHERE c.relnamespace = 'public'::regnamespace`)
 	if err != nil {
