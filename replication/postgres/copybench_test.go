@@ -105,7 +105,7 @@ func runCopyBench(b *testing.B, rows, runs, jobs int, pgcopydb string, steps boo
 		other = integration.NewPostgres(b, integration.PostgresOptions{})
 	}
 	mustExec(b, blue, copyBenchSchema)
-	mustExec(b, blue, fmt.Sprintf(`INSERT INTO copy_bench SELECT g, (g * 7919) %% 100000, (g %% 100000) / 100.0, 'note ' || md5(g::text),
+	mustExec(b, blue, fmt.Sprintf(`INSERT INTO copy_bench SELECT g, (g::int8 * 7919) %% 100000, (g %% 100000) / 100.0, 'note ' || md5(g::text),
 		'2026-01-01'::timestamptz + g * interval '1 second' FROM generate_series(1, %d) g`, rows))
 	mustExec(b, blue, `VACUUM ANALYZE copy_bench`)
 	var tableBytes int64
