@@ -27,29 +27,49 @@ import (
 // aborted plan) builds this slot's. So green always ends with exactly the
 // indexes it had.
 //
-// Only plain indexes are deferred. Kept in place: indexes behind a
-// constraint (primary key, unique, exclusion: the pre-checks read green's
-// primary key, and foreign keys depend on them), the replica-identity
-// index, indexes of partitions attached to a partitioned index, and any
-// index with settings pg_get_indexdef does not carry (a tablespace, a
-// CLUSTER mark, a comment, per-column statistics targets) or that is
-// invalid, or that something else depends on.
+// Deferred: plain indexes, and primary-key and unique constraints (built
+// again with ALTER TABLE ... ADD CONSTRAINT, which builds their index).
+// Nothing reads green's keys during the copy: the apply starts after it,
+// and a retried copy builds what a dead one left before its pre-checks
+// read green's primary keys (rebuildBeforePrecheck). Kept in place:
+// constraints a foreign key depends on, the replica-identity index,
+// constraints and indexes of partitions attached to a partitioned parent,
+// exclusion constraints, and anything with settings the definition does
+// not carry (a tablespace, a CLUSTER mark, a comment, per-column
+// statistics targets), invalid indexes, and indexes something else
+// depends on.
 
-// deferrableIndexesSQL lists green's deferrable indexes of the given
-// tables (quoted names), with the table's size for ordering the rebuild.
+// deferrableIndexesSQL lists green's deferrable indexes and key
+// constraints of the given tables (quoted names): schema and name of the
+// index, the table, the statement that builds it and the one that drops
+// it.
 const deferrableIndexesSQL = `
-SELECT n.nspname::text, ic.relname::text, i.indrelid::regclass::text, pg_get_indexdef(i.indexrelid)
-FROM pg_index i
-JOIN pg_class ic ON ic.oid = i.indexrelid
-JOIN pg_namespace n ON n.oid = ic.relnamespace
-WHERE i.indrelid IN (SELECT to_regclass(x) FROM unnest($1::text[]) x)
-	AND i.indisvalid AND i.indisready AND i.indislive
-	AND NOT i.indisreplident AND NOT i.indisclustered AND ic.reltablespace = 0
-	AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
-	AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid)
-	AND NOT EXISTS (SELECT 1 FROM pg_description d WHERE d.objoid = i.indexrelid AND d.classoid = 'pg_class'::regclass)
-	AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = i.indexrelid AND a.attstattarget > 0)
-	AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = i.indexrelid AND d.deptype = 'n')
+WITH t AS (SELECT to_regclass(x) AS oid FROM unnest($1::text[]) x),
+idx AS (
+	SELECT i.indexrelid, i.indrelid, ic.relname, ic.relnamespace
+	FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+	WHERE i.indrelid IN (SELECT oid FROM t)
+		AND i.indisvalid AND i.indisready AND i.indislive
+		AND NOT i.indisreplident AND NOT i.indisclustered AND ic.reltablespace = 0
+		AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid)
+		AND NOT EXISTS (SELECT 1 FROM pg_description d WHERE d.objoid = i.indexrelid AND d.classoid = 'pg_class'::regclass)
+		AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = i.indexrelid AND a.attstattarget > 0)
+		AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = i.indexrelid AND d.deptype = 'n')
+)
+SELECT n.nspname::text, idx.relname::text, idx.indrelid::regclass::text,
+	pg_get_indexdef(idx.indexrelid),
+	'DROP INDEX ' || quote_ident(n.nspname) || '.' || quote_ident(idx.relname)
+FROM idx JOIN pg_namespace n ON n.oid = idx.relnamespace
+WHERE NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = idx.indexrelid)
+UNION ALL
+SELECT n.nspname::text, idx.relname::text, idx.indrelid::regclass::text,
+	'ALTER TABLE ONLY ' || idx.indrelid::regclass::text || ' ADD CONSTRAINT ' || quote_ident(c.conname) || ' ' || pg_get_constraintdef(c.oid),
+	'ALTER TABLE ONLY ' || idx.indrelid::regclass::text || ' DROP CONSTRAINT ' || quote_ident(c.conname)
+FROM idx JOIN pg_namespace n ON n.oid = idx.relnamespace
+JOIN pg_constraint c ON c.conindid = idx.indexrelid AND c.conrelid = idx.indrelid AND c.contype IN ('p', 'u')
+WHERE c.conparentid = 0 AND c.conname = idx.relname
+	AND NOT EXISTS (SELECT 1 FROM pg_constraint o WHERE o.conindid = idx.indexrelid AND o.oid <> c.oid)
+	AND NOT EXISTS (SELECT 1 FROM pg_description d WHERE d.objoid = c.oid AND d.classoid = 'pg_constraint'::regclass)
 ORDER BY 1, 2`
 
 // deferIndexes records and drops green's deferrable indexes of tables, in
@@ -61,10 +81,10 @@ func (r *Replicator) deferIndexes(ctx context.Context, tables []*tableInfo) (int
 		if err != nil {
 			return fmt.Errorf("list indexes: %w", err)
 		}
-		type idx struct{ schema, name, table, def string }
+		type idx struct{ schema, name, table, def, drop string }
 		list, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (idx, error) {
 			var x idx
-			err := row.Scan(&x.schema, &x.name, &x.table, &x.def)
+			err := row.Scan(&x.schema, &x.name, &x.table, &x.def, &x.drop)
 			return x, err
 		})
 		if err != nil {
@@ -79,7 +99,7 @@ func (r *Replicator) deferIndexes(ctx context.Context, tables []*tableInfo) (int
 				x.schema, x.name, x.table, x.def, r.name); err != nil {
 				return fmt.Errorf("record index %s: %w", x.name, err)
 			}
-			if _, err := tx.Exec(ctx, "DROP INDEX "+quoteIdent(x.schema)+"."+quoteIdent(x.name)); err != nil {
+			if _, err := tx.Exec(ctx, x.drop); err != nil {
 				return fmt.Errorf("drop index %s: %w", x.name, err)
 			}
 		}
@@ -315,4 +335,17 @@ func (r *Replicator) lastCopyStats() copyStats {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.copyStats
+}
+
+// rebuildBeforePrecheck builds what a copy that died left deferred on
+// green: the pre-checks compare green's primary keys with blue's, and a
+// key dropped for the copy would read as a difference. A copy defers
+// them again.
+func (r *Replicator) rebuildBeforePrecheck(ctx context.Context) error {
+	connect := func(ctx context.Context) (*pgx.Conn, error) { return pgx.Connect(ctx, r.opts.Pair.Green.DSN.Reveal()) }
+	n, err := rebuildIndexes(ctx, connect, "", max(r.opts.CopyParallel, 2), r.log)
+	if n > 0 {
+		r.log.Warn("built green's indexes and keys that an interrupted copy had dropped", zap.Int("indexes", n))
+	}
+	return err
 }

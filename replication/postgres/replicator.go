@@ -400,6 +400,9 @@ func (r *Replicator) connectAndPrepare(ctx context.Context) (*checked, error) {
 	if r.green, err = newPool(ctx, r.opts.Pair.Green.DSN, "green"); err != nil {
 		return nil, err
 	}
+	if err := r.rebuildBeforePrecheck(ctx); err != nil {
+		return nil, err
+	}
 	chk, err := r.precheck(ctx)
 	if err != nil {
 		return nil, err
