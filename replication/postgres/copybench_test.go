@@ -188,7 +188,13 @@ func runCopyBench(b *testing.B, rows, runs, jobs int, pgcopydb string, steps boo
 	runOurs := func(run int, v copyVariant) (time.Duration, copyStats) {
 		db := fmt.Sprintf("ours_%d", run)
 		newDB(ours, db, true)
-		opts := Options{Plan: fmt.Sprintf("copybench%d", run), Logger: zap.NewNop(), CopyParallel: jobs,
+		log := zap.NewNop()
+		if path := os.Getenv("CUTOVER_BENCH_LOG"); path != "" {
+			cfg := zap.NewDevelopmentConfig()
+			cfg.OutputPaths = []string{path}
+			log, _ = cfg.Build()
+		}
+		opts := Options{Plan: fmt.Sprintf("copybench%d", run), Logger: log, CopyParallel: jobs,
 			Pair: config.Pair{Name: "db", Engine: config.Postgres,
 				Blue: config.Endpoint{DSN: config.DSN(blue.DSN())}, Green: config.Endpoint{DSN: config.DSN(ours.DSNFor(db, "postgres", ""))}}}
 		v.apply(&opts)
@@ -210,6 +216,7 @@ func runCopyBench(b *testing.B, rows, runs, jobs int, pgcopydb string, steps boo
 		})
 		d := time.Since(start)
 		st := r.lastCopyStats()
+		fmt.Fprintf(os.Stderr, "bench: cutover (%s): %.2f s: data %.2f s, %d index builds %.2f s\n", v.name, d.Seconds(), st.Data.Seconds(), st.IndexesBuilt, st.Indexes.Seconds())
 		check(ours, db, "cutover")
 		if err := r.Cleanup(ctx); err != nil {
 			b.Fatal(err)
