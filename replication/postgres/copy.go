@@ -30,9 +30,12 @@ import (
 //     snapshot; the replication connection then stays idle, because the
 //     snapshot lives only until it runs another command;
 //  3. green's tables are emptied (a no-op on a first copy, which the
-//     pre-checks made sure of), and every table is copied with COPY
-//     inside that snapshot, several tables at a time;
-//  4. the consistent point becomes green's applied position, and streaming
+//     pre-checks made sure of), its indexes and keys deferred (recorded,
+//     then dropped: deferIndexes), and every table is copied with COPY
+//     inside that snapshot, several tables or block ranges at a time, in
+//     binary where the types allow, FROZEN where it may (copyPlans);
+//  4. the deferred indexes are built, several at a time;
+//  5. the consistent point becomes green's applied position, and streaming
 //     starts there: the slot sends exactly the transactions that committed
 //     after the snapshot.
 func (r *Replicator) copyAll(ctx context.Context, tables []*tableInfo) error {
