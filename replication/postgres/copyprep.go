@@ -11,6 +11,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"go.uber.org/zap"
+
+	"github.com/cutover/cutover/internal/pgsafe"
 )
 
 // Deferred indexes. Maintaining a secondary index row by row during COPY
@@ -127,6 +129,12 @@ func rebuildIndexes(ctx context.Context, connect func(context.Context) (*pgx.Con
 	if err != nil {
 		return 0, fmt.Errorf("green: connect to rebuild indexes: %w", err)
 	}
+	// The definitions are run as the agent: only from a schema no other
+	// role can have put them in.
+	if err := pgsafe.CheckSchema(ctx, conn, "cutover"); err != nil {
+		conn.Close(context.WithoutCancel(ctx))
+		return 0, fmt.Errorf("green: %w", err)
+	}
 	rows, err := conn.Query(ctx, `SELECT d.schema_name, d.index_name, d.table_name, d.def, coalesce(pg_table_size(to_regclass(d.table_name)), -1)::int8
 		FROM cutover.deferred_indexes d WHERE $1 = '' OR d.slot = $1`, slot)
 	if err != nil {
@@ -147,6 +155,10 @@ func rebuildIndexes(ctx context.Context, connect func(context.Context) (*pgx.Con
 	}
 	var todo []deferredIndex
 	for _, x := range list {
+		if !strings.HasPrefix(x.def, "CREATE INDEX ") && !strings.HasPrefix(x.def, "CREATE UNIQUE INDEX ") && !strings.HasPrefix(x.def, "ALTER TABLE ONLY ") {
+			conn.Close(context.WithoutCancel(ctx))
+			return 0, fmt.Errorf("green: cutover.deferred_indexes holds %q for index %s.%s, which is not an index or key definition cutover wrote", x.def, x.schema, x.name)
+		}
 		if x.bytes < 0 {
 			// Its table was dropped since: nothing left to index.
 			log.Warn("the table of a deferred index is gone; forgetting the index", zap.String("index", x.schema+"."+x.name), zap.String("table", x.table))
