@@ -218,7 +218,8 @@ func buildWorker(ctx context.Context, connect func(context.Context) (*pgx.Conn, 
 	for x := range work {
 		start := time.Now()
 		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-			if _, err := tx.Exec(ctx, x.def); err != nil {
+			// The extended protocol runs one statement, never a list.
+			if _, err := conn.PgConn().ExecParams(ctx, x.def, nil, nil, nil, nil).Close(); err != nil {
 				return err
 			}
 			_, err := tx.Exec(ctx, `DELETE FROM cutover.deferred_indexes WHERE schema_name = $1 AND index_name = $2`, x.schema, x.name)
