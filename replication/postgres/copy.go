@@ -52,14 +52,14 @@ func (r *Replicator) copyAll(ctx context.Context, tables []*tableInfo) error {
 	if _, err := r.green.Exec(ctx, "TRUNCATE ONLY "+strings.Join(quotedNames(tables), ", ")); err != nil {
 		return fmt.Errorf("green: empty the tables before the copy: %w", err)
 	}
-	// Secondary indexes are built after the data (see deferIndexes).
+	// Indexes and keys are built after the data (see deferIndexes).
 	if !r.opts.copyNoDefer {
 		n, err := r.deferIndexes(ctx, tables)
 		if err != nil {
 			return err
 		}
 		if n > 0 {
-			r.log.Info("green's secondary indexes dropped for the copy; built again after it", zap.Int("indexes", n))
+			r.log.Info("green's indexes and keys dropped for the copy; built again after it", zap.Int("indexes", n))
 		}
 	}
 	plans, err := r.copyPlans(ctx, tables)
