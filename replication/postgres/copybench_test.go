@@ -43,7 +43,7 @@ var copySteps = []copyVariant{
 		o.copySplitBytes, o.copyNoDefer, o.copyNoBinary, o.copyNoFreeze = 1<<62, true, true, true
 	}},
 	{"+ split across workers", func(o *Options) { o.copyNoDefer, o.copyNoBinary, o.copyNoFreeze = true, true, true }},
-	{"+ secondary indexes deferred", func(o *Options) { o.copyNoBinary, o.copyNoFreeze = true, true }},
+	{"+ indexes and keys deferred", func(o *Options) { o.copyNoBinary, o.copyNoFreeze = true, true }},
 	{"+ binary", func(o *Options) { o.copyNoFreeze = true }},
 	{"+ FREEZE (all steps)", func(o *Options) {}},
 }
