@@ -32,6 +32,9 @@ type Dropped struct {
 	Slots        []string
 	Publications []string
 	Forgotten    bool // green's applied position was removed
+	// IndexesRebuilt counts green's indexes that an interrupted copy had
+	// dropped (see deferIndexes) and the cleanup built again.
+	IndexesRebuilt int
 }
 
 // Cleanup drops the slot and the publication named name of one pair of a
@@ -85,8 +88,16 @@ func Cleanup(ctx context.Context, plan string, pair config.Pair, name string, lo
 			return out, fmt.Errorf("green: forget applied position: %w", err)
 		}
 		out.Forgotten = err == nil && tag.RowsAffected() > 0
+		// A copy that died leaves green without the indexes it dropped:
+		// an aborted plan gives them back.
+		connect := func(ctx context.Context) (*pgx.Conn, error) { return pgx.Connect(ctx, pair.Green.DSN.Reveal()) }
+		built, err := rebuildIndexes(ctx, connect, name, 2, log)
+		if err != nil {
+			return out, err
+		}
+		out.IndexesRebuilt = built
 	}
-	log.Info("cleaned up", zap.Strings("slots", out.Slots), zap.Strings("publications", out.Publications), zap.Bool("forgot_applied_position", out.Forgotten))
+	log.Info("cleaned up", zap.Strings("slots", out.Slots), zap.Strings("publications", out.Publications), zap.Bool("forgot_applied_position", out.Forgotten), zap.Int("indexes_rebuilt", out.IndexesRebuilt))
 	return out, nil
 }
 

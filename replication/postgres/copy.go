@@ -30,9 +30,12 @@ import (
 //     snapshot; the replication connection then stays idle, because the
 //     snapshot lives only until it runs another command;
 //  3. green's tables are emptied (a no-op on a first copy, which the
-//     pre-checks made sure of), and every table is copied with COPY
-//     inside that snapshot, several tables at a time;
-//  4. the consistent point becomes green's applied position, and streaming
+//     pre-checks made sure of), its indexes and keys deferred (recorded,
+//     then dropped: deferIndexes), and every table is copied with COPY
+//     inside that snapshot, several tables or block ranges at a time, in
+//     binary where the types allow, FROZEN where it may (copyPlans);
+//  4. the deferred indexes are built, several at a time;
+//  5. the consistent point becomes green's applied position, and streaming
 //     starts there: the slot sends exactly the transactions that committed
 //     after the snapshot.
 func (r *Replicator) copyAll(ctx context.Context, tables []*tableInfo) error {
@@ -48,6 +51,20 @@ func (r *Replicator) copyAll(ctx context.Context, tables []*tableInfo) error {
 	// the referencing table goes in the same statement.
 	if _, err := r.green.Exec(ctx, "TRUNCATE ONLY "+strings.Join(quotedNames(tables), ", ")); err != nil {
 		return fmt.Errorf("green: empty the tables before the copy: %w", err)
+	}
+	// Indexes and keys are built after the data (see deferIndexes).
+	if !r.opts.copyNoDefer {
+		n, err := r.deferIndexes(ctx, tables)
+		if err != nil {
+			return err
+		}
+		if n > 0 {
+			r.log.Info("green's indexes and keys dropped for the copy; built again after it", zap.Int("indexes", n))
+		}
+	}
+	plans, err := r.copyPlans(ctx, tables)
+	if err != nil {
+		return err
 	}
 	// The exported snapshot lives as long as the replication connection.
 	rconn, slot, consistent, err := r.createSlot(ctx, "EXPORT_SNAPSHOT")
@@ -90,6 +107,13 @@ func (r *Replicator) copyAll(ctx context.Context, tables []*tableInfo) error {
 	pieces, err := r.copyPieces(ctx, tables)
 	if err != nil {
 		return err
+	}
+	for i := range pieces {
+		p := plans[pieces[i].t]
+		pieces[i].binary = p.binary
+		// FREEZE needs the table truncated in the same transaction: one
+		// transaction per table, so not for a table split across workers.
+		pieces[i].freeze = p.freeze && !pieces[i].split
 	}
 	cctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -137,6 +161,17 @@ loop:
 		return err
 	}
 	report(true)
+	dataDone := time.Now()
+	// Every deferred index, this copy's and any a dead copy left behind,
+	// is built before the copy counts as done.
+	connect := func(ctx context.Context) (*pgx.Conn, error) { return pgx.Connect(ctx, r.opts.Pair.Green.DSN.Reveal()) }
+	built, err := rebuildIndexes(ctx, connect, "", max(r.opts.CopyParallel, 2), r.log)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.copyStats = copyStats{Data: dataDone.Sub(start), Indexes: time.Since(dataDone), IndexesBuilt: built}
+	r.mu.Unlock()
 	tag, err := r.green.Exec(ctx, finishCopySQL, r.name, consistent.String())
 	if err != nil {
 		return fmt.Errorf("green: record copy end: %w", err)
@@ -146,7 +181,7 @@ loop:
 	}
 	r.appliedEnd.Store(uint64(consistent))
 	r.appliedByMe.Store(uint64(consistent))
-	r.log.Info("copy done", zap.Duration("took", time.Since(start).Round(time.Millisecond)), zap.Int64("rows", rows.Load()), zap.Int64("bytes", byteCount.Load()))
+	r.log.Info("copy done", zap.Duration("took", time.Since(start).Round(time.Millisecond)), zap.Duration("indexes_took", time.Since(dataDone).Round(time.Millisecond)), zap.Int("indexes_built", built), zap.Int64("rows", rows.Load()), zap.Int64("bytes", byteCount.Load()))
 	return nil
 }
 
@@ -256,8 +291,11 @@ type copyPiece struct {
 	// is the table's end. split false: the whole table.
 	split    bool
 	from, to int64
-	bytes    int64
-	left     *atomic.Int32 // pieces of the table not yet copied
+	// binary: COPY in binary format (copyPlans); freeze: TRUNCATE and
+	// COPY FREEZE in one transaction on green.
+	binary, freeze bool
+	bytes          int64
+	left           *atomic.Int32 // pieces of the table not yet copied
 }
 
 // copyPieces lists what to copy, largest first. One COPY FROM on green is
@@ -302,28 +340,67 @@ func (r *Replicator) copyPieces(ctx context.Context, tables []*tableInfo) ([]cop
 // source is the COPY TO statement of the piece.
 func (p copyPiece) source() string {
 	cols := strings.Join(p.t.copyColumns(), ", ")
+	with := ""
+	if p.binary {
+		with = " WITH (FORMAT binary)"
+	}
 	if !p.split {
-		return "COPY " + p.t.Name.Quoted() + " (" + cols + ") TO STDOUT"
+		return "COPY " + p.t.Name.Quoted() + " (" + cols + ") TO STDOUT" + with
 	}
 	where := fmt.Sprintf("ctid >= '(%d,0)'::tid", p.from)
 	if p.to >= 0 {
 		where += fmt.Sprintf(" AND ctid < '(%d,0)'::tid", p.to)
 	}
-	return "COPY (SELECT " + cols + " FROM ONLY " + p.t.Name.Quoted() + " WHERE " + where + ") TO STDOUT"
+	return "COPY (SELECT " + cols + " FROM ONLY " + p.t.Name.Quoted() + " WHERE " + where + ") TO STDOUT" + with
+}
+
+// target is the COPY FROM statement of the piece.
+func (p copyPiece) target() string {
+	var opts []string
+	if p.binary {
+		opts = append(opts, "FORMAT binary")
+	}
+	if p.freeze {
+		opts = append(opts, "FREEZE")
+	}
+	s := "COPY " + p.t.Name.Quoted() + " (" + strings.Join(p.t.copyColumns(), ", ") + ") FROM STDIN"
+	if len(opts) > 0 {
+		s += " WITH (" + strings.Join(opts, ", ") + ")"
+	}
+	return s
 }
 
 // copyTable streams one piece from blue's COPY TO into green's COPY FROM,
-// in text format (portable between servers whose type OIDs differ).
-func copyTable(ctx context.Context, blue, green *pgconn.PgConn, p copyPiece, rows, nbytes *atomic.Int64) error {
+// in binary or text (portable between servers whose type OIDs differ)
+// format. A FREEZE piece empties its table in the same transaction on
+// green (it is empty already: the copy truncated every table at its start,
+// and no other piece writes this one), which is what lets COPY write the
+// rows frozen and all-visible, so nothing rewrites their pages later to
+// set hint bits or freeze them.
+func copyTable(ctx context.Context, blue, green *pgconn.PgConn, p copyPiece, rows, nbytes *atomic.Int64) (err error) {
 	t := p.t
-	cols := strings.Join(t.copyColumns(), ", ")
+	if p.freeze {
+		if _, err := green.Exec(ctx, "BEGIN; TRUNCATE ONLY "+t.Name.Quoted()).ReadAll(); err != nil {
+			_, _ = green.Exec(context.WithoutCancel(ctx), "ROLLBACK").ReadAll()
+			return fmt.Errorf("green: empty %s for COPY FREEZE: %w", t.Name, err)
+		}
+		defer func() {
+			end := "COMMIT"
+			if err != nil {
+				end = "ROLLBACK"
+			}
+			if _, cerr := green.Exec(context.WithoutCancel(ctx), end).ReadAll(); cerr != nil && err == nil {
+				err = fmt.Errorf("green: commit copy of %s: %w", t.Name, cerr)
+			}
+		}()
+	}
 	pr, pw := io.Pipe()
 	readErr := make(chan error, 1)
 	go func() {
 		// COPY TO sends a message per row; hand green 256 KiB at a time
 		// instead, or each row becomes a message (and a syscall) of its own.
 		bw := bufio.NewWriterSize(pw, 256<<10)
-		w := &countingWriter{w: bw, rows: rows, bytes: nbytes}
+		w := &countingWriter{w: bw, rows: rows, bytes: nbytes, text: !p.binary}
 		_, err := blue.CopyTo(ctx, w, p.source())
 		if err == nil {
 			err = bw.Flush()
@@ -334,7 +411,7 @@ func copyTable(ctx context.Context, blue, green *pgconn.PgConn, p copyPiece, row
 		}
 		readErr <- err
 	}()
-	_, werr := green.CopyFrom(ctx, pr, "COPY "+t.Name.Quoted()+" ("+cols+") FROM STDIN")
+	_, werr := green.CopyFrom(ctx, pr, p.target())
 	pr.CloseWithError(errors.New("copy into green ended"))
 	if rerr := <-readErr; rerr != nil {
 		return rerr
@@ -377,16 +454,83 @@ func copyMarkers(ctx context.Context, blue, green *pgx.Conn, plan string) error 
 	return nil
 }
 
-// countingWriter counts the bytes and rows (newlines: COPY's text format
-// escapes newlines inside values) going through it.
+// countingWriter counts the bytes and, in text format, the rows
+// (newlines: COPY's text format escapes newlines inside values) going
+// through it, and in binary format the tuples.
 type countingWriter struct {
 	w     io.Writer
 	rows  *atomic.Int64
 	bytes *atomic.Int64
+	text  bool
+	bin   binaryRows
+}
+
+// binaryRows counts the tuples in a stream of COPY's binary format: a
+// header (11-byte signature, flags, extension length and extension), then
+// per tuple a 16-bit field count and per field a 32-bit length (-1: NULL)
+// and the data; a field count of -1 ends it.
+type binaryRows struct {
+	started bool
+	skip    int64  // bytes to pass over
+	need    int    // bytes of the next integer (2: field count, 4: length)
+	partial []byte // of that integer
+	fields  int    // fields of the current tuple still to read
+	header  bool   // reading the header's extension length
+}
+
+func (b *binaryRows) feed(p []byte) int64 {
+	var n int64
+	if !b.started {
+		b.started, b.skip, b.need, b.header = true, 11+4, 4, true
+	}
+	for len(p) > 0 {
+		if b.skip > 0 {
+			k := min(b.skip, int64(len(p)))
+			p, b.skip = p[k:], b.skip-k
+			continue
+		}
+		k := min(b.need-len(b.partial), len(p))
+		b.partial, p = append(b.partial, p[:k]...), p[k:]
+		if len(b.partial) < b.need {
+			break
+		}
+		var v int64
+		if b.need == 2 {
+			v = int64(int16(uint16(b.partial[0])<<8 | uint16(b.partial[1])))
+		} else {
+			v = int64(int32(uint32(b.partial[0])<<24 | uint32(b.partial[1])<<16 | uint32(b.partial[2])<<8 | uint32(b.partial[3])))
+		}
+		b.partial = b.partial[:0]
+		switch {
+		case b.header:
+			b.header, b.skip, b.need = false, max(v, 0), 2
+		case b.need == 2:
+			if v < 0 { // the trailer
+				b.skip = 1 << 62
+				continue
+			}
+			n++
+			b.fields = int(v)
+			if b.fields > 0 {
+				b.need = 4
+			}
+		default:
+			b.skip = max(v, 0)
+			b.fields--
+			if b.fields == 0 {
+				b.need = 2
+			}
+		}
+	}
+	return n
 }
 
 func (c *countingWriter) Write(p []byte) (int, error) {
-	c.rows.Add(int64(bytes.Count(p, []byte{'\n'})))
+	if c.text {
+		c.rows.Add(int64(bytes.Count(p, []byte{'\n'})))
+	} else {
+		c.rows.Add(c.bin.feed(p))
+	}
 	c.bytes.Add(int64(len(p)))
 	return c.w.Write(p)
 }

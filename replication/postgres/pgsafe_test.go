@@ -23,6 +23,9 @@ func TestACutoverSchemaAnotherRoleCreatedFirstIsRefusedAndItsFunctionsNeverRun(t
 		CREATE TABLE cutover.ran (at timestamptz);
 		CREATE FUNCTION cutover.claim_apply(text, pg_lsn, bigint) RETURNS pg_lsn LANGUAGE sql
 			AS $$ INSERT INTO cutover.ran VALUES (now()); SELECT '0/0'::pg_lsn $$;
+		-- and an index "left by a dead copy" whose definition does more.
+		CREATE TABLE cutover.deferred_indexes (schema_name text, index_name text, table_name text, def text, slot text, deferred_at timestamptz);
+		INSERT INTO cutover.deferred_indexes VALUES ('public', 't_x', 'public.t', 'CREATE INDEX t_x ON public.t (id); ALTER ROLE mallory SUPERUSER', 's', now());
 		RESET ROLE;`)
 	err := startErr(t, e.options(t))
 	if !errors.Is(err, pgsafe.ErrUntrusted) || !strings.Contains(err.Error(), "green") || !strings.Contains(err.Error(), "schema cutover is owned by mallory") {
@@ -36,5 +39,9 @@ func TestACutoverSchemaAnotherRoleCreatedFirstIsRefusedAndItsFunctionsNeverRun(t
 	var ran int
 	if err := conn.QueryRow(context.Background(), `SELECT count(*) FROM cutover.ran`).Scan(&ran); err != nil || ran != 0 {
 		t.Errorf("mallory's function ran %d times (%v)", ran, err)
+	}
+	var super, index bool
+	if err := conn.QueryRow(context.Background(), `SELECT rolsuper, to_regclass('public.t_x') IS NOT NULL FROM pg_roles WHERE rolname = 'mallory'`).Scan(&super, &index); err != nil || super || index {
+		t.Errorf("mallory's index definition ran: superuser %v, index %v (%v)", super, index, err)
 	}
 }

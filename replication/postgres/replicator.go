@@ -106,6 +106,9 @@ type Options struct {
 	// copySplitBytes: tables at least this large are copied in parallel
 	// block ranges (tests lower it).
 	copySplitBytes int64
+	// Each step of the copy can be turned off, to measure what it buys
+	// (BenchmarkInitialCopy) and to test the other path.
+	copyNoDefer, copyNoBinary, copyNoFreeze bool
 }
 
 func (o *Options) defaults() {
@@ -205,6 +208,7 @@ type Replicator struct {
 	breach    breachLog
 	hb        heartbeats
 	progress  replication.Progress
+	copyStats copyStats
 	lastLag   replication.Lag
 	started   bool
 	prepared  *checked // what Prepare found, for Start
@@ -394,6 +398,9 @@ func (r *Replicator) connectAndPrepare(ctx context.Context) (*checked, error) {
 		return nil, err
 	}
 	if r.green, err = newPool(ctx, r.opts.Pair.Green.DSN, "green"); err != nil {
+		return nil, err
+	}
+	if err := r.rebuildBeforePrecheck(ctx); err != nil {
 		return nil, err
 	}
 	chk, err := r.precheck(ctx)

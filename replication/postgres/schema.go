@@ -108,6 +108,18 @@ CREATE TABLE IF NOT EXISTS cutover.copies (
 	slot     text        NOT NULL,
 	began_at timestamptz NOT NULL DEFAULT now()
 );
+-- Green's indexes dropped for the duration of a copy, with what builds
+-- them again (see deferIndexes): a row is written in the transaction that
+-- drops its index and deleted in the one that builds it.
+CREATE TABLE IF NOT EXISTS cutover.deferred_indexes (
+	schema_name text        NOT NULL,
+	index_name  text        NOT NULL,
+	table_name  text        NOT NULL,
+	def         text        NOT NULL,
+	slot        text        NOT NULL,
+	deferred_at timestamptz NOT NULL DEFAULT now(),
+	PRIMARY KEY (schema_name, index_name)
+);
 -- claim_apply opens every apply batch. It locks the slot's row for the
 -- rest of the transaction, so appliers take turns, and fails
 --   CUT02 when a higher epoch (a newer leader) has applied: the caller is
