@@ -146,7 +146,10 @@ func benchmarkWindow(b *testing.B, wl windowLoad) {
 			// Not before replication streams: creating the slot waits for
 			// every open write transaction to end.
 			waitPhase(b, c, name, 3*time.Minute, agent.PhaseReplicating, agent.PhaseReady)
-			idle = idleInTransaction(b, blue.DSNFor(name, "app", "app-password"), wl.idle)
+			var err error
+			if idle, err = load.IdleInTransaction(ctx, blue.DSNFor(name, "app", "app-password"), wl.idle); err != nil {
+				b.Fatal(err)
+			}
 		}
 		p := waitPhase(b, c, name, 3*time.Minute, agent.PhaseSwitched, agent.PhaseAborted)
 		for _, conn := range idle {
@@ -192,7 +195,7 @@ func benchmarkWindow(b *testing.B, wl windowLoad) {
 		ofPlan := observed.FilterField(zap.String("plan", name))
 		for _, e := range ofPlan.FilterMessage("terminated a session still writing after the grace period").All() {
 			terminated++
-			if app, _ := e.ContextMap()["application"].(string); app != idleApplication {
+			if app, _ := e.ContextMap()["application"].(string); app != load.IdleApplication {
 				notIdle++
 				// Reported with the 1-second mix (terminated_not_idle),
 				// a failure otherwise.
