@@ -314,6 +314,10 @@ func maxFenceWindowExceeded(t *testing.T, hold bool) {
 // hold=true is what the driver does (Options.Hold): the fenced writers wait
 // on the drain's lock until the marker is applied on green, then fail;
 // hold=false lets them fail and retry (every millisecond) from the fence on.
+//
+// tpcb/clients=8 and 32 run pgbench's TPC-B as the fenced role instead;
+// tpcb+long adds 4 clients of 1-second write transactions, tpcb+idle 2
+// sessions idle in a write transaction (see benchmarkOutagePgbench).
 func BenchmarkOutage(b *testing.B) {
 	for _, writers := range []int{8, 32} {
 		for _, hold := range []bool{true, false} {
@@ -322,6 +326,11 @@ func BenchmarkOutage(b *testing.B) {
 			})
 		}
 	}
+	for _, clients := range []int{8, 32} {
+		b.Run(fmt.Sprintf("tpcb/clients=%d", clients), func(b *testing.B) { benchmarkOutagePgbench(b, clients, 0, 0) })
+	}
+	b.Run("tpcb+long/clients=32", func(b *testing.B) { benchmarkOutagePgbench(b, 32, 4, 0) })
+	b.Run("tpcb+idle/clients=32", func(b *testing.B) { benchmarkOutagePgbench(b, 32, 0, 2) })
 }
 
 func benchmarkOutage(b *testing.B, writers int, hold bool) {
