@@ -131,8 +131,11 @@ func TestPgBouncerPauseRepointResumeMovesTransactionsToGreen(t *testing.T) {
 			commitErr = err
 			return
 		}
-		commitErr = tx.Commit(ctx)
+		// PgBouncer frees the server connection when the COMMIT's answer
+		// passes through it, about when the client reads it: PAUSE may
+		// return a moment before Commit does, never before it was sent.
 		committedAt = time.Now()
+		commitErr = tx.Commit(ctx)
 	}()
 	began := time.Now()
 	if err := r.target.Pause(ctx, 7); err != nil {
