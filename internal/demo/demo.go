@@ -310,18 +310,7 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 	watch := func(until ...agent.Phase) (agent.PlanInfo, error) {
 		deadline := time.Now().Add(3 * time.Minute)
 		for {
-			// Each agent answers from its own state, and a restarted one may
-			// still be catching up: take the newest view.
-			var p agent.PlanInfo
-			err := errors.New("no agent answered")
-			for _, c := range clients {
-				cctx, cancel := context.WithTimeout(ctx, time.Second)
-				q, qerr := c.Plan(cctx, plan)
-				cancel()
-				if qerr == nil && (err != nil || q.Index > p.Index) {
-					p, err = q, nil
-				}
-			}
+			p, err := newestPlan(ctx, clients, plan)
 			if err == nil && p.Phase != last {
 				last = p.Phase
 				seen[p.Phase] = time.Now()
@@ -915,4 +904,20 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
+}
+
+// newestPlan asks every agent for the plan and keeps the newest view: each
+// answers from its own state, and a restarted one may still be catching up.
+func newestPlan(ctx context.Context, clients []*client.Client, name string) (agent.PlanInfo, error) {
+	var p agent.PlanInfo
+	err := errors.New("no agent answered")
+	for _, c := range clients {
+		cctx, cancel := context.WithTimeout(ctx, time.Second)
+		q, qerr := c.Plan(cctx, name)
+		cancel()
+		if qerr == nil && (err != nil || q.Index > p.Index) {
+			p, err = q, nil
+		}
+	}
+	return p, err
 }

@@ -3,7 +3,6 @@ package demo
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -161,16 +160,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pgbench_accounts, pgbench_branches, pgbe
 	watch := func(until ...agent.Phase) (agent.PlanInfo, error) {
 		deadline := time.Now().Add(3 * time.Minute)
 		for {
-			var p agent.PlanInfo
-			err := errors.New("no agent answered")
-			for _, c := range clients {
-				cctx, cancel := context.WithTimeout(ctx, time.Second)
-				q, qerr := c.Plan(cctx, planName)
-				cancel()
-				if qerr == nil && (err != nil || q.Index > p.Index) {
-					p, err = q, nil
-				}
-			}
+			p, err := newestPlan(ctx, clients, planName)
 			if err == nil && p.Phase != last {
 				last = p.Phase
 				say("phase %-12s epoch %-5d %s", p.Phase, p.Epoch, p.Reason)
