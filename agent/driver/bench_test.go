@@ -114,8 +114,7 @@ func benchmarkWindow(b *testing.B, wl windowLoad) {
 	}
 
 	var outages, writeOutages, gaps []time.Duration
-	steps := map[string][]time.Duration{}
-	var stepNames []string
+	var steps stepTimes
 	acked, refused, terminated, notIdle, failedFenced, failedOther := 0, 0, 0, 0, 0, 0
 	fromChannel, fromPolling := 0, 0
 	b.ResetTimer()
@@ -217,16 +216,7 @@ func benchmarkWindow(b *testing.B, wl windowLoad) {
 			writeOutages = append(writeOutages, w)
 		}
 		line = fmt.Sprintf("outage %6.1fms:", load.MS(outage)) + line
-		for _, e := range ofPlan.FilterMessage("window step").All() {
-			f := e.ContextMap()
-			step, _ := f["step"].(string)
-			took, _ := f["took"].(time.Duration)
-			if _, seen := steps[step]; !seen {
-				stepNames = append(stepNames, step)
-			}
-			steps[step] = append(steps[step], took)
-			line += fmt.Sprintf(" %s %.1f", step, load.MS(took))
-		}
+		line += steps.add(ofPlan)
 		if testing.Verbose() {
 			for _, msg := range []string{"drain round trips", "caught up", "verified in the fence", "traffic flipped"} {
 				for _, e := range ofPlan.FilterMessage(msg).All() {
@@ -256,9 +246,7 @@ func benchmarkWindow(b *testing.B, wl windowLoad) {
 	b.ReportMetric(load.PercentileMS(writeOutages, 0.50), "write_outage_p50_ms")
 	b.ReportMetric(load.PercentileMS(writeOutages, 0.90), "write_outage_p90_ms")
 	b.ReportMetric(load.PercentileMS(writeOutages, 0.99), "write_outage_p99_ms")
-	for _, s := range stepNames {
-		b.ReportMetric(load.PercentileMS(steps[s], 0.99), s+"_p99_ms")
-	}
+	steps.report(b, 0.99, "_p99_ms")
 	if len(gaps) > 0 {
 		b.ReportMetric(load.PercentileMS(gaps, 0.50), "client_gap_p50_ms")
 		b.ReportMetric(load.PercentileMS(gaps, 0.99), "client_gap_p99_ms")
@@ -331,4 +319,37 @@ func complete(b *testing.B, c *agenttest.Cluster, name string) {
 		b.Fatal(err)
 	}
 	waitPhase(b, c, name, time.Minute, agent.PhaseDone)
+}
+
+// stepTimes gathers the window steps' durations ("window step" lines)
+// across plans, in the order first seen.
+type stepTimes struct {
+	names []string
+	took  map[string][]time.Duration
+}
+
+// add records one plan's steps and returns them as " step ms" pairs.
+func (s *stepTimes) add(ofPlan *observer.ObservedLogs) string {
+	if s.took == nil {
+		s.took = map[string][]time.Duration{}
+	}
+	line := ""
+	for _, e := range ofPlan.FilterMessage("window step").All() {
+		f := e.ContextMap()
+		step, _ := f["step"].(string)
+		took, _ := f["took"].(time.Duration)
+		if _, seen := s.took[step]; !seen {
+			s.names = append(s.names, step)
+		}
+		s.took[step] = append(s.took[step], took)
+		line += fmt.Sprintf(" %s %.1f", step, load.MS(took))
+	}
+	return line
+}
+
+// report reports each step's percentile q as <step><unit>.
+func (s *stepTimes) report(b *testing.B, q float64, unit string) {
+	for _, name := range s.names {
+		b.ReportMetric(load.PercentileMS(s.took[name], q), name+unit)
+	}
 }

@@ -65,8 +65,7 @@ func BenchmarkWriteOutageByTables(b *testing.B) {
 		for _, lift := range []string{config.GreenFenceLogins, config.GreenFenceGrants} {
 			b.Run(fmt.Sprintf("tables=%d/green=%s", tables, lift), func(b *testing.B) {
 				var writeOutages, gateOutages, unfences []time.Duration
-				steps := map[string][]time.Duration{}
-				var stepNames []string
+				var steps stepTimes
 				for i := 0; i < b.N; i++ {
 					run++
 					name := fmt.Sprintf("wide%d", run)
@@ -114,17 +113,7 @@ func BenchmarkWriteOutageByTables(b *testing.B) {
 							unfences = append(unfences, d)
 						}
 					}
-					line := ""
-					for _, e := range ofPlan.FilterMessage("window step").All() {
-						f := e.ContextMap()
-						step, _ := f["step"].(string)
-						took, _ := f["took"].(time.Duration)
-						if _, seen := steps[step]; !seen {
-							stepNames = append(stepNames, step)
-						}
-						steps[step] = append(steps[step], took)
-						line += fmt.Sprintf(" %s %.1f", step, load.MS(took))
-					}
+					line := steps.add(ofPlan)
 					if testing.Verbose() {
 						b.Logf("%s: write outage %.1f ms, fence to gate %.1f ms (%s), %d acknowledged", name, load.MS(w), load.MS(g), line, len(receipts))
 					}
@@ -140,9 +129,7 @@ func BenchmarkWriteOutageByTables(b *testing.B) {
 				b.ReportMetric(load.PercentileMS(gateOutages, 0.50), "fence_to_gate_p50_ms")
 				b.ReportMetric(load.PercentileMS(gateOutages, 0.99), "fence_to_gate_p99_ms")
 				b.ReportMetric(load.PercentileMS(unfences, 0.50), "green_unfence_p50_ms")
-				for _, st := range stepNames {
-					b.ReportMetric(load.PercentileMS(steps[st], 0.50), st+"_p50_ms")
-				}
+				steps.report(b, 0.50, "_p50_ms")
 			})
 		}
 	}
