@@ -113,7 +113,7 @@ func benchmarkWindow(b *testing.B, wl windowLoad) {
 		pgb = newPgbenchLoad(b)
 	}
 
-	var outages, writeOutages, gaps []time.Duration
+	var outages, writeOutages, gaps, afterFlip, reconnects []time.Duration
 	var steps stepTimes
 	acked, refused, terminated, notIdle, failedFenced, failedOther := 0, 0, 0, 0, 0, 0
 	fromChannel, fromPolling := 0, 0
@@ -180,6 +180,15 @@ func benchmarkWindow(b *testing.B, wl windowLoad) {
 			}
 			gaps = append(gaps, gap)
 			line += fmt.Sprintf(" client gap %.1fms;", load.MS(gap))
+			// The gap's part after the flip: the route's message, the
+			// held writers' release, reconnecting, the first commit.
+			if flips := observed.FilterField(zap.String("plan", name)).FilterMessage("traffic flipped").All(); len(flips) == 1 {
+				if first, ok := firstAckOn(receipts, greenApp); ok {
+					afterFlip = append(afterFlip, first.Sub(flips[0].Time))
+					line += fmt.Sprintf(" first write on green %.1fms after the flip;", load.MS(first.Sub(flips[0].Time)))
+				}
+			}
+			reconnects = append(reconnects, l.Switches()...)
 			acked += len(receipts)
 			refused += errs["42501"]
 		}
@@ -250,6 +259,9 @@ func benchmarkWindow(b *testing.B, wl windowLoad) {
 	if len(gaps) > 0 {
 		b.ReportMetric(load.PercentileMS(gaps, 0.50), "client_gap_p50_ms")
 		b.ReportMetric(load.PercentileMS(gaps, 0.99), "client_gap_p99_ms")
+		b.ReportMetric(load.PercentileMS(afterFlip, 0.50), "gap_after_flip_p50_ms")
+		b.ReportMetric(load.PercentileMS(afterFlip, 0.99), "gap_after_flip_p99_ms")
+		b.ReportMetric(load.PercentileMS(reconnects, 0.99), "reconnect_p99_ms")
 		b.ReportMetric(float64(fromChannel), "flips_from_channel")
 		b.ReportMetric(float64(fromPolling), "flips_from_polling")
 	}
@@ -262,6 +274,17 @@ func benchmarkWindow(b *testing.B, wl windowLoad) {
 		b.ReportMetric(float64(failedOther)/float64(b.N), "failed_other/op")
 		b.ReportMetric(0, "lost") // any loss failed the run
 	}
+}
+
+// firstAckOn is when the first write acknowledged on dsn was.
+func firstAckOn(receipts []load.Receipt, dsn string) (time.Time, bool) {
+	var first time.Time
+	for _, r := range receipts {
+		if r.DSN == dsn && (first.IsZero() || r.At.Before(first)) {
+			first = r.At
+		}
+	}
+	return first, !first.IsZero()
 }
 
 // benchPlan creates database name on both sides, with the load's tables

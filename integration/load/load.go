@@ -113,6 +113,10 @@ type Load struct {
 	receipts []Receipt
 	errs     map[string]int // SQLSTATE (or "conn") -> count
 	acked    atomic.Int64
+	// switches: per writer that moved to another target, from the first
+	// transaction that chose the new target to its first connection there
+	// (failed attempts included): what reconnecting adds to the gap.
+	switches []time.Duration
 }
 
 // Start begins the load; Stop ends it.
@@ -150,6 +154,14 @@ func (l *Load) Refused() map[string]int {
 	return copyMap(l.errs)
 }
 
+// Switches returns, for every writer that moved to another target, how
+// long it took from choosing the new target to being connected there.
+func (l *Load) Switches() []time.Duration {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]time.Duration(nil), l.switches...)
+}
+
 // Stop ends the load, waits for every writer, and returns the receipts of
 // the acknowledged writes and the count of refused ones by SQLSTATE.
 func (l *Load) Stop() ([]Receipt, map[string]int) {
@@ -172,6 +184,7 @@ func (l *Load) writer(ctx context.Context, w int) {
 	rng := rand.New(rand.NewPCG(uint64(w), uint64(time.Now().UnixNano())))
 	var conn *pgx.Conn
 	var connDSN string
+	var switching time.Time // when this writer first chose a new target
 	defer func() {
 		if conn != nil {
 			conn.Close(context.Background())
@@ -180,6 +193,9 @@ func (l *Load) writer(ctx context.Context, w int) {
 	for seq := int64(1); ctx.Err() == nil; seq++ {
 		dsn := l.opts.Target()
 		if conn == nil || conn.IsClosed() || dsn != connDSN {
+			if connDSN != "" && dsn != connDSN && switching.IsZero() {
+				switching = time.Now()
+			}
 			if conn != nil {
 				conn.Close(context.Background())
 			}
@@ -191,6 +207,12 @@ func (l *Load) writer(ctx context.Context, w int) {
 				sleep(ctx, 20*time.Millisecond)
 				continue
 			}
+			if connDSN != "" && dsn != connDSN {
+				l.mu.Lock()
+				l.switches = append(l.switches, time.Since(switching))
+				l.mu.Unlock()
+			}
+			switching = time.Time{}
 			connDSN = dsn
 		}
 		account := 1 + rng.IntN(l.opts.Accounts)
