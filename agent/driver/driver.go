@@ -44,9 +44,9 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/cutover/cutover/agent"
+	"github.com/cutover/cutover/engine"
 	"github.com/cutover/cutover/fencing"
 	"github.com/cutover/cutover/internal/config"
-	"github.com/cutover/cutover/internal/pgscope"
 )
 
 // Options configure a Driver.
@@ -62,9 +62,14 @@ type Options struct {
 	// fence", "after flip" ...); a test returns an error or kills the process
 	// there to prove that a crash at that point completes or aborts cleanly.
 	Fault func(point string) error
+	// Engines are the database engines the driver runs pairs of: the
+	// registry cmd/cutover builds. A pair of an engine not in it is
+	// refused (permanently: the plan aborts).
+	Engines engine.Registry
 }
 
-// Driver implements agent.Driver for PostgreSQL pairs.
+// Driver implements agent.Driver for the pairs of the engines in
+// Options.Engines.
 type Driver struct {
 	opts Options
 	log  *zap.Logger
@@ -142,12 +147,12 @@ func (d *Driver) Drive(ctx context.Context, plan agent.Plan, p agent.Proposer) e
 	if plan.Phase == agent.PhasePending || plan.Manual {
 		return nil
 	}
-	if err := checkSpec(plan); err != nil {
+	if err := checkSpec(plan, d.opts.Engines); err != nil {
 		return classify(err)
 	}
 	rt, err := d.runtime(ctx, plan)
 	if err != nil {
-		if errors.Is(err, pgscope.ErrScope) && plan.Phase == agent.PhaseCopying {
+		if errors.Is(err, engine.ErrScope) && plan.Phase == agent.PhaseCopying {
 			return abortBadScope(ctx, plan, p, err)
 		}
 		return classify(err)

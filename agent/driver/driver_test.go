@@ -20,6 +20,8 @@ import (
 
 	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/agent/agenttest"
+	"github.com/cutover/cutover/engine"
+	pgengine "github.com/cutover/cutover/engine/postgres"
 	"github.com/cutover/cutover/integration"
 	"github.com/cutover/cutover/integration/load"
 	"github.com/cutover/cutover/internal/config"
@@ -103,12 +105,19 @@ func newCluster(t testing.TB, opts Options) *agenttest.Cluster {
 	if opts.ReportDir == "" {
 		opts.ReportDir = t.TempDir()
 	}
+	if opts.Engines == nil {
+		opts.Engines = testEngines
+	}
 	return agenttest.New(t, agenttest.Options{Nodes: 3, Driver: func(i int) agent.Driver {
 		o := opts
 		o.LagPoll = 50 * time.Millisecond
 		return New(o)
 	}})
 }
+
+// testEngines are the engines the driver runs in these tests, as
+// cmd/cutover registers them.
+var testEngines = engine.Registry{config.Postgres: pgengine.Engine{}}
 
 func createAndStart(t testing.TB, c *agenttest.Cluster, spec config.Plan) {
 	t.Helper()

@@ -10,17 +10,14 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/jackc/pglogrepl"
 	"go.uber.org/zap"
 
 	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/consistency"
-	cpg "github.com/cutover/cutover/consistency/postgres"
+	"github.com/cutover/cutover/engine"
 	"github.com/cutover/cutover/fencing"
-	fpg "github.com/cutover/cutover/fencing/postgres"
 	"github.com/cutover/cutover/internal/config"
 	"github.com/cutover/cutover/replication"
-	rpg "github.com/cutover/cutover/replication/postgres"
 	"github.com/cutover/cutover/switch/health"
 	"github.com/cutover/cutover/switch/target"
 )
@@ -60,7 +57,7 @@ func (rt *planRT) copying(ctx context.Context, plan agent.Plan, p agent.Proposer
 	facts := map[string]string{}
 	for _, pr := range rt.pairs {
 		maps.Copy(facts, pr.nameFacts())
-		facts["copied_rows."+pr.cfg.Name] = fmt.Sprint(pr.fwd.Status().Copy.Rows)
+		facts["copied_rows."+pr.cfg.Name] = fmt.Sprint(pr.fwd.Status().CopiedRows)
 	}
 	return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseReplicating, Detail: "initial copy done; streaming", Reason: "initial copy done", Facts: facts})
 }
@@ -141,7 +138,7 @@ func (rt *planRT) refresh(ctx context.Context, plan agent.Plan, p agent.Proposer
 		}
 		for i := 0; i < 3; i++ {
 			before := pr.dirty.Stats()
-			rep, err := v.Refresh(ctx, pr.tables, waiter{pr}, pr.dirty)
+			rep, err := v.Refresh(ctx, pr.dirty)
 			if err != nil {
 				return err
 			}
@@ -243,7 +240,11 @@ func (rt *planRT) lagDip(ctx context.Context, log *zap.Logger) {
 func (rt *planRT) checkDrift(ctx context.Context) error {
 	var problems []string
 	for _, pr := range rt.pairs {
-		diffs, err := pr.fwd.CompareSchemas(ctx)
+		sc, ok := pr.fwd.(engine.SchemaComparer)
+		if !ok {
+			continue // the engine's sides have no schemas
+		}
+		diffs, err := sc.CompareSchemas(ctx)
 		if err != nil {
 			return fmt.Errorf("compare schemas of %s: %w", pr.cfg.Name, err)
 		}
@@ -287,7 +288,7 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	}
 	// Made ready before the refresh: the rows written while this runs
 	// (a few hundred ms) would otherwise all be re-hashed in the fence.
-	if err := rt.readyWindow(ctx, func(pr *pairRT) (*fpg.Fencer, *rpg.Replicator) { return pr.blueFence, pr.fwd }); err != nil {
+	if err := rt.readyWindow(ctx, func(pr *pairRT) (engine.Fencer, engine.Stream) { return pr.blueFence, pr.fwd }); err != nil {
 		return err
 	}
 	if err := rt.forEach(func(pr *pairRT) error { return rt.prepareReverse(ctx, pr, plan.Epoch) }); err != nil {
@@ -388,17 +389,18 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 					synced := make(chan error, 1)
 					var syncTook time.Duration
 					go func() {
-						err := pr.fwd.SyncSequences(ctx)
+						err := syncSequences(ctx, pr.fwd)
 						syncTook = time.Since(began)
 						synced <- err
 					}()
-					lsn, err := pglogrepl.LSN(0), error(nil)
+					var pos engine.Position
+					var err error
 					if !skipCatchUpProof { // false but in a mutant build (mutation.go)
-						lsn, err = pr.fwd.WaitMarker(ctx, pr.marker.Nonce)
+						pos, err = pr.fwd.WaitMarker(ctx, pr.marker.Nonce)
 					}
 					markerTook := time.Since(began)
 					if err == nil && !skipCatchUpProof {
-						pr.markerLSN = lsn
+						pr.markerPos = pos
 						err = breachCheck(pr)
 					}
 					if serr := <-synced; err == nil && serr != nil {
@@ -451,8 +453,10 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 				// The hold must still be there: once lost, such writers
 				// may have landed unseen.
 				err := rt.forEach(func(pr *pairRT) error {
-					if err := pr.blueFence.CheckHold(ctx); err != nil {
-						return err
+					if h, ok := pr.blueFence.(engine.HoldingFencer); ok {
+						if err := h.CheckHold(ctx); err != nil {
+							return err
+						}
 					}
 					return heldBreachCheck(ctx, pr.blueFence, "blue", pr.cfg.Name)
 				})
@@ -496,7 +500,11 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 // it (the reverse replication waits for the release too).
 func (rt *planRT) releaseBlue(ctx context.Context, log *zap.Logger) {
 	rt.forEach(func(pr *pairRT) error {
-		cancelled, err := pr.blueFence.ReleaseRefusingAll(ctx)
+		h, ok := pr.blueFence.(engine.HoldingFencer)
+		if !ok {
+			return nil
+		}
+		cancelled, err := h.ReleaseRefusingAll(ctx)
 		if err != nil || len(cancelled) > 0 {
 			log.Warn("writes of roles outside the fence reached blue after the gate opened; cancelled", zap.String("pair", pr.cfg.Name), zap.Int("sessions", len(cancelled)), zap.Error(err))
 		}
@@ -509,14 +517,26 @@ func (rt *planRT) releaseBlue(ctx context.Context, log *zap.Logger) {
 // a cold session the first fence costs 10-20 ms more under load), and the
 // sequences to sync resolved, so that the sync inside the window is one
 // round trip per side. sides picks each pair's fence and stream.
-func (rt *planRT) readyWindow(ctx context.Context, sides func(pr *pairRT) (*fpg.Fencer, *rpg.Replicator)) error {
+func (rt *planRT) readyWindow(ctx context.Context, sides func(pr *pairRT) (engine.Fencer, engine.Stream)) error {
 	return rt.forEach(func(pr *pairRT) error {
 		f, r := sides(pr)
 		if err := f.Warm(ctx); err != nil {
 			return err
 		}
-		return r.ResolveSequences(ctx)
+		if s, ok := r.(engine.SequenceSyncer); ok {
+			return s.ResolveSequences(ctx)
+		}
+		return nil
 	})
+}
+
+// syncSequences syncs a stream's sequences, when its engine has any
+// outside the stream.
+func syncSequences(ctx context.Context, r engine.Stream) error {
+	if s, ok := r.(engine.SequenceSyncer); ok {
+		return s.SyncSequences(ctx)
+	}
+	return nil
 }
 
 // privilegeParity fails, listing the differences, unless every fenced role
@@ -529,7 +549,11 @@ func (rt *planRT) privilegeParity(ctx context.Context, epoch uint64) error {
 		if err := pr.greenFence.Fence(ctx, epoch); err != nil {
 			return err
 		}
-		diffs, err := fpg.PrivilegeParity(ctx, pr.blueFence, pr.greenFence)
+		pc, ok := pr.pair.(engine.PrivilegeChecker)
+		if !ok {
+			return nil // the engine's fence has no privileges to compare
+		}
+		diffs, err := pc.PrivilegeParity(ctx)
 		if err != nil {
 			return fmt.Errorf("privilege parity: %w", err)
 		}
@@ -541,7 +565,7 @@ func (rt *planRT) privilegeParity(ctx context.Context, epoch uint64) error {
 }
 
 // loginSettle is how long after locking green's logins its grants come
-// back (see fpg.ShiftToLogins): far longer than a backend takes from its
+// back (see engine.LoginFencer): far longer than a backend takes from its
 // login check to showing in pg_stat_activity.
 const loginSettle = 500 * time.Millisecond
 
@@ -560,8 +584,16 @@ func (rt *planRT) shiftGreenToLogins(ctx context.Context, epoch uint64, log *zap
 		}
 		// Told "logins", the operator says green's cluster serves no other
 		// database to these roles.
-		_, err := pr.greenFence.ShiftToLogins(ctx, epoch, loginSettle, mode == config.GreenFenceLogins)
-		if (errors.Is(err, fpg.ErrLoginFenceUnavailable) || errors.Is(err, fpg.ErrLoginFenceUnsafe)) && mode != config.GreenFenceLogins {
+		lf, ok := pr.greenFence.(engine.LoginFencer)
+		if !ok {
+			if mode == config.GreenFenceLogins {
+				return fmt.Errorf("fence.green: logins: the %s engine has no login fence: %w", pr.cfg.Engine, engine.ErrLoginFenceUnavailable)
+			}
+			pr.greenGrantsOnly = true
+			return nil
+		}
+		err := lf.ShiftToLogins(ctx, epoch, loginSettle, mode == config.GreenFenceLogins)
+		if (errors.Is(err, engine.ErrLoginFenceUnavailable) || errors.Is(err, engine.ErrLoginFenceUnsafe)) && mode != config.GreenFenceLogins {
 			log.Warn("green stays fenced by its grants, and the flip gives them back inside the write outage (a catalog update per table): grant the agent's role CREATEROLE and keep these roles out of green's other databases, or set fence.green: grants to silence this", zap.String("pair", pr.cfg.Name), zap.Error(err))
 			pr.greenGrantsOnly = true
 			return nil
@@ -573,11 +605,11 @@ func (rt *planRT) shiftGreenToLogins(ctx context.Context, epoch uint64, log *zap
 // breachCheck fails when the stream carried an application change after
 // the fence marker: a write got past the fence.
 func breachCheck(pr *pairRT) error {
-	return breachCheckOn(pr.fwd, pr.markerLSN)
+	return breachCheckOn(pr.fwd, pr.markerPos)
 }
 
-func breachCheckOn(r *rpg.Replicator, markerLSN pglogrepl.LSN) error {
-	changes, complete := r.ChangesAfter(markerLSN)
+func breachCheckOn(r engine.Stream, marker engine.Position) error {
+	changes, complete := r.ChangesAfter(marker)
 	if len(changes) > 0 {
 		c := changes[0]
 		return fmt.Errorf("%w: %d application change(s) after the fence marker, first %s on %s key %v at %s", errBreach, len(changes), c.Kind, c.Table, c.Key, c.Position)
@@ -590,7 +622,7 @@ func breachCheckOn(r *rpg.Replicator, markerLSN pglogrepl.LSN) error {
 
 // heldBreachCheck fails when writers of roles outside the fence wait on
 // the hold of the side's fence.
-func heldBreachCheck(ctx context.Context, f *fpg.Fencer, side, pair string) error {
+func heldBreachCheck(ctx context.Context, f engine.Fencer, side, pair string) error {
 	held, err := f.HeldBreaches(ctx)
 	if err != nil {
 		return err
@@ -681,7 +713,7 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 	f := target.Flip{Plan: plan.Name, From: "blue", To: "green", Epoch: epoch, Positions: positions, At: time.Now().UTC()}
 	// Green takes writes from here; blue stays fenced (invariant 1).
 	if err := rt.forEach(func(pr *pairRT) error { return pr.greenFence.Unfence(ctx, epoch) }); err != nil {
-		if errors.Is(err, fpg.ErrLoginBreach) && ctx.Err() == nil {
+		if errors.Is(err, engine.ErrLoginBreach) && ctx.Err() == nil {
 			// Someone is on green past its login lock, with the grants
 			// back: fence its grants, then abort (green may have taken a
 			// write; the plan cannot flip to it).
@@ -926,7 +958,7 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 			return err
 		}
 	}
-	if err := rt.readyWindow(ctx, func(pr *pairRT) (*fpg.Fencer, *rpg.Replicator) { return pr.greenFence, pr.rev }); err != nil {
+	if err := rt.readyWindow(ctx, func(pr *pairRT) (engine.Fencer, engine.Stream) { return pr.greenFence, pr.rev }); err != nil {
 		return err
 	}
 	if err := rt.pause(ctx, epoch, log); err != nil {
@@ -953,10 +985,10 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 				}
 				return rt.forEachIndexed(func(i int, pr *pairRT) error {
 					synced := make(chan error, 1)
-					go func() { synced <- pr.rev.SyncSequences(ctx) }()
-					lsn, err := pr.rev.WaitMarker(ctx, markers[i].Nonce)
+					go func() { synced <- syncSequences(ctx, pr.rev) }()
+					pos, err := pr.rev.WaitMarker(ctx, markers[i].Nonce)
 					if err == nil {
-						err = breachCheckOn(pr.rev, lsn)
+						err = breachCheckOn(pr.rev, pos)
 					}
 					if serr := <-synced; err == nil && serr != nil {
 						err = fmt.Errorf("sync sequences: %w", serr)
@@ -1009,67 +1041,24 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 // directions, and unfences blue of an aborted plan (an operator may abort a
 // fenced plan through the API). Green stays fenced after an abort.
 func finalizePair(ctx context.Context, d *Driver, spec config.Plan, pair config.Pair, plan agent.Plan) error {
-	var errs []error
-	fwd, rev := rpg.PlanNames(spec.Name, pair.Name, plan.Facts)
-	for _, c := range []struct {
-		pair config.Pair
-		name string
-	}{{pair, fwd}, {reversePair(pair), rev}} {
-		if _, err := rpg.Cleanup(ctx, spec.Name, c.pair, c.name, d.log); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if plan.Phase == agent.PhaseAborted {
-		if err := unfenceSide(ctx, d, spec, pair, "blue", pair.Blue.DSN, plan.Epoch); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
-}
-
-func unfenceSide(ctx context.Context, d *Driver, spec config.Plan, pair config.Pair, side string, dsn config.DSN, epoch uint64) error {
-	pool, err := openPool(ctx, dsn, side, 6)
+	eng, err := d.opts.Engines.Lookup(pair.Engine)
 	if err != nil {
 		return err
 	}
-	defer pool.Close()
-	tables, err := fenceTables(ctx, pool, pair.Scope)
-	if err != nil {
-		return fmt.Errorf("%s: %w", side, err)
-	}
-	f := fpg.New(pool, fpg.Options{Plan: spec.Name, Pair: pair.Name, Tables: tables, Roles: pair.FenceRoles, Logger: d.log.With(zap.String("side", side))})
-	if err := f.Prepare(ctx); err != nil {
-		return fmt.Errorf("%s: %w", side, err)
-	}
-	if err := f.Unfence(ctx, epoch); err != nil && !errors.Is(err, fencing.ErrStaleEpoch) {
-		return fmt.Errorf("%s: %w", side, err)
-	}
-	return nil
+	return eng.Finalize(ctx, engine.PairOptions{Plan: spec, Pair: pair, Facts: plan.Facts, Logger: d.log, Registerer: d.opts.Registerer}, plan.Phase == agent.PhaseAborted, plan.Epoch)
 }
 
-// verifier returns the pair's verifier, opening its connections on first
-// use. It is kept for the term, so that the pass inside the fence neither
+// verifier returns the pair's verifier, opened by its engine on first use
+// and kept for the term, so that the pass inside the fence neither
 // connects nor reads the catalogs again.
-func (rt *planRT) verifier(ctx context.Context, pr *pairRT) (*consistency.Verifier, error) {
+func (rt *planRT) verifier(ctx context.Context, pr *pairRT) (engine.Verifier, error) {
 	if pr.verifier != nil {
 		return pr.verifier, nil
 	}
-	par := max(rt.spec.Verify.Parallel, 1)
-	blue, err := cpg.Open(ctx, pr.cfg.Blue.DSN.Reveal(), par+2)
+	v, err := pr.pair.Verifier(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("blue: %w", err)
+		return nil, err
 	}
-	green, err := cpg.Open(ctx, pr.cfg.Green.DSN.Reveal(), par+2)
-	if err != nil {
-		blue.Close()
-		return nil, fmt.Errorf("green: %w", err)
-	}
-	pr.blueDB, pr.greenDB = blue, green
-	v := consistency.NewVerifier(blue, green, consistency.Options{
-		Plan: rt.spec.Name, BlueDSN: pr.cfg.Blue.DSN.String(), GreenDSN: pr.cfg.Green.DSN.String(),
-		ChunkTime: rt.spec.Verify.ChunkTime.D(), Parallel: par, MaxRowsPerSecond: rt.spec.Verify.MaxRowsPerSecond,
-		Logger: rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name)),
-	})
 	pr.live.Lock()
 	pr.verifier = v
 	pr.live.Unlock()
@@ -1085,11 +1074,11 @@ func (rt *planRT) verify(ctx context.Context, pr *pairRT, pass consistency.Pass)
 	var rep *consistency.Report
 	switch pass {
 	case consistency.PassOnline:
-		rep, err = v.Online(ctx, pr.tables, waiter{pr}, pr.dirty)
+		rep, err = v.Online(ctx, pr.dirty)
 	case consistency.PassDirty:
-		rep, err = v.Dirty(ctx, pr.tables, pr.dirty)
+		rep, err = v.Dirty(ctx, pr.dirty)
 	default:
-		rep, err = v.Full(ctx, pr.tables)
+		rep, err = v.Full(ctx)
 	}
 	if rep != nil {
 		name := fmt.Sprintf("%s-%s-%s-%s", rt.spec.Name, pr.cfg.Name, pass, time.Now().UTC().Format("20060102T150405.000"))
@@ -1106,35 +1095,6 @@ func (rt *planRT) verify(ctx context.Context, pr *pairRT, pass consistency.Pass)
 		}
 	}
 	return rep, err
-}
-
-// waiter lets an online pass compare a chunk after green has applied past
-// the position at which blue was read.
-type waiter struct{ pr *pairRT }
-
-func (w waiter) BluePosition(ctx context.Context) (string, error) {
-	var lsn string
-	err := w.pr.bluePool.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&lsn)
-	return lsn, err
-}
-
-func (w waiter) WaitGreenApplied(ctx context.Context, pos string) error {
-	want, err := pglogrepl.ParseLSN(pos)
-	if err != nil {
-		return err
-	}
-	// The heartbeat commits on blue every few hundred ms, so the applied
-	// position passes any position blue had.
-	for w.pr.fwd.Applied() < want {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-w.pr.fwd.Done():
-			return fmt.Errorf("replication stopped: %v", w.pr.fwd.Err())
-		case <-time.After(10 * time.Millisecond):
-		}
-	}
-	return nil
 }
 
 func describe(rep *consistency.Report) string {

@@ -86,7 +86,7 @@ func TestARealCutoverLeavesNoSecretInAnswersLogsReportsOrDataDir(t *testing.T) {
 	}
 	c := agenttest.New(t, agenttest.Options{Nodes: 3,
 		Driver: func(int) agent.Driver {
-			return New(Options{ReportDir: reports, LagPoll: 50 * time.Millisecond, Logger: l})
+			return New(Options{Engines: testEngines, ReportDir: reports, LagPoll: 50 * time.Millisecond, Logger: l})
 		},
 		Tweak: func(_ int, cfg *agent.Config) {
 			cfg.Logger = l

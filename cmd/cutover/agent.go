@@ -130,6 +130,7 @@ func agentConfig(c *config.Config, log *zap.Logger) (agent.Config, error) {
 		Logger:            log,
 		Registry:          reg,
 		Driver: driver.New(driver.Options{
+			Engines:    engines,
 			Logger:     log,
 			Registerer: reg,
 			ReportDir:  filepath.Join(a.DataDir, "reports"),
