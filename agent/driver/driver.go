@@ -47,6 +47,8 @@ import (
 	"github.com/cutover/cutover/engine"
 	"github.com/cutover/cutover/fencing"
 	"github.com/cutover/cutover/internal/config"
+	"github.com/cutover/cutover/switch/health"
+	"github.com/cutover/cutover/switch/target"
 )
 
 // Options configure a Driver.
@@ -66,6 +68,12 @@ type Options struct {
 	// registry cmd/cutover builds. A pair of an engine not in it is
 	// refused (permanently: the plan aborts).
 	Engines engine.Registry
+	// NewTarget builds a flip target from its config, and NewHealthCheck
+	// a rollback health check (nil: a check type the binary does not
+	// carry, skipped): cmd/cutover passes switch/target/targets.New and
+	// the health checks it carries, so that the driver links no client.
+	NewTarget      func(config.Target) (target.Target, error)
+	NewHealthCheck func(config.HealthCheck) health.Check
 }
 
 // Driver implements agent.Driver for the pairs of the engines in
@@ -214,7 +222,7 @@ func (d *Driver) Finalize(ctx context.Context, plan agent.Plan) error {
 	if plan.Phase == agent.PhaseAborted {
 		// An abort from outside the driver (an operator, mid-window) may
 		// leave pools paused: they go back to blue, unfenced above.
-		if err := resumeAborted(ctx, spec, plan.Epoch); err != nil {
+		if err := d.resumeAborted(ctx, spec, plan.Epoch); err != nil {
 			errs = append(errs, err)
 		}
 	}

@@ -25,6 +25,8 @@ import (
 	"github.com/cutover/cutover/integration"
 	"github.com/cutover/cutover/integration/load"
 	"github.com/cutover/cutover/internal/config"
+	"github.com/cutover/cutover/switch/health/checks"
+	"github.com/cutover/cutover/switch/target/targets"
 )
 
 const appRole = `
@@ -107,6 +109,12 @@ func newCluster(t testing.TB, opts Options) *agenttest.Cluster {
 	}
 	if opts.Engines == nil {
 		opts.Engines = testEngines
+	}
+	if opts.NewTarget == nil {
+		opts.NewTarget = targets.New
+	}
+	if opts.NewHealthCheck == nil {
+		opts.NewHealthCheck = checks.New
 	}
 	return agenttest.New(t, agenttest.Options{Nodes: 3, Driver: func(i int) agent.Driver {
 		o := opts

@@ -856,7 +856,7 @@ func (rt *planRT) switchTargets() ([]target.Target, error) {
 	rt.targetsMu.Lock()
 	defer rt.targetsMu.Unlock()
 	if rt.targets == nil {
-		ts, err := buildTargets(rt.spec)
+		ts, err := rt.d.buildTargets(rt.spec)
 		if err != nil {
 			return nil, err
 		}
@@ -882,10 +882,13 @@ func (rt *planRT) warmTargets(ctx context.Context) error {
 	return nil
 }
 
-func buildTargets(spec config.Plan) ([]target.Target, error) {
+func (d *Driver) buildTargets(spec config.Plan) ([]target.Target, error) {
 	var out []target.Target
 	for i, tc := range spec.Switch.Targets {
-		t, err := target.New(tc)
+		if d.opts.NewTarget == nil {
+			return nil, fmt.Errorf("switch target %d: this driver builds no targets (Options.NewTarget)", i)
+		}
+		t, err := d.opts.NewTarget(tc)
 		if err != nil {
 			return nil, fmt.Errorf("switch target %d: %w", i, err)
 		}
@@ -912,7 +915,7 @@ func (rt *planRT) switched(ctx context.Context, plan agent.Plan, p agent.Propose
 		if watch <= 0 || len(rb.Checks) == 0 {
 			return
 		}
-		w := health.Watcher{Checks: healthChecks(rb.Checks), Interval: rb.Interval.D(), Period: watch, Failures: rb.Failures}
+		w := health.Watcher{Checks: rt.d.healthChecks(rb.Checks), Interval: rb.Interval.D(), Period: watch, Failures: rb.Failures}
 		if err := w.Watch(ctx); err != nil && errors.Is(err, health.ErrUnhealthy) {
 			log.Error("automatic rollback", zap.Error(err))
 			p.Transition(ctx, plan.Name, agent.PhaseRollingBack, plan.Epoch, "automatic rollback: "+err.Error())
@@ -927,14 +930,14 @@ func (rt *planRT) switched(ctx context.Context, plan agent.Plan, p agent.Propose
 	return nil
 }
 
-func healthChecks(cs []config.HealthCheck) []health.Check {
+func (d *Driver) healthChecks(cs []config.HealthCheck) []health.Check {
 	var out []health.Check
 	for _, c := range cs {
-		switch c.Type {
-		case "http":
-			out = append(out, health.HTTP{URL: c.URL, Status: c.Status, MaxLatency: c.MaxLatency.D()})
-		case "query":
-			out = append(out, health.Query{DSN: c.DSN.Reveal(), SQL: c.Query, Max: c.Max})
+		if d.opts.NewHealthCheck == nil {
+			continue
+		}
+		if h := d.opts.NewHealthCheck(c); h != nil {
+			out = append(out, h)
 		}
 	}
 	return out
