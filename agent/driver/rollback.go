@@ -57,21 +57,14 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 				if err := rt.d.fault("before rollback catch-up"); err != nil {
 					return err
 				}
-				return rt.forEachIndexed(func(i int, pr *pairRT) error {
-					synced := make(chan error, 1)
-					go func() { synced <- syncSequences(ctx, pr.rev) }()
-					pos, err := pr.rev.WaitMarker(ctx, markers[i].Nonce)
-					if err == nil {
-						err = breachCheckOn(pr.rev, pos)
-					}
-					if serr := <-synced; err == nil && serr != nil {
-						err = fmt.Errorf("sync sequences: %w", serr)
-					}
-					return err
+				return rt.catchUp(ctx, catchUp{
+					stream: func(pr *pairRT) engine.Stream { return pr.rev },
+					nonce:  func(i int, _ *pairRT) string { return markers[i].Nonce },
+					proof:  true,
 				})
 			}},
 			{Name: "held_writers", Run: func(ctx context.Context) error {
-				return rt.forEach(func(pr *pairRT) error { return heldBreachCheck(ctx, pr.greenFence, "green", pr.cfg.Name) })
+				return rt.heldWriters(ctx, engine.Green, false)
 			}},
 		},
 		OnStep: func(name string, took time.Duration, err error) {

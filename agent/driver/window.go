@@ -10,7 +10,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/cutover/cutover/agent"
-	"github.com/cutover/cutover/consistency"
 	"github.com/cutover/cutover/engine"
 	"github.com/cutover/cutover/fencing"
 	"github.com/cutover/cutover/internal/config"
@@ -87,6 +86,7 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	}
 	var latest atomic.Uint64 // the newest epoch: what the lift must carry
 	latest.Store(epoch)
+	win := &window{rt: rt, plan: plan, p: p, log: log, epoch: epoch, latest: &latest}
 	grace := rt.spec.Fence.DrainGrace.D()
 	w := fencing.Window{
 		Max: maxWindow(rt.spec),
@@ -110,117 +110,10 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 			return rt.forEach(func(pr *pairRT) error { return pr.blueFence.Unfence(ctx, latest.Load()) })
 		},
 		Steps: []fencing.Step{
-			{Name: "drain", Run: func(ctx context.Context) error {
-				terminated := 0
-				for _, pr := range rt.pairs {
-					for _, s := range pr.terminated {
-						log.Warn("terminated a session still writing after the grace period", zap.String("pair", pr.cfg.Name), zap.Int32("pid", s.PID), zap.String("user", s.User), zap.String("application", s.Application), zap.Duration("xact_age", s.XactAge))
-					}
-					terminated += len(pr.terminated)
-				}
-				facts := map[string]string{"terminated_sessions": itoa(terminated)}
-				if at := rt.fenceStart.Load(); at != 0 {
-					// For the write outage, whichever leader flips.
-					facts["fence_started_at"] = time.Unix(0, at).UTC().Format(time.RFC3339Nano)
-				}
-				for _, pr := range rt.pairs {
-					facts["marker."+pr.cfg.Name] = pr.marker.Nonce + "@" + pr.marker.Position
-				}
-				// Invariant: every write transaction begun before the fence
-				// has ended; the marker was written after all of them.
-				return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseFenced, Detail: fmt.Sprintf("fenced and drained; %d sessions terminated", terminated), Reason: "blue fenced and drained", Facts: facts})
-			}},
-			{Name: "catch_up", Run: func(ctx context.Context) error {
-				if err := rt.d.fault("before catch-up"); err != nil {
-					return err
-				}
-				err := rt.forEach(func(pr *pairRT) error {
-					// Sequences are not in the stream: blue's are final
-					// once drained (inserts are fenced), so they are
-					// synced while the marker travels, off the outage's
-					// critical path.
-					began := time.Now()
-					synced := make(chan error, 1)
-					var syncTook time.Duration
-					go func() {
-						err := syncSequences(ctx, pr.fwd)
-						syncTook = time.Since(began)
-						synced <- err
-					}()
-					var pos engine.Position
-					var err error
-					if !skipCatchUpProof { // false but in a mutant build (mutation.go)
-						pos, err = pr.fwd.WaitMarker(ctx, pr.marker.Nonce)
-					}
-					markerTook := time.Since(began)
-					if err == nil && !skipCatchUpProof {
-						pr.markerPos = pos
-						err = breachCheck(pr)
-					}
-					if serr := <-synced; err == nil && serr != nil {
-						err = fmt.Errorf("sync sequences: %w", serr)
-					}
-					log.Info("caught up", zap.String("pair", pr.cfg.Name), zap.Duration("marker_applied_after", markerTook), zap.Duration("sequences_synced_after", syncTook), zap.Error(err))
-					return err
-				})
-				if err != nil {
-					return err
-				}
-				// Invariant 4: every write acknowledged on blue before the
-				// fence is applied on green.
-				e, err := p.Transition(ctx, plan.Name, agent.PhaseCaughtUp, epoch, "fence marker applied on green; sequences synced")
-				latest.Store(e)
-				return err
-			}},
-			{Name: "verify", Run: func(ctx context.Context) error {
-				if err := rt.d.fault("before verify"); err != nil {
-					return err
-				}
-				if verifyEnabled(rt.spec) {
-					err := rt.forEach(func(pr *pairRT) error {
-						rep, err := rt.verify(ctx, pr, consistency.PassDirty)
-						if err != nil {
-							return err
-						}
-						log.Info("verified in the fence", zap.String("pair", pr.cfg.Name), zap.Int64("rows_blue", rep.Totals.RowsBlue), zap.Int64("rows_green", rep.Totals.RowsGreen),
-							zap.Int64("chunks", rep.Totals.Chunks), zap.Float64("seconds", rep.DurationSeconds))
-						if rep.Verdict != consistency.Equal {
-							return fmt.Errorf("verification in the fence found %s", describe(rep))
-						}
-						return breachCheck(pr)
-					})
-					if err != nil {
-						return err
-					}
-				}
-				e, err := p.Transition(ctx, plan.Name, agent.PhaseVerified, latest.Load(), "rows changed since the online pass are equal on both sides")
-				latest.Store(e)
-				return err
-			}},
-			{Name: "authorize", Run: func(ctx context.Context) error {
-				if err := rt.d.fault("before authorize"); err != nil {
-					return err
-				}
-				// Writers held since the drain that the fence would not
-				// stop (roles outside it) would land on blue once the hold
-				// is released: a breach, caught before it lands.
-				// The hold must still be there: once lost, such writers
-				// may have landed unseen.
-				err := rt.forEach(func(pr *pairRT) error {
-					if h, ok := pr.blueFence.(engine.HoldingFencer); ok {
-						if err := h.CheckHold(ctx); err != nil {
-							return err
-						}
-					}
-					return heldBreachCheck(ctx, pr.blueFence, "blue", pr.cfg.Name)
-				})
-				if err != nil {
-					return err
-				}
-				e, err := p.Transition(ctx, plan.Name, agent.PhaseAuthorized, latest.Load(), "caught up and verified: the gate opens")
-				latest.Store(e)
-				return err
-			}},
+			{Name: "drain", Run: win.drain},
+			{Name: "catch_up", Run: win.catchUp},
+			{Name: "verify", Run: win.verify},
+			{Name: "authorize", Run: win.authorize},
 		},
 		OnStep: func(name string, took time.Duration, err error) {
 			log.Info("window step", zap.String("step", name), zap.Duration("took", took), zap.Error(err))
