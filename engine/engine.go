@@ -223,6 +223,20 @@ var (
 	ErrLoginBreach = errors.New("login breach")
 )
 
+// Cleaner is an engine whose replication leaves state on the databases
+// (slots, publications): the cleanup command drops a plan's for a pair, in
+// both directions, and names what it dropped. It stops at the first error.
+type Cleaner interface {
+	Cleanup(ctx context.Context, o PairOptions) (dropped []string, err error)
+}
+
+// TableResolver is an engine whose pairs have a scope of tables: the
+// names verification compares, resolved on blue by the rule the plan
+// uses (the verify command's --config).
+type TableResolver interface {
+	VerifyTables(ctx context.Context, p config.Pair) ([]string, error)
+}
+
 // Verifier runs the verification passes of a pair. Each pass returns a
 // report; an engine whose keys cannot be range-scanned implements them
 // its own way.

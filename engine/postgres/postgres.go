@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 
@@ -31,7 +32,11 @@ import (
 // Engine is the PostgreSQL engine.
 type Engine struct{}
 
-var _ engine.Engine = Engine{}
+var (
+	_ engine.Engine        = Engine{}
+	_ engine.Cleaner       = Engine{}
+	_ engine.TableResolver = Engine{}
+)
 
 // Open implements engine.Engine.
 func (Engine) Open(ctx context.Context, o engine.PairOptions) (engine.Pair, error) {
@@ -96,7 +101,8 @@ func (Engine) Finalize(ctx context.Context, o engine.PairOptions, unfenceBlue bo
 		log = zap.NewNop()
 	}
 	var errs []error
-	if _, err := Cleanup(ctx, o.Plan.Name, o.Pair, o.Facts, log); err != nil {
+	// Both directions are tried, whatever the first's outcome.
+	if err := cleanup(ctx, o, log, func(rpg.Dropped, error) bool { return true }); err != nil {
 		errs = append(errs, err)
 	}
 	if unfenceBlue {
@@ -107,25 +113,57 @@ func (Engine) Finalize(ctx context.Context, o engine.PairOptions, unfenceBlue bo
 	return errors.Join(errs...)
 }
 
-// Cleanup drops a plan's slots and publications of a pair in both
-// directions (the names recorded in facts, else the current scheme).
-func Cleanup(ctx context.Context, plan string, p config.Pair, facts map[string]string, log *zap.Logger) (rpg.Dropped, error) {
-	var all rpg.Dropped
+// Cleanup implements engine.Cleaner: it drops the pair's slots and
+// publications of both directions (the names recorded in the plan's
+// facts, else the current scheme), forward first, and stops at the first
+// error.
+func (Engine) Cleanup(ctx context.Context, o engine.PairOptions) ([]string, error) {
+	log := o.Logger
+	if log == nil {
+		log = zap.NewNop()
+	}
+	var dropped []string
+	err := cleanup(ctx, o, log, func(d rpg.Dropped, err error) bool {
+		dropped = append(append(dropped, d.Slots...), d.Publications...)
+		return err == nil
+	})
+	return dropped, err
+}
+
+// cleanup drops each direction's slot and publication, telling each
+// outcome to next, which says whether to go on.
+func cleanup(ctx context.Context, o engine.PairOptions, log *zap.Logger, next func(rpg.Dropped, error) bool) error {
 	var errs []error
-	fwd, rev := rpg.PlanNames(plan, p.Name, facts)
+	fwd, rev := rpg.PlanNames(o.Plan.Name, o.Pair.Name, o.Facts)
 	for _, c := range []struct {
 		pair config.Pair
 		name string
-	}{{p, fwd}, {ReversePair(p), rev}} {
-		d, err := rpg.Cleanup(ctx, plan, c.pair, c.name, log)
+	}{{o.Pair, fwd}, {ReversePair(o.Pair), rev}} {
+		d, err := rpg.Cleanup(ctx, o.Plan.Name, c.pair, c.name, log)
 		if err != nil {
 			errs = append(errs, err)
-			continue
 		}
-		all.Slots = append(all.Slots, d.Slots...)
-		all.Publications = append(all.Publications, d.Publications...)
+		if !next(d, err) {
+			break
+		}
 	}
-	return all, errors.Join(errs...)
+	return errors.Join(errs...)
+}
+
+// VerifyTables implements engine.TableResolver: the pair's scope resolved
+// on blue by the rule the plan uses (internal/pgscope: each partitioned
+// table as a whole).
+func (Engine) VerifyTables(ctx context.Context, p config.Pair) ([]string, error) {
+	conn, err := pgx.Connect(ctx, p.Blue.DSN.Reveal())
+	if err != nil {
+		return nil, fmt.Errorf("blue: connect: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	set, err := pgscope.Resolve(ctx, conn, p.Scope)
+	if err != nil {
+		return nil, fmt.Errorf("pair %s: blue: %w", p.Name, scopeErr(err))
+	}
+	return pgscope.Names(set.Roots()), nil
 }
 
 // ReversePair is the pair the reverse stream runs on: green to blue.
