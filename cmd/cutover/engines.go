@@ -4,6 +4,8 @@ import (
 	"github.com/cutover/cutover/engine"
 	pgengine "github.com/cutover/cutover/engine/postgres"
 	"github.com/cutover/cutover/internal/config"
+	// The readers of PostgreSQL and Redis DSNs config validates with.
+	_ "github.com/cutover/cutover/internal/dsnsyntax/register"
 )
 
 // engines is the one registry of the database engines this binary carries:
