@@ -2,6 +2,11 @@
 // phases of docs/design.md for every pair, committing each intent through Raft
 // before acting and each outcome after.
 //
+// It speaks to the pairs' engines through package engine (Options.Engines,
+// the registry cmd/cutover builds) and to flip targets and health checks
+// through the factories it is given: it links no database or Redis client.
+// Its files follow the phases (docs/design.md, "The engine seam").
+//
 // # Resume rules (a new leader finds the plan in this phase)
 //
 //   - pending: nothing to do until an operator starts the plan.
