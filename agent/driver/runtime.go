@@ -110,7 +110,8 @@ type pairRT struct {
 
 	verifier engine.Verifier
 
-	// live guards fwd and verifier for Live, which API handlers call.
+	// live guards fwd and verifier for Live, which API handlers call, and
+	// the streams for close, which runs when the term ends.
 	live sync.Mutex
 }
 
@@ -118,6 +119,31 @@ func (pr *pairRT) setFwd(r engine.Stream) {
 	pr.live.Lock()
 	pr.fwd = r
 	pr.live.Unlock()
+}
+
+// setReverse sets the reverse streams, which close reads from another
+// goroutine (the term's end).
+func (pr *pairRT) setReverse(rev engine.Stream, prepared engine.PreparedStream) {
+	pr.live.Lock()
+	pr.rev, pr.revPrepared = rev, prepared
+	pr.live.Unlock()
+}
+
+// streams are what close stops.
+func (pr *pairRT) streams() []interface{ Stop(context.Context) error } {
+	pr.live.Lock()
+	defer pr.live.Unlock()
+	var out []interface{ Stop(context.Context) error }
+	if pr.fwd != nil {
+		out = append(out, pr.fwd)
+	}
+	if pr.rev != nil {
+		out = append(out, pr.rev)
+	}
+	if pr.revPrepared != nil {
+		out = append(out, pr.revPrepared)
+	}
+	return out
 }
 
 // fwdRunning is the forward replicator, for Live.
@@ -173,10 +199,9 @@ func (rt *planRT) close() {
 	rt.targets = nil
 	rt.targetsMu.Unlock()
 	for _, pr := range rt.pairs {
-		for _, r := range []interface{ Stop(context.Context) error }{pr.fwd, pr.rev, pr.revPrepared} {
-			if r != nil {
-				r.Stop(ctx)
-			}
+		// Read under the lock: the term's last step may still be running.
+		for _, r := range pr.streams() {
+			r.Stop(ctx)
 		}
 		// The engine releases the fences' sessions and closes its pools.
 		if pr.pair != nil {
@@ -218,7 +243,7 @@ func (rt *planRT) ensureReverse(ctx context.Context, pr *pairRT, epoch uint64) e
 		select {
 		case <-pr.rev.Done():
 			err := pr.rev.Err()
-			pr.rev = nil
+			pr.setReverse(nil, pr.revPrepared)
 			if err != nil {
 				return fmt.Errorf("reverse replication of %s stopped: %w", pr.cfg.Name, err)
 			}
@@ -227,7 +252,7 @@ func (rt *planRT) ensureReverse(ctx context.Context, pr *pairRT, epoch uint64) e
 		}
 	}
 	prep := pr.revPrepared
-	pr.revPrepared = nil
+	pr.setReverse(pr.rev, nil)
 	if prep == nil {
 		r, err := pr.pair.Reverse(epoch)
 		if err != nil {
@@ -236,7 +261,7 @@ func (rt *planRT) ensureReverse(ctx context.Context, pr *pairRT, epoch uint64) e
 		if err := r.Start(rt.ctx); err != nil {
 			return fmt.Errorf("start reverse replication of %s: %w", pr.cfg.Name, err)
 		}
-		pr.rev = r
+		pr.setReverse(r, nil)
 		return nil
 	}
 	// Its slot was created before the window: it streams from green's
@@ -246,7 +271,7 @@ func (rt *planRT) ensureReverse(ctx context.Context, pr *pairRT, epoch uint64) e
 	if err != nil {
 		return err
 	}
-	pr.rev = r
+	pr.setReverse(r, nil)
 	return nil
 }
 
@@ -264,7 +289,7 @@ func (rt *planRT) prepareReverse(ctx context.Context, pr *pairRT, epoch uint64) 
 	if err != nil {
 		return err
 	}
-	pr.revPrepared = r
+	pr.setReverse(pr.rev, r)
 	return nil
 }
 
