@@ -3,17 +3,17 @@ GO      ?= go
 PKGS    ?= ./...
 TIMEOUT ?= 40m
 
-.PHONY: all build test unit vet fmt-check bench demo nemesis mutations clean
+.PHONY: all build test unit vet fmt-check mod-check seam-check bench demo nemesis mutations clean
 
 all: build
 
 build:
 	$(GO) build -o bin/cutover ./cmd/cutover
 
-# Everything CI checks: formatting, vet, and the whole suite (unit and
-# integration tests against throwaway PostgreSQL, MariaDB and Redis
-# instances) under the race detector.
-test: fmt-check vet
+# Everything CI checks: formatting, vet, go.mod tidy, the engine seam, and
+# the whole suite (unit and integration tests against throwaway
+# PostgreSQL, MariaDB and Redis instances) under the race detector.
+test: fmt-check vet mod-check seam-check
 	$(GO) test -race -count=1 -timeout $(TIMEOUT) $(PKGS)
 
 # Pure-logic tests only, no database servers.
@@ -26,6 +26,17 @@ vet:
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+
+# go.mod and go.sum as `go mod tidy` leaves them (direct requirements not
+# marked indirect, nothing missing or unused).
+mod-check:
+	@$(GO) mod tidy -diff || { echo "go.mod is not tidy: run go mod tidy"; exit 1; }
+
+# The plan driver speaks to engines, not to databases (docs/design.md, "The
+# engine seam"): it links no database or Redis client.
+seam-check:
+	@deps=$$($(GO) list -deps ./agent/driver | grep -E 'jackc/pgx|jackc/pglogrepl|go-redis|go-mysql'); \
+	if [ -n "$$deps" ]; then echo "agent/driver links database clients:"; echo "$$deps"; exit 1; fi
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m $(PKGS)

@@ -23,6 +23,8 @@ import (
 	"github.com/cutover/cutover/agent/client"
 	"github.com/cutover/cutover/agent/faultnet"
 	"github.com/cutover/cutover/internal/redact"
+	// Its agents validate posted plans as a binary's do (cmd/cutover).
+	_ "github.com/cutover/cutover/internal/dsnsyntax/register"
 )
 
 // Tokens used by every cluster.

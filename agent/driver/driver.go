@@ -2,6 +2,11 @@
 // phases of docs/design.md for every pair, committing each intent through Raft
 // before acting and each outcome after.
 //
+// It speaks to the pairs' engines through package engine (Options.Engines,
+// the registry cmd/cutover builds) and to flip targets and health checks
+// through the factories it is given: it links no database or Redis client.
+// Its files follow the phases (docs/design.md, "The engine seam").
+//
 // # Resume rules (a new leader finds the plan in this phase)
 //
 //   - pending: nothing to do until an operator starts the plan.
@@ -44,9 +49,11 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/cutover/cutover/agent"
+	"github.com/cutover/cutover/engine"
 	"github.com/cutover/cutover/fencing"
 	"github.com/cutover/cutover/internal/config"
-	"github.com/cutover/cutover/internal/pgscope"
+	"github.com/cutover/cutover/switch/health"
+	"github.com/cutover/cutover/switch/target"
 )
 
 // Options configure a Driver.
@@ -62,9 +69,20 @@ type Options struct {
 	// fence", "after flip" ...); a test returns an error or kills the process
 	// there to prove that a crash at that point completes or aborts cleanly.
 	Fault func(point string) error
+	// Engines are the database engines the driver runs pairs of: the
+	// registry cmd/cutover builds. A pair of an engine not in it is
+	// refused (permanently: the plan aborts).
+	Engines engine.Registry
+	// NewTarget builds a flip target from its config, and NewHealthCheck
+	// a rollback health check (nil: a check type the binary does not
+	// carry, skipped): cmd/cutover passes switch/target/targets.New and
+	// the health checks it carries, so that the driver links no client.
+	NewTarget      func(config.Target) (target.Target, error)
+	NewHealthCheck func(config.HealthCheck) health.Check
 }
 
-// Driver implements agent.Driver for PostgreSQL pairs.
+// Driver implements agent.Driver for the pairs of the engines in
+// Options.Engines.
 type Driver struct {
 	opts Options
 	log  *zap.Logger
@@ -142,12 +160,12 @@ func (d *Driver) Drive(ctx context.Context, plan agent.Plan, p agent.Proposer) e
 	if plan.Phase == agent.PhasePending || plan.Manual {
 		return nil
 	}
-	if err := checkSpec(plan); err != nil {
+	if err := checkSpec(plan, d.opts.Engines); err != nil {
 		return classify(err)
 	}
 	rt, err := d.runtime(ctx, plan)
 	if err != nil {
-		if errors.Is(err, pgscope.ErrScope) && plan.Phase == agent.PhaseCopying {
+		if errors.Is(err, engine.ErrScope) && plan.Phase == agent.PhaseCopying {
 			return abortBadScope(ctx, plan, p, err)
 		}
 		return classify(err)
@@ -209,7 +227,7 @@ func (d *Driver) Finalize(ctx context.Context, plan agent.Plan) error {
 	if plan.Phase == agent.PhaseAborted {
 		// An abort from outside the driver (an operator, mid-window) may
 		// leave pools paused: they go back to blue, unfenced above.
-		if err := resumeAborted(ctx, spec, plan.Epoch); err != nil {
+		if err := d.resumeAborted(ctx, spec, plan.Epoch); err != nil {
 			errs = append(errs, err)
 		}
 	}

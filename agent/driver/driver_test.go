@@ -20,9 +20,13 @@ import (
 
 	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/agent/agenttest"
+	"github.com/cutover/cutover/engine"
+	pgengine "github.com/cutover/cutover/engine/postgres"
 	"github.com/cutover/cutover/integration"
 	"github.com/cutover/cutover/integration/load"
 	"github.com/cutover/cutover/internal/config"
+	"github.com/cutover/cutover/switch/health/checks"
+	"github.com/cutover/cutover/switch/target/targets"
 )
 
 const appRole = `
@@ -103,12 +107,25 @@ func newCluster(t testing.TB, opts Options) *agenttest.Cluster {
 	if opts.ReportDir == "" {
 		opts.ReportDir = t.TempDir()
 	}
+	if opts.Engines == nil {
+		opts.Engines = testEngines
+	}
+	if opts.NewTarget == nil {
+		opts.NewTarget = targets.New
+	}
+	if opts.NewHealthCheck == nil {
+		opts.NewHealthCheck = checks.New
+	}
 	return agenttest.New(t, agenttest.Options{Nodes: 3, Driver: func(i int) agent.Driver {
 		o := opts
 		o.LagPoll = 50 * time.Millisecond
 		return New(o)
 	}})
 }
+
+// testEngines are the engines the driver runs in these tests, as
+// cmd/cutover registers them.
+var testEngines = engine.Registry{config.Postgres: pgengine.Engine{}}
 
 func createAndStart(t testing.TB, c *agenttest.Cluster, spec config.Plan) {
 	t.Helper()

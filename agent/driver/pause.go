@@ -103,8 +103,8 @@ func (rt *planRT) resumeLeftPaused(ctx context.Context, epoch uint64) error {
 }
 
 // resumeAborted resumes an aborted plan's pools pointing at blue.
-func resumeAborted(ctx context.Context, spec config.Plan, epoch uint64) error {
-	targets, err := buildTargets(spec)
+func (d *Driver) resumeAborted(ctx context.Context, spec config.Plan, epoch uint64) error {
+	targets, err := d.buildTargets(spec)
 	if err != nil || !target.HasPauser(targets) {
 		return err
 	}

@@ -6,7 +6,7 @@ import (
 
 	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/consistency"
-	fpg "github.com/cutover/cutover/fencing/postgres"
+	"github.com/cutover/cutover/engine"
 	"github.com/cutover/cutover/internal/config"
 	"github.com/cutover/cutover/replication"
 )
@@ -15,9 +15,8 @@ import (
 // returns one of them (wrapped with agent.Permanent by Drive) instead of
 // retrying it forever.
 var (
-	// errUnsupported: the plan names something this driver cannot run (an
-	// engine it does not carry yet).
-	errUnsupported = errors.New("not supported by the plan driver")
+	// errUnsupported: the plan names an engine the driver does not carry.
+	errUnsupported = engine.ErrUnsupported
 	// errSpec: the plan's sealed specification cannot be read.
 	errSpec = errors.New("plan spec")
 )
@@ -35,7 +34,7 @@ var permanentErrors = []error{
 	errUnsupported,
 	errSpec,
 	// fence.green: logins, and the agent's role may not alter the roles.
-	fpg.ErrLoginFenceUnavailable,
+	engine.ErrLoginFenceUnavailable,
 }
 
 // permanent reports whether retrying cannot heal err.
@@ -62,7 +61,7 @@ func classify(err error) error {
 
 // checkSpec refuses, before anything is opened, a plan this driver can
 // never run.
-func checkSpec(plan agent.Plan) error {
+func checkSpec(plan agent.Plan, engines engine.Registry) error {
 	spec, err := plan.Spec()
 	var missing *config.MissingEnvError
 	if errors.As(err, &missing) {
@@ -74,8 +73,8 @@ func checkSpec(plan agent.Plan) error {
 		return fmt.Errorf("%w: %v", errSpec, err)
 	}
 	for _, pc := range spec.Pairs {
-		if pc.Engine != config.Postgres {
-			return fmt.Errorf("pair %s: engine %s: %w (it carries postgres pairs only)", pc.Name, pc.Engine, errUnsupported)
+		if _, err := engines.Lookup(pc.Engine); err != nil {
+			return fmt.Errorf("pair %s: %w", pc.Name, err)
 		}
 	}
 	return nil

@@ -9,18 +9,10 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/jackc/pglogrepl"
-	"github.com/jackc/pgx/v5/pgxpool"
-	"go.uber.org/zap"
-
 	"github.com/cutover/cutover/consistency"
-	cpg "github.com/cutover/cutover/consistency/postgres"
+	"github.com/cutover/cutover/engine"
 	"github.com/cutover/cutover/fencing"
-	fpg "github.com/cutover/cutover/fencing/postgres"
 	"github.com/cutover/cutover/internal/config"
-	"github.com/cutover/cutover/internal/pgscope"
-	"github.com/cutover/cutover/internal/redact"
-	rpg "github.com/cutover/cutover/replication/postgres"
 	"github.com/cutover/cutover/switch/target"
 )
 
@@ -90,66 +82,79 @@ func (rt *planRT) goBackground(fns ...func()) {
 type pairRT struct {
 	cfg config.Pair
 	// greenFencedSince is when green's fence went up, read at copying
-	// (replication's Options.GreenFencedSince).
+	// (engine.StreamOptions.GreenFencedSince).
 	greenFencedSince time.Time
 	// greenGrantsOnly: green's fence stays on its grants (the agent's role
 	// may not lock logins; see shiftGreenToLogins).
 	greenGrantsOnly bool
-	// scope is the pair's scope resolved on blue (internal/pgscope):
-	// tables are its roots, what verification compares, as schema.table
-	// (the verifier matches them exactly, case and all); fenceTables are
-	// all of its tables, partitions included, as quoted identifiers.
-	scopeMu     sync.Mutex
-	scope       *pgscope.Set
-	tables      []string
-	fenceTables []string
-	rootOf      map[string]string // partition -> its root, schema.table
-	// fwdSlot and revSlot name the slots and publications of each
-	// direction (rpg.PlanNames).
-	fwdSlot, revSlot string
 
-	bluePool, greenPool *pgxpool.Pool
-	// The fences' own pools: their sessions are warmed for the fence
-	// (fpg.Fencer.Warm) and never busy with other work.
-	blueFencePool, greenFencePool *pgxpool.Pool
-	blueFence                     *fpg.Fencer
-	greenFence                    *fpg.Fencer
+	// pair is the engine's side of the pair (engine.Pair): its
+	// connections, its scope and its fences.
+	pair                  engine.Pair
+	blueFence, greenFence engine.Fencer
 
 	dirty *consistency.DirtySet
-	fwd   *rpg.Replicator // blue -> green
-	rev   *rpg.Replicator // green -> blue, after the flip
+	fwd   engine.Stream // blue -> green
+	rev   engine.Stream // green -> blue, after the flip
 	// revPrepared is the reverse replication made ready before the
 	// window (connected, checked, publication created), started at the
 	// flip (prepareReverse).
-	revPrepared *rpg.Replicator
+	revPrepared engine.PreparedStream
 
 	marker fencing.Marker
 	// terminated: sessions the drain ended (said in the log and audit).
 	terminated []fencing.Session
-	markerLSN  pglogrepl.LSN
+	// markerPos is where the fence marker was applied in the forward
+	// stream (opaque: only its engine reads it).
+	markerPos engine.Position
 
-	blueDB, greenDB *cpg.DB
-	verifier        *consistency.Verifier
+	verifier engine.Verifier
 
-	// live guards fwd and verifier for Live, which API handlers call.
+	// live guards fwd and verifier for Live, which API handlers call, and
+	// the streams for close, which runs when the term ends.
 	live sync.Mutex
 }
 
-func (pr *pairRT) setFwd(r *rpg.Replicator) {
+func (pr *pairRT) setFwd(r engine.Stream) {
 	pr.live.Lock()
 	pr.fwd = r
 	pr.live.Unlock()
 }
 
+// setReverse sets the reverse streams, which close reads from another
+// goroutine (the term's end).
+func (pr *pairRT) setReverse(rev engine.Stream, prepared engine.PreparedStream) {
+	pr.live.Lock()
+	pr.rev, pr.revPrepared = rev, prepared
+	pr.live.Unlock()
+}
+
+// streams are what close stops.
+func (pr *pairRT) streams() []interface{ Stop(context.Context) error } {
+	pr.live.Lock()
+	defer pr.live.Unlock()
+	var out []interface{ Stop(context.Context) error }
+	if pr.fwd != nil {
+		out = append(out, pr.fwd)
+	}
+	if pr.rev != nil {
+		out = append(out, pr.rev)
+	}
+	if pr.revPrepared != nil {
+		out = append(out, pr.revPrepared)
+	}
+	return out
+}
+
 // fwdRunning is the forward replicator, for Live.
-func (pr *pairRT) fwdRunning() *rpg.Replicator {
+func (pr *pairRT) fwdRunning() engine.Stream {
 	pr.live.Lock()
 	defer pr.live.Unlock()
 	return pr.fwd
 }
 
 // verifierNow is the verifier, for Live.
-func (pr *pairRT) verifierNow() *consistency.Verifier {
+func (pr *pairRT) verifierNow() engine.Verifier {
 	pr.live.Lock()
 	defer pr.live.Unlock()
 	return pr.verifier
@@ -158,112 +163,22 @@ func (pr *pairRT) verifierNow() *consistency.Verifier {
 func newPlanRT(ctx context.Context, d *Driver, spec config.Plan, facts map[string]string) (*planRT, error) {
 	rt := &planRT{ctx: ctx, d: d, spec: spec}
 	for _, pc := range spec.Pairs {
-		if pc.Engine != config.Postgres {
-			rt.close()
-			return nil, fmt.Errorf("pair %s: the plan driver supports postgres pairs; %s is not supported yet", pc.Name, pc.Engine)
-		}
-		pr := &pairRT{cfg: pc, dirty: consistency.NewDirtySet(0)}
-		pr.fwdSlot, pr.revSlot = rpg.PlanNames(spec.Name, pc.Name, facts)
-		rt.pairs = append(rt.pairs, pr)
-		var err error
-		if pr.bluePool, err = openPool(ctx, pc.Blue.DSN, "blue", 6); err != nil {
-			rt.close()
-			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
-		}
-		if pr.greenPool, err = openPool(ctx, pc.Green.DSN, "green", 6); err != nil {
-			rt.close()
-			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
-		}
-		set, err := pgscope.Resolve(ctx, pr.bluePool, pc.Scope)
+		eng, err := d.opts.Engines.Lookup(pc.Engine)
 		if err != nil {
 			rt.close()
-			return nil, fmt.Errorf("pair %s: blue: %w", pc.Name, err)
-		}
-		pr.setScope(set)
-		log := d.log.With(zap.String("plan", spec.Name))
-		// Blue's fenced writers wait on the drain's lock until the gate
-		// opens instead of retrying against the fence, which on a busy
-		// server takes the CPU the window's steps need; the hold never
-		// outlives the window (the server ends it by itself if the agent
-		// goes away).
-		if pr.blueFencePool, err = openPool(ctx, pc.Blue.DSN, "blue", 3); err != nil {
-			rt.close()
 			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
 		}
-		if pr.greenFencePool, err = openPool(ctx, pc.Green.DSN, "green", 3); err != nil {
-			rt.close()
-			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
-		}
-		pr.blueFence = fpg.New(pr.blueFencePool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.fenceTables, Roles: pc.FenceRoles, Hold: maxWindow(spec), Logger: log.With(zap.String("side", "blue"))})
-		// Green's, the same for the way back (rollback).
-		pr.greenFence = fpg.New(pr.greenFencePool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.fenceTables, Roles: pc.FenceRoles, Hold: maxWindow(spec), Logger: log.With(zap.String("side", "green"))})
+		pr := &pairRT{cfg: pc, dirty: consistency.NewDirtySet(0)}
 		// Everything that can happen before the fence happens here.
-		if err := pr.blueFence.Prepare(ctx); err != nil {
+		pr.pair, err = eng.Open(ctx, engine.PairOptions{Plan: spec, Pair: pc, Facts: facts, Logger: d.log, Registerer: d.opts.Registerer})
+		if err != nil {
 			rt.close()
-			return nil, fmt.Errorf("pair %s: blue: %w", pc.Name, err)
+			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
 		}
-		if err := pr.greenFence.Prepare(ctx); err != nil {
-			rt.close()
-			return nil, fmt.Errorf("pair %s: green: %w", pc.Name, err)
-		}
+		pr.blueFence, pr.greenFence = pr.pair.Fence(engine.Blue), pr.pair.Fence(engine.Green)
+		rt.pairs = append(rt.pairs, pr)
 	}
 	return rt, nil
-}
-
-func openPool(ctx context.Context, dsn config.DSN, side string, maxConns int32) (*pgxpool.Pool, error) {
-	cfg, err := pgxpool.ParseConfig(dsn.Reveal())
-	if err != nil {
-		return nil, fmt.Errorf("%s: %s", side, redact.Text(err.Error()))
-	}
-	cfg.MaxConns = maxConns
-	cfg.ConnConfig.RuntimeParams["application_name"] = "cutover-driver"
-	pool, err := pgxpool.NewWithConfig(ctx, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %s", side, redact.Text(err.Error()))
-	}
-	if err := pool.Ping(ctx); err != nil {
-		pool.Close()
-		return nil, fmt.Errorf("%s: %s", side, redact.Text(err.Error()))
-	}
-	return pool, nil
-}
-
-// fenceTables lists every table of a pair's scope on the server behind
-// pool, partitions included, as quoted identifiers: what a fence revokes
-// and locks.
-func fenceTables(ctx context.Context, pool *pgxpool.Pool, scope config.Scope) ([]string, error) {
-	set, err := pgscope.Resolve(ctx, pool, scope)
-	if err != nil {
-		return nil, err
-	}
-	return pgscope.Idents(set.All()), nil
-}
-
-// setScope installs a resolved scope.
-func (pr *pairRT) setScope(set *pgscope.Set) {
-	pr.scopeMu.Lock()
-	defer pr.scopeMu.Unlock()
-	pr.scope = set
-	pr.tables = pgscope.Names(set.Roots())
-	pr.fenceTables = pgscope.Idents(set.All())
-	pr.rootOf = map[string]string{}
-	for _, t := range set.Leaves() {
-		if root, _ := set.Root(t.OID); root.OID != t.OID {
-			pr.rootOf[t.String()] = root.String()
-		}
-	}
-}
-
-// markChanged records a replicated row change in the dirty set under the
-// table verification compares: a partition's rows under its partitioned
-// table in scope.
-func (pr *pairRT) markChanged(table string, key []string) {
-	pr.scopeMu.Lock()
-	if root, ok := pr.rootOf[table]; ok {
-		table = root
-	}
-	pr.scopeMu.Unlock()
-	pr.dirty.MarkChanged(table, key)
 }
 
 // close stops everything this term started for the plan. Fences stay as
@@ -284,32 +199,15 @@ func (rt *planRT) close() {
 	rt.targets = nil
 	rt.targetsMu.Unlock()
 	for _, pr := range rt.pairs {
-		for _, r := range []*rpg.Replicator{pr.fwd, pr.rev, pr.revPrepared} {
-			if r != nil {
-				r.Stop(ctx)
-			}
+		// Read under the lock: the term's last step may still be running.
+		for _, r := range pr.streams() {
+			r.Stop(ctx)
 		}
-		// A held session is out of its pool, and Close waits for it.
-		for _, f := range []*fpg.Fencer{pr.blueFence, pr.greenFence} {
-			if f != nil {
-				f.Release(ctx)
-			}
-		}
-		for _, p := range []*pgxpool.Pool{pr.bluePool, pr.greenPool, pr.blueFencePool, pr.greenFencePool} {
-			if p != nil {
-				p.Close()
-			}
-		}
-		for _, db := range []*cpg.DB{pr.blueDB, pr.greenDB} {
-			if db != nil {
-				db.Close()
-			}
+		// The engine releases the fences' sessions and closes its pools.
+		if pr.pair != nil {
+			pr.pair.Close()
 		}
 	}
-}
-
-func reversePair(p config.Pair) config.Pair {
-	return config.Pair{Name: p.Name + "-rev", Engine: p.Engine, Blue: p.Green, Green: p.Blue, Scope: p.Scope, FenceRoles: p.FenceRoles}
 }
 
 // ensureForward starts (or resumes) blue -> green replication.
@@ -326,13 +224,7 @@ func (rt *planRT) ensureForward(ctx context.Context, pr *pairRT, epoch uint64) e
 			return nil
 		}
 	}
-	r, err := rpg.New(rpg.Options{
-		Plan: rt.spec.Name, Pair: pr.cfg, Slot: pr.fwdSlot, Epoch: epoch,
-		GreenFencedSince: pr.greenFencedSince,
-		Logger:           rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name)),
-		Registerer:       rt.d.opts.Registerer,
-		OnRowChange:      pr.markChanged,
-	})
+	r, err := pr.pair.Forward(engine.StreamOptions{Epoch: epoch, GreenFencedSince: pr.greenFencedSince, OnRowChange: pr.dirty.MarkChanged})
 	if err != nil {
 		return err
 	}
@@ -351,7 +243,7 @@ func (rt *planRT) ensureReverse(ctx context.Context, pr *pairRT, epoch uint64) e
 		select {
 		case <-pr.rev.Done():
 			err := pr.rev.Err()
-			pr.rev = nil
+			pr.setReverse(nil, pr.revPrepared)
 			if err != nil {
 				return fmt.Errorf("reverse replication of %s stopped: %w", pr.cfg.Name, err)
 			}
@@ -359,49 +251,28 @@ func (rt *planRT) ensureReverse(ctx context.Context, pr *pairRT, epoch uint64) e
 			return nil
 		}
 	}
-	r := pr.revPrepared
-	pr.revPrepared = nil
-	if r == nil {
-		var err error
-		if r, err = rt.newReverse(pr, epoch); err != nil {
+	prep := pr.revPrepared
+	pr.setReverse(pr.rev, nil)
+	if prep == nil {
+		r, err := pr.pair.Reverse(epoch)
+		if err != nil {
 			return err
 		}
 		if err := r.Start(rt.ctx); err != nil {
 			return fmt.Errorf("start reverse replication of %s: %w", pr.cfg.Name, err)
 		}
-		pr.rev = r
+		pr.setReverse(r, nil)
 		return nil
 	}
 	// Its slot was created before the window: it streams from green's
 	// position now, with everything blue wrote applied (caught up) and
 	// nothing of the application yet (green is still fenced).
-	if err := r.SetEpoch(epoch); err != nil {
-		r.Stop(ctx)
-		return err
-	}
-	var pos string
-	if err := pr.greenPool.QueryRow(ctx, `SELECT pg_current_wal_lsn()::text`).Scan(&pos); err != nil {
-		r.Stop(ctx)
-		return fmt.Errorf("green: read WAL position: %w", err)
-	}
-	lsn, err := pglogrepl.ParseLSN(pos)
+	r, err := prep.Start(ctx, rt.ctx, epoch)
 	if err != nil {
-		r.Stop(ctx)
 		return err
 	}
-	if err := r.StartAt(rt.ctx, lsn); err != nil {
-		return fmt.Errorf("start reverse replication of %s: %w", pr.cfg.Name, err)
-	}
-	pr.rev = r
+	pr.setReverse(r, nil)
 	return nil
-}
-
-func (rt *planRT) newReverse(pr *pairRT, epoch uint64) (*rpg.Replicator, error) {
-	return rpg.New(rpg.Options{
-		Plan: rt.spec.Name, Pair: reversePair(pr.cfg), Slot: pr.revSlot, Epoch: epoch,
-		Logger:   rt.d.log.With(zap.String("plan", rt.spec.Name), zap.String("pair", pr.cfg.Name), zap.String("direction", "reverse")),
-		SkipCopy: true,
-	})
 }
 
 // prepareReverse readies the reverse replication before the window: it
@@ -414,18 +285,11 @@ func (rt *planRT) prepareReverse(ctx context.Context, pr *pairRT, epoch uint64) 
 	if pr.rev != nil || pr.revPrepared != nil {
 		return nil
 	}
-	r, err := rt.newReverse(pr, epoch)
+	r, err := pr.pair.PrepareReverse(ctx, epoch)
 	if err != nil {
 		return err
 	}
-	if err := r.Prepare(ctx); err != nil {
-		return fmt.Errorf("prepare reverse replication of %s: %w", pr.cfg.Name, err)
-	}
-	if err := r.PrepareSlot(ctx); err != nil {
-		r.Stop(ctx)
-		return fmt.Errorf("prepare reverse replication of %s: %w", pr.cfg.Name, err)
-	}
-	pr.revPrepared = r
+	pr.setReverse(pr.rev, r)
 	return nil
 }
 
@@ -461,7 +325,7 @@ func (rt *planRT) waitStreaming(ctx context.Context) error {
 				return fmt.Errorf("replication of %s stopped: %v", pr.cfg.Name, pr.fwd.Err())
 			default:
 			}
-			if pr.fwd.Status().Phase != rpg.PhaseStreaming {
+			if !pr.fwd.Status().Streaming {
 				done = false
 			}
 		}

@@ -4,12 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"strings"
 
 	"github.com/cutover/cutover/agent"
-	"github.com/cutover/cutover/internal/pgscope"
-	rpg "github.com/cutover/cutover/replication/postgres"
+	"github.com/cutover/cutover/engine"
 )
 
 // errScopeChanged: the tables in scope are no longer the ones the plan
@@ -26,25 +24,19 @@ var errScopeChanged = errors.New("scope changed during replication")
 func (rt *planRT) checkScope(ctx context.Context) error {
 	var problems []string
 	for _, pr := range rt.pairs {
-		set, err := pgscope.Resolve(ctx, pr.bluePool, pr.cfg.Scope)
-		if err != nil {
-			return fmt.Errorf("pair %s: blue: %w", pr.cfg.Name, err)
+		sc, ok := pr.pair.(engine.ScopeChecker)
+		if !ok {
+			continue // the engine's scope cannot change under it
 		}
 		fwd := pr.fwdRunning()
 		if fwd == nil {
 			return fmt.Errorf("pair %s: replication is not running", pr.cfg.Name)
 		}
-		published, err := fwd.PublishedTables(ctx)
+		ps, err := sc.CheckScope(ctx, fwd)
 		if err != nil {
 			return fmt.Errorf("pair %s: %w", pr.cfg.Name, err)
 		}
-		pr.scopeMu.Lock()
-		fenced := slices.Clone(pr.fenceTables)
-		pr.scopeMu.Unlock()
-		if d := setDiff("published", pgscope.Idents(set.Leaves()), published); d != "" {
-			problems = append(problems, fmt.Sprintf("pair %s: %s", pr.cfg.Name, d))
-		}
-		if d := setDiff("fenced", pgscope.Idents(set.All()), fenced); d != "" {
+		for _, d := range ps {
 			problems = append(problems, fmt.Sprintf("pair %s: %s", pr.cfg.Name, d))
 		}
 	}
@@ -52,29 +44,6 @@ func (rt *planRT) checkScope(ctx context.Context) error {
 		return fmt.Errorf("%w: %s; drop or exclude (scope.exclude_tables) what was added, or abort and start a new plan that covers it", errScopeChanged, strings.Join(problems, "; "))
 	}
 	return nil
-}
-
-// setDiff says how got differs from want, the tables in scope now.
-func setDiff(what string, want, got []string) string {
-	var missing, extra []string
-	for _, t := range want {
-		if !slices.Contains(got, t) {
-			missing = append(missing, t)
-		}
-	}
-	for _, t := range got {
-		if !slices.Contains(want, t) {
-			extra = append(extra, t)
-		}
-	}
-	var parts []string
-	if len(missing) > 0 {
-		parts = append(parts, fmt.Sprintf("in scope but not %s: %s", what, strings.Join(missing, ", ")))
-	}
-	if len(extra) > 0 {
-		parts = append(parts, fmt.Sprintf("%s but no longer in scope: %s", what, strings.Join(extra, ", ")))
-	}
-	return strings.Join(parts, "; ")
 }
 
 // abortBadScope aborts a plan whose scope cannot be resolved before it
@@ -90,5 +59,5 @@ func abortBadScope(ctx context.Context, plan agent.Plan, p agent.Proposer, cause
 
 // nameFacts records the pair's names in the plan.
 func (pr *pairRT) nameFacts() map[string]string {
-	return rpg.NameFacts(pr.cfg.Name, pr.fwdSlot, pr.revSlot)
+	return pr.pair.NameFacts()
 }

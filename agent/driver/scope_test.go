@@ -2,16 +2,13 @@ package driver
 
 import (
 	"context"
-	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/cutover/cutover/agent"
-	"github.com/cutover/cutover/integration"
 	"github.com/cutover/cutover/internal/config"
-	"github.com/cutover/cutover/internal/pgscope"
 )
 
 func TestATableCreatedDuringReplicationStopsThePlanBeforeTheFenceAndIsNamed(t *testing.T) {
@@ -70,43 +67,6 @@ func TestATableCreatedDuringReplicationStopsThePlanBeforeTheFenceAndIsNamed(t *t
 	p := waitPhase(t, c, "shop", 10*time.Second, agent.PhaseReplicating)
 	if p.Phase != agent.PhaseReplicating {
 		t.Errorf("plan is %s", p.Phase)
-	}
-}
-
-func TestTheDriverFencesEveryTableInScopeByQuotedNamePartitionsIncluded(t *testing.T) {
-	pg := integration.NewPostgres(t, integration.PostgresOptions{})
-	ctx := context.Background()
-	if err := pg.Exec(ctx, `CREATE TABLE public."Orders" (id int PRIMARY KEY); CREATE TABLE public.orders (id int PRIMARY KEY);
-		CREATE TABLE public.events (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
-		CREATE TABLE public.events_2025 PARTITION OF public.events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');`); err != nil {
-		t.Fatal(err)
-	}
-	pool, err := openPool(ctx, config.DSN(pg.DSN()), "blue", 2)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pool.Close()
-	got, err := fenceTables(ctx, pool, config.Scope{Tables: []string{"Orders", "events"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := []string{`"public"."Orders"`, `"public"."events"`, `"public"."events_2025"`}
-	if !slices.Equal(got, want) {
-		t.Errorf("fence tables = %v, want %v", got, want)
-	}
-	// Row changes replicated from a partition count against the
-	// partitioned table, which is what verification compares.
-	set, err := pgscope.Resolve(ctx, pool, config.Scope{Tables: []string{"Orders", "events"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pr := &pairRT{}
-	pr.setScope(set)
-	if !slices.Equal(pr.tables, []string{"public.Orders", "public.events"}) {
-		t.Errorf("verified tables = %v", pr.tables)
-	}
-	if root := pr.rootOf["public.events_2025"]; root != "public.events" {
-		t.Errorf("a change to public.events_2025 counts against %q, want public.events", root)
 	}
 }
 

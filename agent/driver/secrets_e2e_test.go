@@ -22,6 +22,8 @@ import (
 	"github.com/cutover/cutover/agent/agenttest"
 	"github.com/cutover/cutover/internal/logging"
 	"github.com/cutover/cutover/internal/redact"
+	"github.com/cutover/cutover/switch/health/checks"
+	"github.com/cutover/cutover/switch/target/targets"
 )
 
 type syncBuffer struct {
@@ -86,7 +88,7 @@ func TestARealCutoverLeavesNoSecretInAnswersLogsReportsOrDataDir(t *testing.T) {
 	}
 	c := agenttest.New(t, agenttest.Options{Nodes: 3,
 		Driver: func(int) agent.Driver {
-			return New(Options{ReportDir: reports, LagPoll: 50 * time.Millisecond, Logger: l})
+			return New(Options{Engines: testEngines, NewTarget: targets.New, NewHealthCheck: checks.New, ReportDir: reports, LagPoll: 50 * time.Millisecond, Logger: l})
 		},
 		Tweak: func(_ int, cfg *agent.Config) {
 			cfg.Logger = l

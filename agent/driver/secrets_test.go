@@ -30,7 +30,7 @@ func TestAPlanWhoseVariableThisAgentLacksIsRetriedNotAborted(t *testing.T) {
 	if !ok {
 		t.Fatal("the plan was not created")
 	}
-	err = checkSpec(p)
+	err = checkSpec(p, testEngines)
 	var missing *config.MissingEnvError
 	if !errors.As(err, &missing) || permanent(err) || !strings.Contains(err.Error(), "CUTOVER_T_DRIVER_NEVER_SET") {
 		t.Fatalf("checkSpec = %v (permanent: %v)", err, permanent(err))

@@ -19,6 +19,8 @@ import (
 	"github.com/cutover/cutover/agent/driver"
 	"github.com/cutover/cutover/internal/config"
 	"github.com/cutover/cutover/internal/logging"
+	"github.com/cutover/cutover/switch/health/checks"
+	"github.com/cutover/cutover/switch/target/targets"
 )
 
 func newAgentCmd(g *globals) *cobra.Command {
@@ -130,10 +132,13 @@ func agentConfig(c *config.Config, log *zap.Logger) (agent.Config, error) {
 		Logger:            log,
 		Registry:          reg,
 		Driver: driver.New(driver.Options{
-			Logger:     log,
-			Registerer: reg,
-			ReportDir:  filepath.Join(a.DataDir, "reports"),
-			Fault:      testHold(log),
+			Engines:        engines,
+			NewTarget:      targets.New,
+			NewHealthCheck: checks.New,
+			Logger:         log,
+			Registerer:     reg,
+			ReportDir:      filepath.Join(a.DataDir, "reports"),
+			Fault:          testHold(log),
 		}),
 	}
 	for _, p := range a.Raft.Peers {

@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/cutover/cutover/agent"
+	"github.com/cutover/cutover/engine"
 	"github.com/cutover/cutover/internal/config"
 	pgrepl "github.com/cutover/cutover/replication/postgres"
 )
@@ -80,20 +81,18 @@ Exit status: 0 done (or nothing to do), 1 leftovers listed or orphans left,
 					facts = p.Facts
 				}
 				for _, pair := range plan.Pairs {
-					if pair.Engine != config.Postgres || (pairName != "" && pair.Name != pairName) {
+					if pairName != "" && pair.Name != pairName {
 						continue
 					}
-					fwd, rev := pgrepl.PlanNames(plan.Name, pair.Name, facts)
-					var dropped []string
-					for _, c := range []struct {
-						pair config.Pair
-						name string
-					}{{pair, fwd}, {reverseOf(pair), rev}} {
-						d, err := pgrepl.Cleanup(ctx, plan.Name, c.pair, c.name, log)
-						if err != nil {
-							return withCode(exitError, fmt.Errorf("pair %s: %w", pair.Name, err))
-						}
-						dropped = append(append(dropped, d.Slots...), d.Publications...)
+					// Only engines whose replication leaves state behind.
+					eng, _ := engines.Lookup(pair.Engine)
+					cl, ok := eng.(engine.Cleaner)
+					if !ok {
+						continue
+					}
+					dropped, err := cl.Cleanup(ctx, engine.PairOptions{Plan: plan, Pair: pair, Facts: facts, Logger: log})
+					if err != nil {
+						return withCode(exitError, fmt.Errorf("pair %s: %w", pair.Name, err))
 					}
 					if len(dropped) == 0 {
 						fmt.Fprintf(out, "%s/%s: nothing to drop\n", plan.Name, pair.Name)
@@ -114,11 +113,6 @@ Exit status: 0 done (or nothing to do), 1 leftovers listed or orphans left,
 	r.register(cmd)
 	_ = cmd.MarkFlagRequired("config")
 	return cmd
-}
-
-// reverseOf is the pair the reverse replication runs on: green to blue.
-func reverseOf(p config.Pair) config.Pair {
-	return config.Pair{Name: p.Name + "-rev", Engine: p.Engine, Blue: p.Green, Green: p.Blue, Scope: p.Scope}
 }
 
 // cluster is what the agents know, when asked (--addr or CUTOVER_ADDR).

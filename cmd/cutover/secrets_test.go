@@ -22,6 +22,7 @@ import (
 	"github.com/cutover/cutover/internal/logging"
 	"github.com/cutover/cutover/internal/redact"
 	"github.com/cutover/cutover/switch/target"
+	"github.com/cutover/cutover/switch/target/targets"
 )
 
 // flipDriver resolves the plan's spec and flips its targets the way the
@@ -36,7 +37,7 @@ func (flipDriver) Drive(ctx context.Context, plan agent.Plan, _ agent.Proposer) 
 	}
 	var errs []string
 	for _, tc := range spec.Switch.Targets {
-		tg, err := target.New(tc)
+		tg, err := targets.New(tc)
 		if err != nil {
 			return err
 		}

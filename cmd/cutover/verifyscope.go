@@ -4,16 +4,15 @@ import (
 	"context"
 	"fmt"
 
-	"github.com/jackc/pgx/v5"
-
-	"github.com/cutover/cutover/internal/pgscope"
+	"github.com/cutover/cutover/engine"
+	"github.com/cutover/cutover/internal/config"
 )
 
 // fromConfig fills the DSNs and the tables of a verify that names a pair of
 // a config (--config, --plan, --pair): what is not given on the command
 // line comes from the pair, the tables from its scope resolved on blue by
-// the rule the plan uses (internal/pgscope: each partitioned table as a
-// whole), so that the check covers exactly what the plan moves.
+// the rule the plan uses (its engine's engine.TableResolver: each
+// partitioned table as a whole), so that the check covers exactly what the plan moves.
 func (f *verifyFlags) fromConfig(ctx context.Context, g *globals) error {
 	if f.config == "" {
 		return nil
@@ -38,15 +37,21 @@ func (f *verifyFlags) fromConfig(ctx context.Context, g *globals) error {
 	if len(f.tables) > 0 {
 		return nil
 	}
-	conn, err := pgx.Connect(ctx, f.blue)
+	eng, err := engines.Lookup(pair.Engine)
 	if err != nil {
-		return withCode(exitError, fmt.Errorf("verify: blue: connect: %w", err))
+		return withCode(exitError, fmt.Errorf("verify: pair %s: %w", pair.Name, err))
 	}
-	defer conn.Close(context.WithoutCancel(ctx))
-	set, err := pgscope.Resolve(ctx, conn, pair.Scope)
+	tr, ok := eng.(engine.TableResolver)
+	if !ok {
+		return withCode(exitError, fmt.Errorf("verify: pair %s: engine %s has no tables to resolve: give --tables", pair.Name, pair.Engine))
+	}
+	// Resolved on the DSN verify compares (--blue, else the pair's).
+	p := pair
+	p.Blue.DSN = config.DSN(f.blue)
+	tables, err := tr.VerifyTables(ctx, p)
 	if err != nil {
-		return withCode(exitError, fmt.Errorf("verify: pair %s: blue: %w", pair.Name, err))
+		return withCode(exitError, fmt.Errorf("verify: %w", err))
 	}
-	f.tables = pgscope.Names(set.Roots())
+	f.tables = tables
 	return nil
 }

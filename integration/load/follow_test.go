@@ -9,6 +9,7 @@ import (
 
 	"github.com/cutover/cutover/integration"
 	"github.com/cutover/cutover/switch/target"
+	"github.com/cutover/cutover/switch/target/redistarget"
 )
 
 func waitColour(t *testing.T, f *Follower, want string, within time.Duration) time.Duration {
@@ -26,7 +27,7 @@ func waitColour(t *testing.T, f *Follower, want string, within time.Duration) ti
 func TestFollowerSwitchesOnThePublishedFlipAndIgnoresALowerEpoch(t *testing.T) {
 	ctx := context.Background()
 	srv := integration.NewRedis(t, integration.RedisOptions{})
-	tg, err := target.NewRedis(srv.URL(), "cutover:p:route", "") // channel defaults to the key
+	tg, err := redistarget.NewRedis(srv.URL(), "cutover:p:route", "") // channel defaults to the key
 	if err != nil {
 		t.Fatal(err)
 	}

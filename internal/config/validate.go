@@ -8,11 +8,10 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"time"
 
 	mysqldriver "github.com/go-sql-driver/mysql"
-	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/redis/go-redis/v9"
 
 	"github.com/cutover/cutover/internal/redact"
 )
@@ -471,27 +470,50 @@ func unwrapPathErr(err error) error {
 // engine. The error never contains the password.
 func CheckDSN(engine Engine, dsn string) error {
 	switch engine {
-	case Postgres:
-		if !strings.HasPrefix(dsn, "postgres://") && !strings.HasPrefix(dsn, "postgresql://") && !strings.Contains(dsn, "=") {
-			return fmt.Errorf("not a PostgreSQL DSN: use postgres://user@host:5432/db or host=... dbname=...")
-		}
-		cfg, err := pgconn.ParseConfig(dsn)
-		if err != nil {
-			return fmt.Errorf("not a valid PostgreSQL DSN: %s", scrubDSNError(err, dsn))
-		}
-		if cfg.Database == "" {
-			return fmt.Errorf("PostgreSQL DSN names no database")
-		}
 	case MySQL:
 		if _, err := ParseMySQLDSN(dsn); err != nil {
 			return err
 		}
-	case Redis:
-		if _, err := redis.ParseURL(dsn); err != nil {
-			return fmt.Errorf("not a valid Redis URL (redis://[:password@]host:port/db): %s", scrubDSNError(err, dsn))
+	case Postgres, Redis:
+		s, ok := dsnSyntaxOf(engine)
+		if !ok {
+			return fmt.Errorf("cannot read a %s DSN: %s", engine, noSyntax)
 		}
+		return s.Check(dsn)
 	}
 	return nil
+}
+
+// DSNSyntax reads one engine's connection strings with its client's own
+// parser. Check's error never contains the password; Password is "" when
+// there is none or dsn does not parse.
+type DSNSyntax struct {
+	Check    func(dsn string) error
+	Password func(dsn string) string
+}
+
+// The readers of the engines whose clients this package does not link
+// (PostgreSQL, Redis), installed by internal/dsnsyntax/register: so that
+// what depends on config (the agent, the plan driver) links no client.
+var (
+	dsnSyntaxMu sync.RWMutex
+	dsnSyntaxes = map[Engine]DSNSyntax{}
+)
+
+const noSyntax = "no reader installed for it (a binary or test that validates configurations imports internal/dsnsyntax/register)"
+
+// RegisterDSNSyntax installs the reader of an engine's connection strings.
+func RegisterDSNSyntax(e Engine, s DSNSyntax) {
+	dsnSyntaxMu.Lock()
+	defer dsnSyntaxMu.Unlock()
+	dsnSyntaxes[e] = s
+}
+
+func dsnSyntaxOf(e Engine) (DSNSyntax, bool) {
+	dsnSyntaxMu.RLock()
+	defer dsnSyntaxMu.RUnlock()
+	s, ok := dsnSyntaxes[e]
+	return s, ok
 }
 
 // MySQLDSN is a parsed MySQL/MariaDB connection string.
@@ -572,18 +594,17 @@ func dsnPassword(engine Engine, dsn string) string {
 		return ""
 	}
 	switch engine {
-	case Postgres:
-		if cfg, err := pgconn.ParseConfig(dsn); err == nil {
-			return cfg.Password
-		}
 	case MySQL:
 		if d, err := ParseMySQLDSN(dsn); err == nil {
 			return d.Password.Reveal()
 		}
-	case Redis:
-		if o, err := redis.ParseURL(dsn); err == nil {
-			return o.Password
+	case Postgres, Redis:
+		s, ok := dsnSyntaxOf(engine)
+		if !ok {
+			// A programming error: a secret would go unredacted.
+			panic(fmt.Sprintf("config: cannot read the password of a %s DSN: %s", engine, noSyntax))
 		}
+		return s.Password(dsn)
 	}
 	return ""
 }

@@ -14,7 +14,7 @@ import (
 	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/agent/client"
 	"github.com/cutover/cutover/integration"
-	"github.com/cutover/cutover/switch/target"
+	"github.com/cutover/cutover/switch/target/pgbouncer"
 )
 
 // ViaPgBouncer is the Options.Via that runs the application through
@@ -247,7 +247,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pgbench_accounts, pgbench_branches, pgbe
 		ps.StallMaxMS = ms(res.Stalls[n-1])
 	}
 	fmt.Sscan(final.Facts["pool_pause_ms"], &ps.PoolPauseMS)
-	tg, err := target.NewPgBouncer(target.PgBouncerOptions{AdminDSN: pgb.AdminDSN(), Database: pgbDatabase, File: pgb.DatabasesFile,
+	tg, err := pgbouncer.NewPgBouncer(pgbouncer.PgBouncerOptions{AdminDSN: pgb.AdminDSN(), Database: pgbDatabase, File: pgb.DatabasesFile,
 		Blue: blue.PgBouncerEntry(blue.Database), Green: green.PgBouncerEntry(green.Database)})
 	if err == nil {
 		ps.Route, _, _ = tg.Route()

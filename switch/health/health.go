@@ -1,5 +1,6 @@
 // Package health watches the application after a traffic flip and says when
-// it is unhealthy enough to roll back automatically.
+// it is unhealthy enough to roll back automatically. The SQL check lives in
+// package pgquery, so that this package links no database client.
 package health
 
 import (
@@ -9,8 +10,6 @@ import (
 	"io"
 	"net/http"
 	"time"
-
-	"github.com/jackc/pgx/v5"
 
 	"github.com/cutover/cutover/internal/redact"
 )
@@ -68,42 +67,6 @@ func (h HTTP) Probe(ctx context.Context) error {
 	}
 	if took > limit {
 		return fmt.Errorf("answered in %s, limit %s", took.Round(time.Millisecond), limit)
-	}
-	return nil
-}
-
-// Query is healthy when a SQL query's single numeric result (an error rate,
-// a count of failed jobs...) is at most Max.
-type Query struct {
-	DSN   string
-	SQL   string
-	Max   float64
-	Label string
-}
-
-// Name implements Check.
-func (q Query) Name() string {
-	if q.Label != "" {
-		return "query " + q.Label
-	}
-	return "query"
-}
-
-// Probe implements Check.
-func (q Query) Probe(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, q.DSN)
-	if err != nil {
-		return fmt.Errorf("connect: %s", redact.Text(err.Error()))
-	}
-	defer conn.Close(context.Background())
-	var v float64
-	if err := conn.QueryRow(ctx, q.SQL).Scan(&v); err != nil {
-		return fmt.Errorf("run: %w", err)
-	}
-	if v > q.Max {
-		return fmt.Errorf("value %g is over %g", v, q.Max)
 	}
 	return nil
 }

@@ -1,6 +1,8 @@
 // Package target flips traffic from one colour to the other when the gate
-// opens: a Redis routing key, an HTTP webhook, a command, or a PgBouncer
-// database entry (paused through the window: see Pauser).
+// opens: a Redis routing key (package redistarget), an HTTP webhook, a
+// command, or a PgBouncer database entry (package pgbouncer; paused through
+// the window: see Pauser). This package links no database client: the plan
+// driver depends on it; package targets builds a target from its config.
 //
 // Every flip carries the plan's epoch (fencing token). Targets that keep
 // state refuse an epoch lower than one they have seen, so a deposed leader
@@ -14,8 +16,6 @@ import (
 	"fmt"
 	"strings"
 	"time"
-
-	"github.com/cutover/cutover/internal/config"
 )
 
 // ErrStaleEpoch: the target has seen a higher epoch than the flip carries.
@@ -114,24 +114,6 @@ func HasPauser(targets []Target) bool {
 		}
 	}
 	return false
-}
-
-// New builds the target that cfg describes.
-func New(cfg config.Target) (Target, error) {
-	switch cfg.Type {
-	case config.TargetRedis:
-		return NewRedis(cfg.DSN.Reveal(), cfg.Key, cfg.Channel)
-	case config.TargetWebhook:
-		return NewWebhook(cfg.URL, cfg.Headers, cfg.Timeout.D(), cfg.Retries), nil
-	case config.TargetCommand:
-		return NewCommand(cfg.Command, cfg.Timeout.D(), cfg.EnvAllow), nil
-	case config.TargetPgBouncer:
-		return NewPgBouncer(PgBouncerOptions{
-			AdminDSN: cfg.DSN.Reveal(), Database: cfg.Database, File: cfg.DatabasesFile,
-			Blue: cfg.Blue, Green: cfg.Green, PauseTimeout: cfg.PauseTimeout.D(), Timeout: cfg.Timeout.D(),
-		})
-	}
-	return nil, fmt.Errorf("unknown target type %q", cfg.Type)
 }
 
 // Outcome is the result of flipping one target.

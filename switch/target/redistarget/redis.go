@@ -1,4 +1,4 @@
-package target
+package redistarget
 
 import (
 	"context"
@@ -11,6 +11,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/cutover/cutover/internal/redact"
+	"github.com/cutover/cutover/switch/target"
 )
 
 // Redis sets a routing key to the active colour. The key holds the colour
@@ -56,14 +57,14 @@ func NewRedis(dsn, key, channel string) (*Redis, error) {
 func (r *Redis) Name() string { return fmt.Sprintf("redis %s key %s", r.addr, r.key) }
 
 // Flip implements Target.
-func (r *Redis) Flip(ctx context.Context, f Flip) error {
+func (r *Redis) Flip(ctx context.Context, f target.Flip) error {
 	payload, err := json.Marshal(f)
 	if err != nil {
 		return err
 	}
 	err = flipScript.Run(ctx, r.client, []string{r.key, r.key + ":epoch"}, f.To, strconv.FormatUint(f.Epoch, 10), r.channel, string(payload)).Err()
 	if err != nil && strings.HasPrefix(err.Error(), "STALE_EPOCH") {
-		return fmt.Errorf("%w: key %s holds epoch %s, flip carries %d", ErrStaleEpoch, r.key, strings.TrimPrefix(err.Error(), "STALE_EPOCH "), f.Epoch)
+		return fmt.Errorf("%w: key %s holds epoch %s, flip carries %d", target.ErrStaleEpoch, r.key, strings.TrimPrefix(err.Error(), "STALE_EPOCH "), f.Epoch)
 	}
 	if err != nil {
 		return fmt.Errorf("set %s: %w", r.key, err)

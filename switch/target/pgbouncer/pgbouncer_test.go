@@ -1,4 +1,4 @@
-package target
+package pgbouncer
 
 import (
 	"context"
@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cutover/cutover/integration"
+	"github.com/cutover/cutover/switch/target"
 )
 
 // bouncerRig is a blue and a green PostgreSQL behind one PgBouncer whose
@@ -178,7 +179,7 @@ func TestPgBouncerPauseRepointResumeMovesTransactionsToGreen(t *testing.T) {
 	default:
 	}
 	resumedAt := time.Now()
-	if err := r.target.Flip(ctx, Flip{Plan: "p", From: "blue", To: "green", Epoch: 8}); err != nil {
+	if err := r.target.Flip(ctx, target.Flip{Plan: "p", From: "blue", To: "green", Epoch: 8}); err != nil {
 		t.Fatal(err)
 	}
 	res := <-done
@@ -210,7 +211,7 @@ func TestPgBouncerPauseRepointResumeMovesTransactionsToGreen(t *testing.T) {
 		t.Fatalf("previous content not kept: %v\n%s", err, prev)
 	}
 	// The same flip again (a new leader's retry) is harmless.
-	if err := r.target.Flip(ctx, Flip{Plan: "p", From: "blue", To: "green", Epoch: 8}); err != nil {
+	if err := r.target.Flip(ctx, target.Flip{Plan: "p", From: "blue", To: "green", Epoch: 8}); err != nil {
 		t.Fatalf("retry: %v", err)
 	}
 }
@@ -222,16 +223,16 @@ func TestPgBouncerRefusesStaleEpoch(t *testing.T) {
 	if err := r.target.Pause(ctx, 20); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.target.Flip(ctx, Flip{To: "green", Epoch: 19}); !errors.Is(err, ErrStaleEpoch) {
+	if err := r.target.Flip(ctx, target.Flip{To: "green", Epoch: 19}); !errors.Is(err, target.ErrStaleEpoch) {
 		t.Fatalf("stale flip: %v", err)
 	}
-	if err := r.target.Resume(ctx, 19, ""); !errors.Is(err, ErrStaleEpoch) {
+	if err := r.target.Resume(ctx, 19, ""); !errors.Is(err, target.ErrStaleEpoch) {
 		t.Fatalf("stale resume: %v", err)
 	}
 	if !r.paused(t) {
 		t.Fatal("a stale resume let the pool go")
 	}
-	if err := r.target.Pause(ctx, 19); !errors.Is(err, ErrStaleEpoch) {
+	if err := r.target.Pause(ctx, 19); !errors.Is(err, target.ErrStaleEpoch) {
 		t.Fatalf("stale pause: %v", err)
 	}
 	colour, epoch, _ := r.target.Route()
@@ -245,13 +246,13 @@ func TestPgBouncerRefusesStaleEpoch(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer other.Close()
-	if err := other.Flip(ctx, Flip{To: "green", Epoch: 21}); err != nil {
+	if err := other.Flip(ctx, target.Flip{To: "green", Epoch: 21}); err != nil {
 		t.Fatal(err)
 	}
 	if got := r.side(t, r.app(t)); got != "green" {
 		t.Fatalf("after the new leader's flip: %s", got)
 	}
-	if err := r.target.Flip(ctx, Flip{To: "blue", Epoch: 20}); !errors.Is(err, ErrStaleEpoch) {
+	if err := r.target.Flip(ctx, target.Flip{To: "blue", Epoch: 20}); !errors.Is(err, target.ErrStaleEpoch) {
 		t.Fatalf("the deposed leader repointed: %v", err)
 	}
 }
@@ -264,7 +265,7 @@ func TestPgBouncerRollbackToBlue(t *testing.T) {
 	if err := r.target.Pause(ctx, 1); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.target.Flip(ctx, Flip{To: "green", Epoch: 2}); err != nil {
+	if err := r.target.Flip(ctx, target.Flip{To: "green", Epoch: 2}); err != nil {
 		t.Fatal(err)
 	}
 	if got := r.side(t, c); got != "green" {

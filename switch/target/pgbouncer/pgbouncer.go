@@ -1,4 +1,4 @@
-package target
+package pgbouncer
 
 import (
 	"bytes"
@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/cutover/cutover/internal/redact"
+	"github.com/cutover/cutover/switch/target"
 )
 
 // PgBouncer switches the application's pooled database between blue and
@@ -27,7 +28,7 @@ import (
 //
 // The file holds, above the entry, a comment line with the epoch and the
 // colour it was last written with ("; cutover <db> epoch=N colour=C"): a
-// lower epoch is refused (ErrStaleEpoch), so a deposed leader can neither
+// lower epoch is refused (target.ErrStaleEpoch), so a deposed leader can neither
 // pause nor repoint. The file is rewritten atomically (a temporary file
 // renamed over it, with its owner and mode), under an flock of
 // <file>.lock; the previous content is kept in <file>.prev. Other lines of
@@ -184,7 +185,7 @@ func (b *PgBouncer) Warm(ctx context.Context) error {
 func (b *PgBouncer) Pause(ctx context.Context, epoch uint64) error {
 	err := b.withFile(func(st fileState) (fileState, bool, error) {
 		if st.epoch > epoch {
-			return st, false, fmt.Errorf("%w: %s holds epoch %d for %s, the pause carries %d", ErrStaleEpoch, b.file, st.epoch, b.database, epoch)
+			return st, false, fmt.Errorf("%w: %s holds epoch %d for %s, the pause carries %d", target.ErrStaleEpoch, b.file, st.epoch, b.database, epoch)
 		}
 		if st.epoch == epoch {
 			return st, false, nil
@@ -220,7 +221,7 @@ func (b *PgBouncer) Resume(ctx context.Context, epoch uint64, colour string) err
 	} else {
 		err := b.withFile(func(st fileState) (fileState, bool, error) {
 			if st.epoch > epoch {
-				return st, false, fmt.Errorf("%w: %s holds epoch %d for %s, the resume carries %d", ErrStaleEpoch, b.file, st.epoch, b.database, epoch)
+				return st, false, fmt.Errorf("%w: %s holds epoch %d for %s, the resume carries %d", target.ErrStaleEpoch, b.file, st.epoch, b.database, epoch)
 			}
 			return st, false, nil
 		})
@@ -233,7 +234,9 @@ func (b *PgBouncer) Resume(ctx context.Context, epoch uint64, colour string) err
 
 // Flip implements Target: repoint and resume (a pool paused by a leader
 // that died before its flip is resumed too).
-func (b *PgBouncer) Flip(ctx context.Context, f Flip) error { return b.Resume(ctx, f.Epoch, f.To) }
+func (b *PgBouncer) Flip(ctx context.Context, f target.Flip) error {
+	return b.Resume(ctx, f.Epoch, f.To)
+}
 
 func (b *PgBouncer) resume(ctx context.Context) error {
 	_, err := b.admin(ctx, b.timeout, "RESUME "+b.database)
@@ -251,7 +254,7 @@ func (b *PgBouncer) repoint(ctx context.Context, epoch uint64, colour string) er
 	}
 	err := b.withFile(func(st fileState) (fileState, bool, error) {
 		if st.epoch > epoch {
-			return st, false, fmt.Errorf("%w: %s holds epoch %d for %s, the flip carries %d", ErrStaleEpoch, b.file, st.epoch, b.database, epoch)
+			return st, false, fmt.Errorf("%w: %s holds epoch %d for %s, the flip carries %d", target.ErrStaleEpoch, b.file, st.epoch, b.database, epoch)
 		}
 		if st.entry == want && st.epoch == epoch && st.col == colour {
 			return st, false, nil
