@@ -194,7 +194,7 @@ func newPlanRT(ctx context.Context, d *Driver, spec config.Plan, facts map[strin
 			rt.close()
 			return nil, fmt.Errorf("pair %s: %w", pc.Name, err)
 		}
-		pr.blueFence = fpg.New(pr.blueFencePool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.fenceTables, Roles: pc.FenceRoles, Hold: maxWindow(spec), Logger: log.With(zap.String("side", "blue"))})
+		pr.blueFence = fpg.New(pr.blueFencePool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.fenceTables, Roles: pc.FenceRoles, Hold: maxWindow(spec), WriteProxy: spec.Fence.BlueMode(), Logger: log.With(zap.String("side", "blue"))})
 		// Green's, the same for the way back (rollback).
 		pr.greenFence = fpg.New(pr.greenFencePool, fpg.Options{Plan: spec.Name, Pair: pc.Name, Tables: pr.fenceTables, Roles: pc.FenceRoles, Hold: maxWindow(spec), Logger: log.With(zap.String("side", "green"))})
 		// Everything that can happen before the fence happens here.
