@@ -23,8 +23,19 @@
 // held, and the position is read after that transaction commits: after the
 // last lock and the last termination, never before.
 //
+// Write proxies (Options.WriteProxy, fence.blue, for blue): that REVOKE
+// costs a catalog update per table. So, at Prepare, outside the outage,
+// the fenced roles' write grants move in one transaction to a NOLOGIN
+// role per database and grantee (cutover_w_<hash>), which the grantee is
+// made a member of: it keeps its privileges by inheritance. The fence
+// then revokes the memberships, one statement per grantee whatever the
+// number of tables; a membership change reaches open sessions at their
+// next statement as a REVOKE does. What is still granted directly is
+// revoked as before; the unfence grants the memberships back, then the
+// grants move back and the proxies are dropped (see proxyFuncSQL).
+//
 // Fence, drain and marker run inside the database, in a procedure created at
-// Prepare (cutover.fence_v4): FenceDrain puts the fence up, drains and
+// Prepare (cutover.fence_v5): FenceDrain puts the fence up, drains and
 // writes the marker in one network round trip, which is what the outage
 // pays for on a busy server (see fenceProcSQL).
 //
@@ -73,7 +84,11 @@
 //
 // Limits: superusers and roles outside the fence's scope are not fenced
 // (breach detection in the change stream catches their writes); SECURITY
-// DEFINER functions owned by an unfenced role keep writing.
+// DEFINER functions owned by an unfenced role keep writing. A session
+// that did SET ROLE to a write proxy before the fence keeps the proxy's
+// grants (PostgreSQL 15 cannot grant a membership without SET): its write
+// waits on the hold, and ReleaseRefusingAll cancels the waiting writes of
+// every role fenced by a proxy.
 package postgres
 
 import (
@@ -221,7 +236,12 @@ CREATE TABLE IF NOT EXISTS cutover.markers (
 // unfence v5: logins locked by a login fence (lock_logins_v1) are saved as
 // LOGIN entries beside the grants; v4 refuses such a state (an entry
 // naming no table), so an older agent fails loudly rather than lifting
-// the grants and leaving the application unable to log in.
+// the grants and leaving the application unable to log in. fence v5,
+// unfence v6: write proxies (proxy_v1, unproxy_v1): memberships revoked
+// are saved as MEMBER entries, which unfence v5 refuses the same way (an
+// unknown privilege naming no table). An older agent's fence (v4) on a
+// database with proxies but not fenced revokes the proxies' grants table
+// by table (they are in its membership closure) and restores them.
 const (
 	fenceProcName   = "cutover.fence_v5"
 	proxyFuncName   = "cutover.proxy_v1"
