@@ -1984,12 +1984,23 @@ func (f *Fencer) ReleaseRefusingAll(ctx context.Context) ([]fencing.Session, err
 	}
 	if err == nil && len(pids) > 0 {
 		// Cancelled while still waiting for the lock, each leaves the
-		// queue before the release; waited for (briefly) to be sure.
-		_, err = f.pool.Exec(ctx, `SELECT pg_cancel_backend(p) FROM unnest($1::int[]) p`, pids)
+		// queue before the release; waited for (briefly) to be sure. A
+		// statement is told by its session and start: a writer that
+		// retries at once queues again with a new statement, which is
+		// not waited for (it was once 1 s at every flip: the cancelled
+		// fenced writers retried).
+		var cpids []int32
+		var starts []time.Time
+		err = f.pool.QueryRow(ctx, `
+			SELECT coalesce(array_agg(a.pid), '{}'), coalesce(array_agg(a.query_start), '{}')
+			FROM pg_stat_activity a WHERE a.pid = ANY($1::int[]) AND a.query_start IS NOT NULL AND pg_cancel_backend(a.pid)`, pids).Scan(&cpids, &starts)
 		deadline := time.Now().Add(time.Second)
-		for err == nil {
+		for err == nil && len(cpids) > 0 {
 			var waiting bool
-			err = f.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted AND pid = ANY($1::int[]) AND relation = ANY($2::oid[]))`, pids, f.tableOIDs).Scan(&waiting)
+			err = f.pool.QueryRow(ctx, `
+				SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+					JOIN unnest($1::int[], $2::timestamptz[]) c(pid, started) ON c.pid = a.pid AND c.started = a.query_start
+					WHERE NOT l.granted AND l.relation = ANY($3::oid[]))`, cpids, starts, f.tableOIDs).Scan(&waiting)
 			if !waiting || time.Now().After(deadline) {
 				break
 			}
