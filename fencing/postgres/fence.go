@@ -1969,8 +1969,10 @@ func (f *Fencer) CheckHold(ctx context.Context) error {
 // statements of the sessions that HeldBreaches lists (roles outside the
 // fence), so that none of their writes lands once released: for the old
 // side after the traffic has left it, where such a write would be lost.
-// They get SQLSTATE 57014 (query_canceled) and stay connected. It returns
-// the sessions cancelled.
+// They get SQLSTATE 57014 (query_canceled) and stay connected. So do the
+// waiting writes of roles fenced by a write proxy (see heldProxyMembers),
+// which would mostly fail on the fence anyway. It returns the sessions
+// of roles outside the fence it cancelled.
 func (f *Fencer) ReleaseRefusingAll(ctx context.Context) ([]fencing.Session, error) {
 	held, err := f.HeldBreaches(ctx)
 	pids := make([]int32, len(held))
