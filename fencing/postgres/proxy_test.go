@@ -278,3 +278,54 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// What a proxy cannot take stays direct and is fenced the old way: a
+// NOINHERIT role's grants (it would lose them), grants with a grant
+// option (and what was granted with them); the rest goes to proxies.
+func TestWriteProxyLeavesNoInheritAndGrantOptionGrantsDirectAndStillFencesThem(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	if _, err := e.agent.Exec(ctx, `ALTER ROLE app NOINHERIT`); err != nil {
+		t.Fatal(err)
+	}
+	appDSN := e.pg.DSNFor("cutover", "app", "app-password")
+	reportingDSN := e.pg.DSNFor("cutover", "reporting", "reporting-password")
+	before := privileges(t, e.agent)
+	core, logs := observer.New(zap.InfoLevel)
+	f := prepared(t, e.pg.DSN(), Options{Plan: "p1", Pair: "db", Tables: allTables, Roles: []string{"app", "reporting"}, WriteProxy: ProxyOn, Logger: zap.New(core)})
+	warned := logs.FilterMessageSnippet("stay direct").All()
+	if len(warned) != 1 {
+		t.Fatalf("Prepare did not say which grants stay direct: %v", logs.All())
+	}
+	direct, _ := warned[0].ContextMap()["direct"].(map[string]int)
+	if direct["noinherit"] == 0 || direct["grant option"] == 0 {
+		t.Errorf("grants left direct: %v, want app's (NOINHERIT) and reporting's UPDATE WITH GRANT OPTION", direct)
+	}
+	// Only writers (INHERIT) got a proxy.
+	if got := proxies(t, e); len(got) != 1 {
+		t.Errorf("proxies: %v, want writers' only", got)
+	}
+	if err := canWrite(t, appDSN, "INSERT INTO accounts VALUES (1000, 1)"); err != nil {
+		t.Errorf("app (NOINHERIT) lost its grant to the proxy: %v", err)
+	}
+	if err := f.Fence(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	for dsn, sql := range map[string]string{
+		appDSN:       "INSERT INTO accounts VALUES (1001, 1)",
+		reportingDSN: "UPDATE notes SET body = 'x'",
+	} {
+		if err := canWrite(t, dsn, sql); sqlState(err) != "42501" {
+			t.Errorf("%s after the fence: %v, want 42501", sql, err)
+		}
+	}
+	if err := canWrite(t, appDSN, "SET ROLE writers; INSERT INTO history (account, delta) VALUES (1, 1)"); sqlState(err) != "42501" {
+		t.Errorf("app as writers after the fence: %v, want 42501", err)
+	}
+	if err := f.Unfence(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	if after := privileges(t, e.agent); after != before {
+		t.Errorf("privileges after the unfence differ:\n--- before\n%s\n--- after\n%s", before, after)
+	}
+}
