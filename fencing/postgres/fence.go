@@ -246,6 +246,7 @@ const (
 	fenceProcName   = "cutover.fence_v5"
 	proxyFuncName   = "cutover.proxy_v1"
 	unproxyFuncName = "cutover.unproxy_v1"
+	refuseFuncName  = "cutover.refuse_held_v1"
 	drainFuncName   = "cutover.drain_v4"
 	writeACLName    = "cutover.write_acl_v3"
 	unfenceFuncName = "cutover.unfence_v6"
@@ -1119,6 +1120,73 @@ BEGIN
 END
 $unproxy$`
 
+// refuseFuncSQL cancels, on the holding session right before it lets go,
+// the writes waiting on the hold that would land once released: those of
+// roles the fence does not stop (a superuser, a role still holding a
+// write privilege: see HeldBreaches), and those of roles fenced by a
+// write proxy, any of which may have done SET ROLE to the proxy before
+// the fence (it keeps the proxy's grants: PostgreSQL 15 cannot grant a
+// membership without SET); the rest of them would fail on the fence
+// anyway. It then waits, at most p_wait_ms, for the cancelled statements
+// to leave the lock queue (a cancel is a signal: it takes effect a moment
+// later); a statement is told by its session and start, so that a writer
+// retrying at once is not waited for. It returns the outsiders cancelled.
+// Run on the holding session, in its transaction, with the ROLLBACK that
+// ends the hold in the same round trip; pg_stat_activity is read afresh
+// each time (a transaction otherwise keeps its first view).
+const refuseFuncSQL = `
+CREATE OR REPLACE FUNCTION ` + refuseFuncName + `(p_tables oid[], p_wait_ms int)
+RETURNS jsonb LANGUAGE plpgsql SET search_path = ` + pinPath + ` AS $refuse$
+DECLARE
+	v_pids int[];
+	v_starts timestamptz[];
+	v_outsiders jsonb;
+	v_members int;
+	v_deadline timestamptz := clock_timestamp() + p_wait_ms * interval '1 millisecond';
+BEGIN
+	PERFORM pg_stat_clear_snapshot();
+	WITH waiting AS (
+		SELECT DISTINCT a.pid, a.usesysid, a.usename, a.application_name, a.state, a.xact_start, a.query_start
+		FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid
+		WHERE a.backend_type = 'client backend' AND NOT l.granted AND l.relation = ANY(p_tables)
+		  AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')
+	), outsiders AS (
+		SELECT w.* FROM waiting w WHERE EXISTS (
+			SELECT 1 FROM pg_locks l
+			WHERE l.pid = w.pid AND NOT l.granted AND l.relation = ANY(p_tables)
+			  AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')
+			  AND (has_table_privilege(w.usesysid, l.relation, 'INSERT') OR has_table_privilege(w.usesysid, l.relation, 'UPDATE')
+			       OR has_table_privilege(w.usesysid, l.relation, 'DELETE') OR has_table_privilege(w.usesysid, l.relation, 'TRUNCATE')))
+	), members AS (
+		SELECT w.* FROM waiting w WHERE EXISTS (
+			SELECT 1 FROM ` + stateTable + ` s, jsonb_array_elements(s.saved) g, pg_roles r
+			WHERE s.fenced AND g->>'privilege' = 'MEMBER' AND quote_ident(r.rolname) = g->>'grantee'
+			  AND pg_has_role(w.usesysid, r.oid, 'MEMBER'))
+	), targets AS (
+		SELECT pid, query_start FROM outsiders UNION SELECT pid, query_start FROM members
+	), cancelled AS (
+		SELECT t.pid, t.query_start FROM targets t WHERE pg_cancel_backend(t.pid)
+	)
+	SELECT (SELECT coalesce(array_agg(c.pid), '{}') FROM cancelled c),
+	       (SELECT coalesce(array_agg(c.query_start), '{}') FROM cancelled c),
+	       (SELECT coalesce(jsonb_agg(jsonb_build_object('pid', o.pid, 'user', coalesce(o.usename::text, ''),
+	                'application', coalesce(o.application_name, ''), 'state', coalesce(o.state, ''),
+	                'xact_age_us', coalesce((extract(epoch FROM now() - o.xact_start) * 1e6)::bigint, 0)) ORDER BY o.pid), '[]') FROM outsiders o),
+	       (SELECT count(*) FROM members)
+	INTO v_pids, v_starts, v_outsiders, v_members;
+	LOOP
+		EXIT WHEN cardinality(v_pids) = 0 OR clock_timestamp() > v_deadline;
+		PERFORM pg_stat_clear_snapshot();
+		EXIT WHEN NOT EXISTS (
+			SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+			JOIN unnest(v_pids, v_starts) c(pid, started) ON c.pid = a.pid AND c.started = a.query_start
+			WHERE NOT l.granted AND l.relation = ANY(p_tables));
+		PERFORM pg_sleep(0.001);
+	END LOOP;
+	RETURN jsonb_build_object('outsiders', v_outsiders, 'proxy_members', v_members);
+END
+$refuse$`
+
 // serverObjects are created at Prepare unless already there with the same
 // body (pg_proc.prosrc is the text between the dollar quotes).
 var serverObjects = []struct{ name, sql, body string }{
@@ -1130,6 +1198,7 @@ var serverObjects = []struct{ name, sql, body string }{
 	{loginsFuncName, loginsFuncSQL, strings.Split(loginsFuncSQL, "$logins$")[1]},
 	{proxyFuncName, proxyFuncSQL, strings.Split(proxyFuncSQL, "$proxy$")[1]},
 	{unproxyFuncName, unproxyFuncSQL, strings.Split(unproxyFuncSQL, "$unproxy$")[1]},
+	{refuseFuncName, refuseFuncSQL, strings.Split(refuseFuncSQL, "$refuse$")[1]},
 }
 
 // createFenceProc creates the server-side functions unless they are there
@@ -1974,78 +2043,47 @@ func (f *Fencer) CheckHold(ctx context.Context) error {
 // which would mostly fail on the fence anyway. It returns the sessions
 // of roles outside the fence it cancelled.
 func (f *Fencer) ReleaseRefusingAll(ctx context.Context) ([]fencing.Session, error) {
-	held, err := f.HeldBreaches(ctx)
-	pids := make([]int32, len(held))
-	for i, s := range held {
-		pids[i] = s.PID
-	}
-	var proxied []int32
-	if err == nil {
-		proxied, err = f.heldProxyMembers(ctx)
-		pids = append(pids, proxied...)
-	}
-	if err == nil && len(pids) > 0 {
-		// Cancelled while still waiting for the lock, each leaves the
-		// queue before the release; waited for (briefly) to be sure. A
-		// statement is told by its session and start: a writer that
-		// retries at once queues again with a new statement, which is
-		// not waited for (it was once 1 s at every flip: the cancelled
-		// fenced writers retried).
-		var cpids []int32
-		var starts []time.Time
-		err = f.pool.QueryRow(ctx, `
-			SELECT coalesce(array_agg(a.pid), '{}'), coalesce(array_agg(a.query_start), '{}')
-			FROM pg_stat_activity a WHERE a.pid = ANY($1::int[]) AND a.query_start IS NOT NULL AND pg_cancel_backend(a.pid)`, pids).Scan(&cpids, &starts)
-		deadline := time.Now().Add(time.Second)
-		for err == nil && len(cpids) > 0 {
-			var waiting bool
-			err = f.pool.QueryRow(ctx, `
-				SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-					JOIN unnest($1::int[], $2::timestamptz[]) c(pid, started) ON c.pid = a.pid AND c.started = a.query_start
-					WHERE NOT l.granted AND l.relation = ANY($3::oid[]))`, cpids, starts, f.tableOIDs).Scan(&waiting)
-			if !waiting || time.Now().After(deadline) {
-				break
-			}
-			time.Sleep(time.Millisecond)
-		}
-		if len(held) > 0 {
-			f.log.Warn("cancelled writes of roles outside the fence waiting on the hold", zap.Int("sessions", len(held)), zap.Int32("first_pid", held[0].PID), zap.String("first_user", held[0].User))
-		}
-		if len(proxied) > 0 {
-			f.log.Info("cancelled the writes of fenced roles waiting on the hold (a session that did SET ROLE to a write proxy would pass the fence)", zap.Int("sessions", len(proxied)))
-		}
-	}
-	f.Release(ctx)
-	return held, err
-}
-
-// heldProxyMembers lists the sessions waiting on the hold whose role was
-// fenced by its membership in a write proxy. Most would fail on the fence
-// once released; but a session that did SET ROLE to the proxy before the
-// fence still acts as the proxy, whose grants the fence leaves alone
-// (PostgreSQL 15 cannot grant a membership without the right to SET ROLE
-// to it), and its write would land. None can be told apart from outside,
-// so all are cancelled at the release.
-func (f *Fencer) heldProxyMembers(ctx context.Context) ([]int32, error) {
 	f.mu.Lock()
-	held := f.held != nil
+	h := f.held
+	f.held = nil
 	f.mu.Unlock()
-	if !held {
+	if h == nil {
 		return nil, nil
 	}
-	var pids []int32
-	err := f.pool.QueryRow(ctx, `
-		SELECT coalesce(array_agg(DISTINCT l.pid), '{}')
-		FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-		WHERE NOT l.granted AND l.relation = ANY($1::oid[]) AND a.backend_type = 'client backend'
-		  AND EXISTS (
-			SELECT 1 FROM `+stateTable+` s, jsonb_array_elements(s.saved) g, pg_roles r
-			WHERE s.fenced AND g->>'privilege' = 'MEMBER' AND quote_ident(r.rolname) = g->>'grantee'
-			  AND pg_has_role(a.usesysid, r.oid, 'MEMBER'))`, f.tableOIDs).Scan(&pids)
-	if err != nil {
-		return nil, fmt.Errorf("held proxy members: %w", err)
+	oids := make([]string, len(f.tableOIDs))
+	for i, oid := range f.tableOIDs {
+		oids[i] = strconv.FormatUint(uint64(oid), 10)
 	}
-	return pids, nil
+	// One round trip: the cancels, the wait for them and the ROLLBACK.
+	raw, err := h.refuseAndRelease(ctx, fmt.Sprintf("SELECT %s('{%s}'::oid[], 1000); ROLLBACK", refuseFuncName, strings.Join(oids, ",")))
+	f.log.Info("released the hold on the tables")
+	if err != nil {
+		return nil, fmt.Errorf("release refusing all: %w", err)
+	}
+	var res struct {
+		Outsiders []struct {
+			PID         int32  `json:"pid"`
+			User        string `json:"user"`
+			Application string `json:"application"`
+			State       string `json:"state"`
+			XactAgeUS   int64  `json:"xact_age_us"`
+		} `json:"outsiders"`
+		ProxyMembers int `json:"proxy_members"`
+	}
+	if err := json.Unmarshal(raw, &res); err != nil {
+		return nil, fmt.Errorf("release refusing all: result: %w", err)
+	}
+	var held []fencing.Session
+	for _, o := range res.Outsiders {
+		held = append(held, fencing.Session{PID: o.PID, User: o.User, Application: o.Application, State: o.State, XactAge: time.Duration(o.XactAgeUS) * time.Microsecond})
+	}
+	if len(held) > 0 {
+		f.log.Warn("cancelled writes of roles outside the fence waiting on the hold", zap.Int("sessions", len(held)), zap.Int32("first_pid", held[0].PID), zap.String("first_user", held[0].User))
+	}
+	if res.ProxyMembers > 0 {
+		f.log.Info("cancelled the writes of fenced roles waiting on the hold (a session that did SET ROLE to a write proxy would pass the fence)", zap.Int("sessions", res.ProxyMembers))
+	}
+	return held, nil
 }
 
 // HeldBreaches lists the sessions waiting on the hold to write to a table in
@@ -2176,6 +2214,33 @@ func (h *holdSession) release(ctx context.Context) {
 		return
 	}
 	releaseHold(ctx, h.conn)
+}
+
+// refuseAndRelease stops the keepalive and runs sql, which must end with
+// the ROLLBACK that ends the hold, on the holding session; it returns the
+// first statement's value. On an error the hold is ended all the same.
+func (h *holdSession) refuseAndRelease(ctx context.Context, sql string) ([]byte, error) {
+	h.stopKeepalive()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.err != nil {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		defer cancel()
+		_ = h.conn.Hijack().Close(cctx)
+		return nil, h.err
+	}
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	results, err := h.conn.Conn().PgConn().Exec(rctx, sql).ReadAll()
+	if err == nil && (len(results) != 2 || len(results[0].Rows) != 1) {
+		err = errors.New("unexpected result")
+	}
+	if err != nil {
+		releaseHold(ctx, h.conn)
+		return nil, err
+	}
+	h.conn.Release()
+	return results[0].Rows[0][0], nil
 }
 
 // releaseHold rolls back the holding transaction and gives the session
