@@ -242,6 +242,7 @@ CREATE TABLE IF NOT EXISTS cutover.markers (
 // unknown privilege naming no table). An older agent's fence (v4) on a
 // database with proxies but not fenced revokes the proxies' grants table
 // by table (they are in its membership closure) and restores them.
+// refuse_held_v1: ReleaseRefusingAll's cancels, on the holding session.
 const (
 	fenceProcName   = "cutover.fence_v5"
 	proxyFuncName   = "cutover.proxy_v1"
