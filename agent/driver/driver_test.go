@@ -254,6 +254,13 @@ func TestCutoverUnderLoadFlipsAndLosesNothing(t *testing.T) {
 			t.Errorf("a drain did not hold the fenced writers: %v", d.ContextMap())
 		}
 	}
+	// Blue's fence (fence.blue: auto, the agent a superuser) is the write
+	// proxies' memberships: no REVOKE per table inside the window.
+	for _, d := range drains {
+		if m := d.ContextMap(); m["side"] == "blue" && (m["memberships_revoked"] != int64(1) || m["revokes"] != int64(0)) {
+			t.Errorf("blue's fence revoked %v memberships and ran %v REVOKEs, want 1 and 0", m["memberships_revoked"], m["revokes"])
+		}
+	}
 	if released := observed.FilterMessage("released the hold on the tables").Len(); len(drains) == 0 || released == 0 {
 		t.Errorf("%d drains, %d releases of the hold", len(drains), released)
 	}

@@ -30,7 +30,9 @@ func newUnfenceCmd(g *globals) *cobra.Command {
 		Long: `Lift the fence on one side of a PostgreSQL pair by hand, from the original
 grants the fence saved on that database (cutover.fence_state_v3): every saved
 privilege is granted again by its original grantor, and every login the fence
-locked (green, fence.green: logins) is unlocked. No quorum is needed: the
+locked (green, fence.green: logins) is unlocked, every membership in a write
+proxy (blue, fence.blue: proxy) is given back, and the grants the proxies
+hold go back to their roles and the proxies are dropped. No quorum is needed: the
 agent cluster may be gone. The stored epoch is cleared, so that a new cluster
 can fence the database again.
 

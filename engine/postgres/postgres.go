@@ -78,7 +78,7 @@ func (Engine) Open(ctx context.Context, o engine.PairOptions) (engine.Pair, erro
 		return nil, err
 	}
 	hold := maxWindow(o.Plan)
-	pr.blueFence = fpg.New(pr.blueFencePool, fpg.Options{Plan: o.Plan.Name, Pair: pc.Name, Tables: pr.fenceTables, Roles: pc.FenceRoles, Hold: hold, Logger: flog.With(zap.String("side", "blue"))})
+	pr.blueFence = fpg.New(pr.blueFencePool, fpg.Options{Plan: o.Plan.Name, Pair: pc.Name, Tables: pr.fenceTables, Roles: pc.FenceRoles, Hold: hold, WriteProxy: o.Plan.Fence.BlueMode(), Logger: flog.With(zap.String("side", "blue"))})
 	// Green's, the same for the way back (rollback).
 	pr.greenFence = fpg.New(pr.greenFencePool, fpg.Options{Plan: o.Plan.Name, Pair: pc.Name, Tables: pr.fenceTables, Roles: pc.FenceRoles, Hold: hold, Logger: flog.With(zap.String("side", "green"))})
 	// Everything that can happen before the fence happens here.

@@ -161,54 +161,68 @@ func TestTheDrainUnderTPCBTransactionsNeitherWaitsItsGraceNorTerminatesActiveSes
 }
 
 // BenchmarkFenceUnfenceTables measures what grows with the tables in
-// scope: the fence (REVOKE, drain, marker) on blue and the unfence that
+// scope: the fence (REVOKE) and the drain (lock, marker) on blue and the unfence that
 // gives the grants back, which on green stands inside the write outage.
 // The tables are small and idle; each is granted to app as an
-// application's would be.
+// application's would be. blue=proxy fences through the write proxies
+// (moved again before each iteration, outside the timing: the unfence
+// moves them back); its unfence includes moving the grants back.
 //
 //	go test -run '^$' -bench BenchmarkFenceUnfenceTables -benchtime 3x ./fencing/postgres/
 func BenchmarkFenceUnfenceTables(b *testing.B) {
 	for _, n := range []int{10, 500, 5000} {
-		b.Run(fmt.Sprintf("tables=%d", n), func(b *testing.B) {
-			ctx := context.Background()
-			pg := integration.NewPostgres(b, integration.PostgresOptions{Settings: map[string]string{"max_locks_per_transaction": "256"}})
-			if err := pg.Exec(ctx, `CREATE ROLE app LOGIN PASSWORD 'app-password'`); err != nil {
-				b.Fatal(err)
-			}
-			tables := make([]string, n)
-			for i := 0; i < n; i += 500 {
-				if err := pg.Exec(ctx, fmt.Sprintf(`DO $$ BEGIN FOR i IN %d..%d LOOP
-					EXECUTE format('CREATE TABLE t%%s (id int PRIMARY KEY, v int)', i);
-					EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON t%%s TO app', i);
-				END LOOP; END $$`, i, min(i+500, n)-1)); err != nil {
-					b.Fatal(err)
-				}
-			}
-			for i := range tables {
-				tables[i] = fmt.Sprintf(`"public"."t%d"`, i)
-			}
-			f := New(newPool(b, pg.DSN()), Options{Plan: "p1", Pair: "db", Tables: tables, Roles: []string{"app"}})
-			if err := f.Prepare(ctx); err != nil {
-				b.Fatal(err)
-			}
-			var fence, unfence time.Duration
-			b.ResetTimer()
-			for i := 0; i < b.N; i++ {
-				start := time.Now()
-				if _, err := f.FenceDrain(ctx, uint64(2*i+1), time.Second); err != nil {
-					b.Fatal(err)
-				}
-				fence += time.Since(start)
-				start = time.Now()
-				if err := f.Unfence(ctx, uint64(2*i+2)); err != nil {
-					b.Fatal(err)
-				}
-				unfence += time.Since(start)
-			}
-			b.ReportMetric(float64(fence.Microseconds())/1000/float64(b.N), "fence_ms")
-			b.ReportMetric(float64(unfence.Microseconds())/1000/float64(b.N), "unfence_ms")
-		})
+		for _, mode := range []string{ProxyGrants, ProxyOn} {
+			b.Run(fmt.Sprintf("tables=%d/blue=%s", n, mode), func(b *testing.B) { benchFenceUnfence(b, n, mode) })
+		}
 	}
+}
+
+func benchFenceUnfence(b *testing.B, n int, mode string) {
+	ctx := context.Background()
+	pg := integration.NewPostgres(b, integration.PostgresOptions{Settings: map[string]string{"max_locks_per_transaction": "256"}})
+	if err := pg.Exec(ctx, `CREATE ROLE app LOGIN PASSWORD 'app-password'`); err != nil {
+		b.Fatal(err)
+	}
+	tables := make([]string, n)
+	for i := 0; i < n; i += 500 {
+		if err := pg.Exec(ctx, fmt.Sprintf(`DO $$ BEGIN FOR i IN %d..%d LOOP
+			EXECUTE format('CREATE TABLE t%%s (id int PRIMARY KEY, v int)', i);
+			EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON t%%s TO app', i);
+		END LOOP; END $$`, i, min(i+500, n)-1)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for i := range tables {
+		tables[i] = fmt.Sprintf(`"public"."t%d"`, i)
+	}
+	f := New(newPool(b, pg.DSN()), Options{Plan: "p1", Pair: "db", Tables: tables, Roles: []string{"app"}, WriteProxy: mode})
+	var fence, drain, unfence time.Duration
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		if err := f.Prepare(ctx); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		// Apart, to tell the privileges from the drain's lock.
+		start := time.Now()
+		if err := f.Fence(ctx, uint64(2*i+1)); err != nil {
+			b.Fatal(err)
+		}
+		fence += time.Since(start)
+		start = time.Now()
+		if _, err := f.Drain(ctx, uint64(2*i+1), time.Second); err != nil {
+			b.Fatal(err)
+		}
+		drain += time.Since(start)
+		start = time.Now()
+		if err := f.Unfence(ctx, uint64(2*i+2)); err != nil {
+			b.Fatal(err)
+		}
+		unfence += time.Since(start)
+	}
+	b.ReportMetric(float64(fence.Microseconds())/1000/float64(b.N), "fence_ms")
+	b.ReportMetric(float64(drain.Microseconds())/1000/float64(b.N), "drain_ms")
+	b.ReportMetric(float64(unfence.Microseconds())/1000/float64(b.N), "unfence_ms")
 }
 
 // The fence and the unfence cost a statement per set of tables granted

@@ -23,8 +23,19 @@
 // held, and the position is read after that transaction commits: after the
 // last lock and the last termination, never before.
 //
+// Write proxies (Options.WriteProxy, fence.blue, for blue): that REVOKE
+// costs a catalog update per table. So, at Prepare, outside the outage,
+// the fenced roles' write grants move in one transaction to a NOLOGIN
+// role per database and grantee (cutover_w_<hash>), which the grantee is
+// made a member of: it keeps its privileges by inheritance. The fence
+// then revokes the memberships, one statement per grantee whatever the
+// number of tables; a membership change reaches open sessions at their
+// next statement as a REVOKE does. What is still granted directly is
+// revoked as before; the unfence grants the memberships back, then the
+// grants move back and the proxies are dropped (see proxyFuncSQL).
+//
 // Fence, drain and marker run inside the database, in a procedure created at
-// Prepare (cutover.fence_v4): FenceDrain puts the fence up, drains and
+// Prepare (cutover.fence_v5): FenceDrain puts the fence up, drains and
 // writes the marker in one network round trip, which is what the outage
 // pays for on a busy server (see fenceProcSQL).
 //
@@ -73,7 +84,11 @@
 //
 // Limits: superusers and roles outside the fence's scope are not fenced
 // (breach detection in the change stream catches their writes); SECURITY
-// DEFINER functions owned by an unfenced role keep writing.
+// DEFINER functions owned by an unfenced role keep writing. A session
+// that did SET ROLE to a write proxy before the fence keeps the proxy's
+// grants (PostgreSQL 15 cannot grant a membership without SET): its write
+// waits on the hold, and ReleaseRefusingAll cancels the waiting writes of
+// every role fenced by a proxy.
 package postgres
 
 import (
@@ -131,6 +146,29 @@ type Options struct {
 	// they wait, so that the cutover can abort before they land. Zero: the
 	// lock ends with the marker's transaction.
 	Hold time.Duration
+	// WriteProxy is how the fence takes the write privileges away:
+	// ProxyGrants (or empty) revokes the grants, a catalog update per
+	// table and holder inside the outage; ProxyOn moves them to write
+	// proxies at Prepare (proxy_v1), so that the fence revokes one
+	// membership per grantee whatever the number of tables, and fails
+	// Prepare when it cannot; ProxyAuto does the same, or, when the
+	// agent's role may not create roles, logs why and keeps to grants.
+	// For the side that takes the application's writes (blue); Unfence
+	// moves the grants back and drops the proxies.
+	WriteProxy string
+}
+
+// The ways the fence takes write privileges away (Options.WriteProxy,
+// fence.blue).
+const (
+	ProxyAuto   = "auto"
+	ProxyOn     = "proxy"
+	ProxyGrants = "grants"
+)
+
+// proxying says whether this Fencer moves grants to write proxies.
+func (f *Fencer) proxying() bool {
+	return f.opts.WriteProxy == ProxyAuto || f.opts.WriteProxy == ProxyOn
 }
 
 // Fencer fences one PostgreSQL database. It is safe for concurrent use.
@@ -182,6 +220,7 @@ CREATE TABLE IF NOT EXISTS cutover.fence_state_v3 (
 	unfenced_by text
 );
 ALTER TABLE cutover.fence_state_v3 ADD COLUMN IF NOT EXISTS logins_locked_at timestamptz;
+ALTER TABLE cutover.fence_state_v3 ADD COLUMN IF NOT EXISTS proxied jsonb NOT NULL DEFAULT '[]';
 CREATE TABLE IF NOT EXISTS cutover.markers (
 	nonce      text        PRIMARY KEY,
 	plan       text        NOT NULL,
@@ -197,12 +236,21 @@ CREATE TABLE IF NOT EXISTS cutover.markers (
 // unfence v5: logins locked by a login fence (lock_logins_v1) are saved as
 // LOGIN entries beside the grants; v4 refuses such a state (an entry
 // naming no table), so an older agent fails loudly rather than lifting
-// the grants and leaving the application unable to log in.
+// the grants and leaving the application unable to log in. fence v5,
+// unfence v6: write proxies (proxy_v1, unproxy_v1): memberships revoked
+// are saved as MEMBER entries, which unfence v5 refuses the same way (an
+// unknown privilege naming no table). An older agent's fence (v4) on a
+// database with proxies but not fenced revokes the proxies' grants table
+// by table (they are in its membership closure) and restores them.
+// refuse_held_v1: ReleaseRefusingAll's cancels, on the holding session.
 const (
-	fenceProcName   = "cutover.fence_v4"
+	fenceProcName   = "cutover.fence_v5"
+	proxyFuncName   = "cutover.proxy_v1"
+	unproxyFuncName = "cutover.unproxy_v1"
+	refuseFuncName  = "cutover.refuse_held_v1"
 	drainFuncName   = "cutover.drain_v4"
 	writeACLName    = "cutover.write_acl_v3"
-	unfenceFuncName = "cutover.unfence_v5"
+	unfenceFuncName = "cutover.unfence_v6"
 	loginsFuncName  = "cutover.lock_logins_v1"
 	holdersFuncName = "cutover.login_holders_v1"
 	stateTable      = "cutover.fence_state_v3"
@@ -414,15 +462,37 @@ DECLARE
 	v_lost jsonb := '[]';
 	v_stmt record;
 	v_revoked int := 0;
+	v_proxied jsonb;
+	v_proxies text[];
+	v_members jsonb := '[]';
+	v_m record;
 	v_called timestamptz := pg_catalog.clock_timestamp();
 BEGIN
 	PERFORM pg_catalog.set_config('search_path', '` + pinPath + `', true);
 	IF p_fence THEN
 		INSERT INTO ` + stateTable + ` (id, epoch, fenced) VALUES (true, 0, false) ON CONFLICT DO NOTHING;
-		SELECT epoch, CASE WHEN fenced THEN saved ELSE '[]' END INTO v_epoch, v_saved FROM ` + stateTable + ` WHERE id FOR UPDATE;
+		SELECT epoch, CASE WHEN fenced THEN saved ELSE '[]' END, proxied INTO v_epoch, v_saved, v_proxied FROM ` + stateTable + ` WHERE id FOR UPDATE;
 		IF v_epoch > p_epoch THEN
 			RAISE EXCEPTION 'presented %, the database has seen %', p_epoch, v_epoch USING ERRCODE = 'CU001';
 		END IF;
+	ELSE
+		SELECT proxied INTO v_proxied FROM ` + stateTable + ` WHERE id;
+	END IF;
+	v_proxied := coalesce(v_proxied, '[]');
+	SELECT coalesce(array_agg(DISTINCT e->>'proxy'), '{}') INTO v_proxies FROM jsonb_array_elements(v_proxied) e;
+	IF p_fence AND cardinality(v_proxies) > 0 THEN
+		-- The write proxies (proxy_v1): one REVOKE per proxy and member,
+		-- whatever the number of tables. Every member is revoked, not
+		-- only the grantee it was made for.
+		FOR v_m IN
+			SELECT p.rolname AS proxy, m.rolname AS member
+			FROM pg_roles p JOIN pg_auth_members am ON am.roleid = p.oid JOIN pg_roles m ON m.oid = am.member
+			WHERE p.rolname = ANY(v_proxies)
+			ORDER BY 1, 2
+		LOOP
+			EXECUTE format('REVOKE %I FROM %I', v_m.proxy, v_m.member);
+			v_members := v_members || jsonb_build_object('privilege', 'MEMBER', 'role', v_m.proxy::text, 'grantee', quote_ident(v_m.member));
+		END LOOP;
 	END IF;
 	IF p_fence OR NOT p_marker THEN
 		WITH RECURSIVE agent_roles AS (
@@ -435,9 +505,14 @@ BEGIN
 			           ELSE NOT r.rolsuper AND r.oid NOT IN (SELECT oid FROM agent_roles) AND r.rolname NOT LIKE 'pg\_%' END
 			UNION SELECT m.roleid FROM pg_auth_members m JOIN closure c ON m.member = c.oid
 		)
+		-- The write proxies are not fenced by their grants: their
+		-- members are fenced by their membership.
 		SELECT coalesce(array_agg(c.oid), '{}') || 0::oid INTO v_roles
 		FROM closure c JOIN pg_roles r ON r.oid = c.oid
-		WHERE NOT r.rolsuper AND r.rolname <> current_user;
+		WHERE NOT r.rolsuper AND r.rolname <> current_user AND r.rolname <> ALL(v_proxies);
+		-- What is still granted directly (grants the proxy could not take,
+		-- grants made since it took them): revoked the old way, a catalog
+		-- update per table.
 		v_current := ` + writeACLName + `(p_tables, v_roles, true);
 		IF NOT p_fence THEN
 			-- A dry run (no part selected): what the fence would revoke,
@@ -447,6 +522,8 @@ BEGIN
 			result := jsonb_build_object('would_revoke', v_current, 'holders', (
 				SELECT coalesce(jsonb_agg(DISTINCT g->>'grantee'), '[]') FROM (
 					SELECT g FROM jsonb_array_elements(v_current) g
+					UNION ALL
+					SELECT g FROM jsonb_array_elements(v_proxied) g
 					UNION ALL
 					SELECT g FROM ` + stateTable + ` s, jsonb_array_elements(s.saved) g
 					WHERE s.fenced AND g->>'table' IN (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = ANY(p_tables))
@@ -485,11 +562,11 @@ BEGIN
 		-- plan put it up, then what was granted since; one entry per grant,
 		-- whatever its grant option.
 		SELECT coalesce(jsonb_agg(g ORDER BY g->>'table', ord), '[]') INTO v_saved FROM (
-			SELECT DISTINCT ON (g->>'table', g->>'column', g->>'grantor', g->>'grantee', g->>'privilege') g, ord
+			SELECT DISTINCT ON (g->>'table', g->>'column', g->>'grantor', g->>'grantee', g->>'privilege', g->>'role') g, ord
 			FROM (SELECT g, 0 AS src, ord FROM jsonb_array_elements(v_saved) WITH ORDINALITY s(g, ord)
 			      UNION ALL
-			      SELECT g, 1, ord FROM jsonb_array_elements(v_current || v_lost) WITH ORDINALITY c(g, ord)) u
-			ORDER BY g->>'table', g->>'column', g->>'grantor', g->>'grantee', g->>'privilege', src, ord) d;
+			      SELECT g, 1, ord FROM jsonb_array_elements(v_members || v_current || v_lost) WITH ORDINALITY c(g, ord)) u
+			ORDER BY g->>'table', g->>'column', g->>'grantor', g->>'grantee', g->>'privilege', g->>'role', src, ord) d;
 		UPDATE ` + stateTable + `
 		SET epoch = p_epoch, fenced = true, saved = v_saved, plan = p_plan, pair = p_pair,
 		    fenced_at = CASE WHEN fenced THEN fenced_at ELSE now() END, unfenced_at = NULL, unfenced_by = NULL
@@ -498,7 +575,7 @@ BEGIN
 		COMMIT;
 		PERFORM pg_catalog.set_config('search_path', '` + pinPath + `', true);
 	END IF;
-	result := jsonb_build_object('revoked', v_revoked, 'dependent_saved', jsonb_array_length(v_lost),
+	result := jsonb_build_object('revoked', v_revoked, 'dependent_saved', jsonb_array_length(v_lost), 'memberships_revoked', jsonb_array_length(v_members),
 		'fence_us', (extract(epoch FROM clock_timestamp() - v_called) * 1e6)::bigint);
 	IF NOT p_marker THEN
 		RETURN;
@@ -562,6 +639,9 @@ DECLARE
 	v_fenced boolean;
 	v_saved jsonb;
 	v_logins jsonb;
+	v_members jsonb;
+	v_proxied jsonb;
+	v_member int := 0;
 	v_public jsonb := '[]';
 	v_bad jsonb;
 	v_pending jsonb;
@@ -597,8 +677,27 @@ BEGIN
 	END IF;
 	IF v_fenced THEN
 		SELECT coalesce(jsonb_agg(g) FILTER (WHERE g->>'privilege' = 'LOGIN'), '[]'),
-		       coalesce(jsonb_agg(g) FILTER (WHERE g->>'privilege' IS DISTINCT FROM 'LOGIN'), '[]')
-		INTO v_logins, v_saved FROM jsonb_array_elements(v_saved) g;
+		       coalesce(jsonb_agg(g) FILTER (WHERE g->>'privilege' = 'MEMBER'), '[]'),
+		       coalesce(jsonb_agg(g) FILTER (WHERE g->>'privilege' IS DISTINCT FROM 'LOGIN' AND g->>'privilege' IS DISTINCT FROM 'MEMBER'), '[]')
+		INTO v_logins, v_members, v_saved FROM jsonb_array_elements(v_saved) g;
+		SELECT proxied INTO v_proxied FROM ` + stateTable + ` WHERE id;
+		-- Memberships in the write proxies (fence_v5): a few roles, each
+		-- resolved against the catalog, the proxy only if the state
+		-- records it as one.
+		FOR v_g IN
+			SELECT g, p.rolname AS proxy, m.rolname AS member FROM jsonb_array_elements(v_members) g
+			LEFT JOIN pg_roles p ON p.rolname = g->>'role'
+			     AND p.rolname IN (SELECT e->>'proxy' FROM jsonb_array_elements(coalesce(v_proxied, '[]')) e)
+			LEFT JOIN pg_roles m ON quote_ident(m.rolname) = g->>'grantee'
+		LOOP
+			IF v_g.proxy IS NULL OR v_g.member IS NULL THEN
+				RAISE EXCEPTION 'saved memberships name a role that no longer exists or no write proxy: %', v_g.g;
+			END IF;
+			IF NOT v_dry THEN
+				EXECUTE format('GRANT %I TO %I', v_g.proxy, v_g.member);
+				v_member := v_member + 1;
+			END IF;
+		END LOOP;
 		IF p_keep_logins THEN
 			SELECT coalesce(jsonb_agg(g) FILTER (WHERE g->>'grantee' = 'PUBLIC'), '[]'),
 			       coalesce(jsonb_agg(g) FILTER (WHERE g->>'grantee' IS DISTINCT FROM 'PUBLIC'), '[]')
@@ -747,14 +846,14 @@ BEGIN
 		-- Still fenced, by the locks (and PUBLIC's grants, kept saved).
 		UPDATE ` + stateTable + ` SET epoch = p_epoch, saved = v_logins || v_public WHERE id;
 		RETURN jsonb_build_object('restored', v_restored, 'statements', v_statements, 'was_fenced', true,
-			'terminated', v_terminated, 'kept', jsonb_array_length(v_public));
+			'terminated', v_terminated, 'kept', jsonb_array_length(v_public), 'memberships', v_member);
 	END IF;
 	UPDATE ` + stateTable + `
 	SET epoch = CASE WHEN p_break_glass THEN 0 ELSE p_epoch END, fenced = false, saved = '[]', logins_locked_at = NULL,
 	    unfenced_at = CASE WHEN fenced THEN now() ELSE unfenced_at END,
 	    unfenced_by = CASE WHEN fenced THEN p_plan || '/' || p_pair || CASE WHEN p_break_glass THEN ' (break-glass)' ELSE '' END ELSE unfenced_by END
 	WHERE id;
-	RETURN jsonb_build_object('restored', v_restored, 'statements', v_statements, 'was_fenced', v_fenced, 'unlocked', v_unlocked);
+	RETURN jsonb_build_object('restored', v_restored, 'statements', v_statements, 'was_fenced', v_fenced, 'unlocked', v_unlocked, 'memberships', v_member);
 END
 $unfence$`
 
@@ -831,6 +930,264 @@ BEGIN
 END
 $logins$`
 
+// proxyFuncSQL moves the fenced roles' write grants on the tables in
+// scope to write proxies, before the window (Prepare), in one
+// transaction: each grantee's grants go to a NOLOGIN role of its own,
+// cutover_w_<hash of the database's and the grantee's names> (roles are
+// the cluster's, and a membership revoked for one database must not fence
+// another), given by the same grantor, and
+// the grantee is made a member of it. The grantee's privileges do not
+// change (it inherits them), so the application never notices; the fence
+// then takes them away with one REVOKE of the membership per grantee,
+// whatever the number of tables (fence_v5), and the unfence gives the
+// membership back. What was moved is recorded in the fence state
+// (proxied), so that unproxy_v1 moves it back exactly, and so that a
+// fence by any agent finds the proxies.
+//
+// Left granted directly, to be revoked table by table by the fence as
+// before: grants WITH GRANT OPTION (and so what was granted with them),
+// PUBLIC's, grants to a NOINHERIT role (it would lose them: PostgreSQL 15
+// has no per-grant INHERIT) and an owner's own privileges on its table.
+// The result counts them. Nothing is done on a fenced database (its
+// fence already holds). Errors: 42501 the agent may not create roles
+// (CREATEROLE), CU006 a role named like a proxy exists that cutover did
+// not create.
+const proxyFuncSQL = `
+CREATE OR REPLACE FUNCTION ` + proxyFuncName + `(p_tables oid[], p_roles text[])
+RETURNS jsonb LANGUAGE plpgsql SET search_path = ` + pinPath + ` AS $proxy$
+DECLARE
+	v_fenced boolean;
+	v_proxied jsonb;
+	v_roles oid[];
+	v_current jsonb;
+	v_move jsonb;
+	v_direct jsonb;
+	v_p record;
+	v_stmt record;
+	v_created int := 0;
+	v_statements int := 0;
+BEGIN
+	INSERT INTO ` + stateTable + ` (id, epoch, fenced) VALUES (true, 0, false) ON CONFLICT DO NOTHING;
+	SELECT fenced, proxied INTO v_fenced, v_proxied FROM ` + stateTable + ` WHERE id FOR UPDATE;
+	IF v_fenced THEN
+		RETURN jsonb_build_object('skipped', 'fenced', 'proxies',
+			(SELECT coalesce(jsonb_agg(DISTINCT e->>'proxy'), '[]') FROM jsonb_array_elements(v_proxied) e));
+	END IF;
+	IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = current_user AND (rolsuper OR rolcreaterole)) THEN
+		RAISE EXCEPTION 'the agent''s role % may not create the write proxies (it needs CREATEROLE)', current_user USING ERRCODE = '42501';
+	END IF;
+	-- The fenced roles, as fence_v5 resolves them.
+	WITH RECURSIVE agent_roles AS (
+		SELECT r.oid FROM pg_roles r WHERE r.rolname = current_user
+		UNION SELECT m.roleid FROM pg_auth_members m JOIN agent_roles a ON m.member = a.oid
+	), closure AS (
+		SELECT r.oid FROM pg_roles r
+		WHERE CASE WHEN cardinality(p_roles) > 0
+		           THEN r.rolname = ANY(p_roles)
+		           ELSE NOT r.rolsuper AND r.oid NOT IN (SELECT oid FROM agent_roles) AND r.rolname NOT LIKE 'pg\_%' END
+		UNION SELECT m.roleid FROM pg_auth_members m JOIN closure c ON m.member = c.oid
+	)
+	SELECT coalesce(array_agg(c.oid), '{}') INTO v_roles
+	FROM closure c JOIN pg_roles r ON r.oid = c.oid
+	WHERE NOT r.rolsuper AND r.rolname <> current_user
+	  AND r.rolname NOT IN (SELECT e->>'proxy' FROM jsonb_array_elements(v_proxied) e);
+	v_current := ` + writeACLName + `(p_tables, v_roles, true);
+	SELECT coalesce(jsonb_agg(g || jsonb_build_object('proxy', 'cutover_w_' || left(md5(current_database() || '/' || r.rolname), 16)))
+	                FILTER (WHERE NOT (g->>'grantable')::boolean AND r.rolinherit AND c.relowner <> r.oid), '[]'),
+	       coalesce(jsonb_agg(g || jsonb_build_object('why', CASE WHEN (g->>'grantable')::boolean THEN 'grant option'
+	                WHEN NOT r.rolinherit THEN 'noinherit' ELSE 'owner' END))
+	                FILTER (WHERE (g->>'grantable')::boolean OR NOT r.rolinherit OR c.relowner = r.oid), '[]')
+	INTO v_move, v_direct
+	FROM jsonb_array_elements(v_current) g
+	JOIN pg_roles r ON quote_ident(r.rolname) = g->>'grantee'
+	JOIN pg_class c ON c.oid = to_regclass(g->>'table');
+	-- One proxy per grantee, created here unless cutover created it
+	-- before (its comment says so).
+	FOR v_p IN
+		SELECT DISTINCT g->>'proxy' AS proxy, r.rolname AS grantee, x.oid AS existing, x.rolcanlogin, x.rolsuper,
+		       shobj_description(x.oid, 'pg_authid') AS note
+		FROM jsonb_array_elements(v_move) g
+		JOIN pg_roles r ON quote_ident(r.rolname) = g->>'grantee'
+		LEFT JOIN pg_roles x ON x.rolname = g->>'proxy'
+	LOOP
+		IF v_p.existing IS NULL THEN
+			EXECUTE format('CREATE ROLE %I NOLOGIN', v_p.proxy);
+			EXECUTE format('COMMENT ON ROLE %I IS %L', v_p.proxy, 'cutover write proxy of ' || v_p.grantee || ' on ' || current_database());
+			v_created := v_created + 1;
+		ELSIF v_p.rolcanlogin OR v_p.rolsuper OR v_p.note IS DISTINCT FROM 'cutover write proxy of ' || v_p.grantee || ' on ' || current_database() THEN
+			RAISE EXCEPTION 'role % exists and is not a write proxy cutover created for %', v_p.proxy, v_p.grantee USING ERRCODE = 'CU006';
+		END IF;
+		IF NOT pg_has_role(v_p.grantee, v_p.proxy, 'MEMBER') THEN
+			EXECUTE format('GRANT %I TO %I', v_p.proxy, v_p.grantee);
+		END IF;
+	END LOOP;
+	-- Grouped as the fence groups its REVOKEs: per grantor, grantee and
+	-- set of privileges over every table given that set.
+	FOR v_stmt IN
+		SELECT t.grantor, t.proxy, t.privs, t.grantee, string_agg(t.tbl, ', ' ORDER BY t.tbl) AS tbls
+		FROM (SELECT g->>'grantor' AS grantor, g->>'table' AS tbl, g->>'column' AS col, g->>'grantee' AS grantee, g->>'proxy' AS proxy,
+		             string_agg((g->>'privilege') || coalesce(' (' || (g->>'column') || ')', ''), ', ' ORDER BY g->>'privilege') AS privs
+		      FROM jsonb_array_elements(v_move) g
+		      GROUP BY 1, 2, 3, 4, 5) t
+		GROUP BY t.grantor, t.grantee, t.proxy, t.privs, CASE WHEN t.col IS NULL THEN NULL ELSE t.tbl END, t.col
+	LOOP
+		EXECUTE format('SET LOCAL ROLE %I', v_stmt.grantor);
+		EXECUTE format('GRANT %s ON %s TO %I', v_stmt.privs, v_stmt.tbls, v_stmt.proxy);
+		EXECUTE format('REVOKE %s ON %s FROM %s', v_stmt.privs, v_stmt.tbls, v_stmt.grantee);
+		RESET ROLE;
+		v_statements := v_statements + 1;
+	END LOOP;
+	UPDATE ` + stateTable + ` SET proxied = (
+		SELECT coalesce(jsonb_agg(DISTINCT g), '[]') FROM jsonb_array_elements(v_proxied || v_move) g) WHERE id;
+	RETURN jsonb_build_object('moved', jsonb_array_length(v_move), 'statements', v_statements, 'created', v_created,
+		'proxies', (SELECT coalesce(jsonb_agg(DISTINCT e->>'proxy'), '[]') FROM jsonb_array_elements(v_proxied || v_move) e),
+		'direct', (SELECT coalesce(jsonb_object_agg(w, n), '{}') FROM (
+			SELECT g->>'why' AS w, count(*) AS n FROM jsonb_array_elements(v_direct) g GROUP BY 1) d));
+END
+$proxy$`
+
+// unproxyFuncSQL moves every grant proxy_v1 moved back to its grantee,
+// each given by its grantor, and drops the proxies: when the database is
+// no longer fenced (after the unfence; the fence state's memberships are
+// back by then). A table dropped since takes its grants with it; a proxy
+// that someone granted something else is left (and reported) rather than
+// dropped with it. Nothing is done while fenced: the fence is the
+// proxies' membership. Names are resolved against the catalogs before
+// anything runs, as unfence_v6 does.
+const unproxyFuncSQL = `
+CREATE OR REPLACE FUNCTION ` + unproxyFuncName + `()
+RETURNS jsonb LANGUAGE plpgsql SET search_path = ` + pinPath + ` AS $unproxy$
+DECLARE
+	v_fenced boolean;
+	v_proxied jsonb;
+	v_back jsonb;
+	v_stmt record;
+	v_p record;
+	v_statements int := 0;
+	v_dropped int := 0;
+	v_kept jsonb := '[]';
+BEGIN
+	SELECT fenced, proxied INTO v_fenced, v_proxied FROM ` + stateTable + ` WHERE id FOR UPDATE;
+	IF v_fenced IS NULL OR jsonb_array_length(v_proxied) = 0 THEN
+		RETURN '{}';
+	END IF;
+	IF v_fenced THEN
+		RETURN jsonb_build_object('skipped', 'fenced');
+	END IF;
+	SELECT coalesce(jsonb_agg(jsonb_strip_nulls(jsonb_build_object('grantor', gr.rolname, 'grantee', quote_ident(ge.rolname), 'proxy', px.rolname,
+	               'table', t.name, 'column', (SELECT quote_ident(a.attname) FROM pg_attribute a
+	                   WHERE a.attrelid = t.oid AND quote_ident(a.attname) = g->>'column' AND NOT a.attisdropped),
+	               'privilege', g->>'privilege'))), '[]')
+	INTO v_back
+	FROM jsonb_array_elements(v_proxied) g
+	JOIN LATERAL (
+		SELECT c.oid, format('%I.%I', n.nspname, c.relname) AS name
+		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE c.oid = CASE WHEN g->>'table' ~ '^("([^"]|"")+"|[a-z_][a-z0-9_]*)\.("([^"]|"")+"|[a-z_][a-z0-9_]*)$'
+		                   THEN to_regclass(g->>'table') END
+		  AND c.relkind IN ('r', 'p') AND format('%I.%I', n.nspname, c.relname) = g->>'table') t ON true
+	JOIN pg_roles gr ON gr.rolname = g->>'grantor'
+	JOIN pg_roles ge ON quote_ident(ge.rolname) = g->>'grantee'
+	JOIN pg_roles px ON px.rolname = g->>'proxy' AND px.rolname LIKE 'cutover\_w\_%'
+	WHERE g->>'privilege' IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')
+	  AND (NOT g ? 'column' OR EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = t.oid AND quote_ident(a.attname) = g->>'column' AND NOT a.attisdropped));
+	FOR v_stmt IN
+		SELECT t.grantor, t.proxy, t.privs, t.grantee, string_agg(t.tbl, ', ' ORDER BY t.tbl) AS tbls
+		FROM (SELECT g->>'grantor' AS grantor, g->>'table' AS tbl, g->>'column' AS col, g->>'grantee' AS grantee, g->>'proxy' AS proxy,
+		             string_agg((g->>'privilege') || coalesce(' (' || (g->>'column') || ')', ''), ', ' ORDER BY g->>'privilege') AS privs
+		      FROM jsonb_array_elements(v_back) g
+		      GROUP BY 1, 2, 3, 4, 5) t
+		GROUP BY t.grantor, t.grantee, t.proxy, t.privs, CASE WHEN t.col IS NULL THEN NULL ELSE t.tbl END, t.col
+	LOOP
+		EXECUTE format('SET LOCAL ROLE %I', v_stmt.grantor);
+		EXECUTE format('GRANT %s ON %s TO %s', v_stmt.privs, v_stmt.tbls, v_stmt.grantee);
+		EXECUTE format('REVOKE %s ON %s FROM %I', v_stmt.privs, v_stmt.tbls, v_stmt.proxy);
+		RESET ROLE;
+		v_statements := v_statements + 1;
+	END LOOP;
+	FOR v_p IN
+		SELECT DISTINCT p.rolname AS proxy FROM jsonb_array_elements(v_proxied) g
+		JOIN pg_roles p ON p.rolname = g->>'proxy' AND p.rolname LIKE 'cutover\_w\_%'
+	LOOP
+		BEGIN
+			EXECUTE format('DROP ROLE %I', v_p.proxy);
+			v_dropped := v_dropped + 1;
+		EXCEPTION WHEN dependent_objects_still_exist THEN
+			v_kept := v_kept || to_jsonb(v_p.proxy::text);
+		END;
+	END LOOP;
+	UPDATE ` + stateTable + ` SET proxied = '[]' WHERE id;
+	RETURN jsonb_build_object('moved_back', jsonb_array_length(v_back), 'statements', v_statements, 'dropped', v_dropped, 'kept', v_kept);
+END
+$unproxy$`
+
+// refuseFuncSQL cancels, on the holding session right before it lets go,
+// the writes waiting on the hold that would land once released: those of
+// roles the fence does not stop (a superuser, a role still holding a
+// write privilege: see HeldBreaches), and those of roles fenced by a
+// write proxy, any of which may have done SET ROLE to the proxy before
+// the fence (it keeps the proxy's grants: PostgreSQL 15 cannot grant a
+// membership without SET); the rest of them would fail on the fence
+// anyway. It then waits, at most p_wait_ms, for the cancelled statements
+// to leave the lock queue (a cancel is a signal: it takes effect a moment
+// later); a statement is told by its session and start, so that a writer
+// retrying at once is not waited for. It returns the outsiders cancelled.
+// Run on the holding session, in its transaction, with the ROLLBACK that
+// ends the hold in the same round trip; pg_stat_activity is read afresh
+// each time (a transaction otherwise keeps its first view).
+const refuseFuncSQL = `
+CREATE OR REPLACE FUNCTION ` + refuseFuncName + `(p_tables oid[], p_wait_ms int)
+RETURNS jsonb LANGUAGE plpgsql SET search_path = ` + pinPath + ` AS $refuse$
+DECLARE
+	v_pids int[];
+	v_starts timestamptz[];
+	v_outsiders jsonb;
+	v_members int;
+	v_deadline timestamptz := clock_timestamp() + p_wait_ms * interval '1 millisecond';
+BEGIN
+	PERFORM pg_stat_clear_snapshot();
+	WITH waiting AS (
+		SELECT DISTINCT a.pid, a.usesysid, a.usename, a.application_name, a.state, a.xact_start, a.query_start
+		FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid
+		WHERE a.backend_type = 'client backend' AND NOT l.granted AND l.relation = ANY(p_tables)
+		  AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')
+	), outsiders AS (
+		SELECT w.* FROM waiting w WHERE EXISTS (
+			SELECT 1 FROM pg_locks l
+			WHERE l.pid = w.pid AND NOT l.granted AND l.relation = ANY(p_tables)
+			  AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')
+			  AND (has_table_privilege(w.usesysid, l.relation, 'INSERT') OR has_table_privilege(w.usesysid, l.relation, 'UPDATE')
+			       OR has_table_privilege(w.usesysid, l.relation, 'DELETE') OR has_table_privilege(w.usesysid, l.relation, 'TRUNCATE')))
+	), members AS (
+		SELECT w.* FROM waiting w WHERE EXISTS (
+			SELECT 1 FROM ` + stateTable + ` s, jsonb_array_elements(s.saved) g, pg_roles r
+			WHERE s.fenced AND g->>'privilege' = 'MEMBER' AND quote_ident(r.rolname) = g->>'grantee'
+			  AND pg_has_role(w.usesysid, r.oid, 'MEMBER'))
+	), targets AS (
+		SELECT pid, query_start FROM outsiders UNION SELECT pid, query_start FROM members
+	), cancelled AS (
+		SELECT t.pid, t.query_start FROM targets t WHERE pg_cancel_backend(t.pid)
+	)
+	SELECT (SELECT coalesce(array_agg(c.pid), '{}') FROM cancelled c),
+	       (SELECT coalesce(array_agg(c.query_start), '{}') FROM cancelled c),
+	       (SELECT coalesce(jsonb_agg(jsonb_build_object('pid', o.pid, 'user', coalesce(o.usename::text, ''),
+	                'application', coalesce(o.application_name, ''), 'state', coalesce(o.state, ''),
+	                'xact_age_us', coalesce((extract(epoch FROM now() - o.xact_start) * 1e6)::bigint, 0)) ORDER BY o.pid), '[]') FROM outsiders o),
+	       (SELECT count(*) FROM members)
+	INTO v_pids, v_starts, v_outsiders, v_members;
+	LOOP
+		EXIT WHEN cardinality(v_pids) = 0 OR clock_timestamp() > v_deadline;
+		PERFORM pg_stat_clear_snapshot();
+		EXIT WHEN NOT EXISTS (
+			SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+			JOIN unnest(v_pids, v_starts) c(pid, started) ON c.pid = a.pid AND c.started = a.query_start
+			WHERE NOT l.granted AND l.relation = ANY(p_tables));
+		PERFORM pg_sleep(0.001);
+	END LOOP;
+	RETURN jsonb_build_object('outsiders', v_outsiders, 'proxy_members', v_members);
+END
+$refuse$`
+
 // serverObjects are created at Prepare unless already there with the same
 // body (pg_proc.prosrc is the text between the dollar quotes).
 var serverObjects = []struct{ name, sql, body string }{
@@ -840,6 +1197,9 @@ var serverObjects = []struct{ name, sql, body string }{
 	{holdersFuncName, holdersFuncSQL, strings.Split(holdersFuncSQL, "$holders$")[1]},
 	{unfenceFuncName, unfenceFuncSQL, strings.Split(unfenceFuncSQL, "$unfence$")[1]},
 	{loginsFuncName, loginsFuncSQL, strings.Split(loginsFuncSQL, "$logins$")[1]},
+	{proxyFuncName, proxyFuncSQL, strings.Split(proxyFuncSQL, "$proxy$")[1]},
+	{unproxyFuncName, unproxyFuncSQL, strings.Split(unproxyFuncSQL, "$unproxy$")[1]},
+	{refuseFuncName, refuseFuncSQL, strings.Split(refuseFuncSQL, "$refuse$")[1]},
 }
 
 // createFenceProc creates the server-side functions unless they are there
@@ -1052,8 +1412,90 @@ func (f *Fencer) Prepare(ctx context.Context) error {
 		}
 		return fmt.Errorf("fence: the fence would take %s on the tables in scope from %s (and the roles they are members of): it would stop no application role; name the application's roles in fence_roles, or grant them their privileges", held, who)
 	}
+	if f.proxying() {
+		if err := f.proxy(ctx, oids); err != nil {
+			if f.opts.WriteProxy == ProxyOn || !errors.Is(err, ErrWriteProxyUnavailable) {
+				return err
+			}
+			f.log.Warn("the fence stays on the grants, revoked table by table inside the write outage: grant the agent's role CREATEROLE, or set fence.blue: grants to silence this", zap.Error(err))
+		}
+	}
 	f.tableOIDs = oids
 	return f.Warm(ctx)
+}
+
+// ErrWriteProxyUnavailable: the agent's role may not create the write
+// proxies (it needs CREATEROLE), or a role named like one exists that
+// cutover did not create. Nothing is changed.
+var ErrWriteProxyUnavailable = errors.New("the write proxies cannot be set up")
+
+// proxy moves the fenced roles' write grants to write proxies (see
+// proxyFuncSQL), outside the outage, in one transaction.
+func (f *Fencer) proxy(ctx context.Context, oids []uint32) error {
+	start := time.Now()
+	roles := f.opts.Roles
+	if roles == nil {
+		roles = []string{}
+	}
+	var raw []byte
+	err := f.pool.QueryRow(ctx, "SELECT "+proxyFuncName+"($1::oid[], $2::text[])", pgx.QueryExecModeSimpleProtocol, oids, roles).Scan(&raw)
+	if err != nil {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && (pgErr.Code == "42501" || pgErr.Code == "CU006") {
+			return fmt.Errorf("fence: %w: %s", ErrWriteProxyUnavailable, pgErr.Message)
+		}
+		return fmt.Errorf("fence: move the write grants to proxies: %w", err)
+	}
+	var res struct {
+		Moved      int            `json:"moved"`
+		Statements int            `json:"statements"`
+		Created    int            `json:"created"`
+		Proxies    []string       `json:"proxies"`
+		Direct     map[string]int `json:"direct"`
+		Skipped    string         `json:"skipped"`
+	}
+	if err := json.Unmarshal(raw, &res); err != nil {
+		return fmt.Errorf("fence: proxy result: %w", err)
+	}
+	fields := []zap.Field{zap.Int("grants_moved", res.Moved), zap.Int("statements", res.Statements), zap.Int("proxies_created", res.Created),
+		zap.Strings("proxies", res.Proxies), zap.String("skipped", res.Skipped), zap.Duration("took", time.Since(start))}
+	if len(res.Direct) > 0 {
+		// Still correct: the fence revokes them the old way.
+		f.log.Warn("some write grants stay direct and the fence revokes them table by table inside the write outage (grant options, NOINHERIT grantees, owners' own privileges)",
+			append(fields, zap.Any("direct", res.Direct))...)
+		return nil
+	}
+	f.log.Info("write grants moved to write proxies", fields...)
+	return nil
+}
+
+// unproxy moves the grants back from the write proxies and drops them,
+// once the database is no longer fenced (see unproxyFuncSQL).
+func (f *Fencer) unproxy(ctx context.Context) error {
+	start := time.Now()
+	var raw []byte
+	if err := f.pool.QueryRow(ctx, "SELECT "+unproxyFuncName+"()", pgx.QueryExecModeSimpleProtocol).Scan(&raw); err != nil {
+		return fmt.Errorf("move the write grants back from the proxies: %w", err)
+	}
+	var res struct {
+		MovedBack  int      `json:"moved_back"`
+		Statements int      `json:"statements"`
+		Dropped    int      `json:"dropped"`
+		Kept       []string `json:"kept"`
+	}
+	if err := json.Unmarshal(raw, &res); err != nil {
+		return fmt.Errorf("unproxy result: %w", err)
+	}
+	if res.MovedBack == 0 && res.Dropped == 0 && len(res.Kept) == 0 {
+		return nil
+	}
+	fields := []zap.Field{zap.Int("grants_moved_back", res.MovedBack), zap.Int("statements", res.Statements), zap.Int("proxies_dropped", res.Dropped), zap.Duration("took", time.Since(start))}
+	if len(res.Kept) > 0 {
+		f.log.Warn("write proxies kept: they hold privileges cutover did not give them", append(fields, zap.Strings("kept", res.Kept))...)
+		return nil
+	}
+	f.log.Info("write grants moved back from the write proxies", fields...)
+	return nil
 }
 
 // checkLockCapacity refuses tables the drain could not lock all at once:
@@ -1181,7 +1623,7 @@ func (f *Fencer) Fence(ctx context.Context, epoch uint64) error {
 	if err != nil {
 		return fmt.Errorf("fence %s/%s: %w", f.opts.Plan, f.opts.Pair, err)
 	}
-	f.log.Info("fenced", zap.Uint64("epoch", epoch), zap.Int("revokes", res.Revoked), zap.Duration("took", time.Since(start)))
+	f.log.Info("fenced", zap.Uint64("epoch", epoch), zap.Int("revokes", res.Revoked), zap.Int("memberships_revoked", res.MembershipsRevoked), zap.Duration("took", time.Since(start)))
 	return nil
 }
 
@@ -1212,7 +1654,17 @@ func (f *Fencer) Unfence(ctx context.Context, epoch uint64) error {
 	if err != nil {
 		return fmt.Errorf("unfence %s/%s: %w", f.opts.Plan, f.opts.Pair, err)
 	}
-	f.log.Info("unfenced", zap.Uint64("epoch", epoch), zap.Int("privileges_restored", res.Restored), zap.Int("grant_statements", res.Statements), zap.Int("logins_unlocked", res.Unlocked), zap.Duration("took", time.Since(start)))
+	f.log.Info("unfenced", zap.Uint64("epoch", epoch), zap.Int("privileges_restored", res.Restored), zap.Int("grant_statements", res.Statements), zap.Int("logins_unlocked", res.Unlocked), zap.Int("memberships_restored", res.Memberships), zap.Duration("took", time.Since(start)))
+	if f.proxying() || res.Memberships > 0 {
+		// The application writes again from the unfence's commit; the
+		// grants go back to it directly after that, table by table. Also
+		// for a Fencer made without proxies (a finalize, a later agent's)
+		// that found proxy memberships to give back: nothing is left
+		// moved.
+		if err := f.unproxy(ctx); err != nil {
+			return fmt.Errorf("unfence %s/%s: %w", f.opts.Plan, f.opts.Pair, err)
+		}
+	}
 	return nil
 }
 
@@ -1342,6 +1794,9 @@ func (f *Fencer) BreakGlassUnfence(ctx context.Context) (Unfenced, error) {
 	if err != nil {
 		return out, fmt.Errorf("break-glass unfence: %w", err)
 	}
+	if err := f.unproxy(ctx); err != nil {
+		return out, fmt.Errorf("break-glass unfence: %w", err)
+	}
 	out.WasFenced, out.Restored = res.WasFenced, res.Restored
 	f.log.Warn("unfenced by hand (break-glass)", zap.Bool("was_fenced", res.WasFenced), zap.Int("privileges_restored", res.Restored))
 	return out, nil
@@ -1358,6 +1813,8 @@ type unfenceResult struct {
 	Unlocked   int `json:"unlocked"`
 	Terminated int `json:"terminated"`
 	Kept       int `json:"kept"`
+	// Memberships counts the write proxies' memberships given back.
+	Memberships int `json:"memberships"`
 }
 
 func (f *Fencer) unfence(ctx context.Context, epoch uint64, breakGlass, keepLogins bool) (unfenceResult, error) {
@@ -1442,7 +1899,7 @@ func (f *Fencer) drain(ctx context.Context, epoch uint64, grace time.Duration, f
 	fields := []zap.Field{zap.Uint64("epoch", epoch), zap.String("marker", nonce), zap.String("lsn", res.LSN), zap.Duration("waited", out.Waited), zap.Int("terminated", len(out.Terminated)),
 		zap.Duration("server_time", time.Duration(res.TotalUS)*time.Microsecond), zap.Int("autovacuum_cancelled", res.AutovacuumCancelled), zap.Int("deadlocks_retried", res.Deadlocks), zap.Int("lock_attempts", res.LockAttempts), zap.Bool("holding", out.Held)}
 	if fence {
-		fields = append(fields, zap.Int("revokes", res.Revoked), zap.Duration("revoke_committed_after", time.Duration(res.FenceUS)*time.Microsecond))
+		fields = append(fields, zap.Int("revokes", res.Revoked), zap.Int("memberships_revoked", res.MembershipsRevoked), zap.Duration("revoke_committed_after", time.Duration(res.FenceUS)*time.Microsecond))
 	}
 	for _, s := range out.Terminated {
 		fields = append(fields, zap.String("terminated_session", fmt.Sprintf("pid=%d user=%s app=%q state=%s xact_age=%s", s.PID, s.User, s.Application, s.State, s.XactAge.Round(time.Millisecond))))
@@ -1498,7 +1955,7 @@ func (f *Fencer) drainHolding(ctx context.Context, epoch uint64, grace time.Dura
 	f.held = startHold(conn, f.opts.Hold, f.log)
 	f.mu.Unlock()
 	res := hres
-	res.Revoked, res.FenceUS = fres.res.Revoked, fres.res.FenceUS
+	res.Revoked, res.MembershipsRevoked, res.FenceUS = fres.res.Revoked, fres.res.MembershipsRevoked, fres.res.FenceUS
 	res.LSN, res.TotalUS = mres.LSN, mres.TotalUS
 	return res, nil
 }
@@ -1585,31 +2042,52 @@ func (f *Fencer) CheckHold(ctx context.Context) error {
 // statements of the sessions that HeldBreaches lists (roles outside the
 // fence), so that none of their writes lands once released: for the old
 // side after the traffic has left it, where such a write would be lost.
-// They get SQLSTATE 57014 (query_canceled) and stay connected. It returns
-// the sessions cancelled.
+// They get SQLSTATE 57014 (query_canceled) and stay connected. So do the
+// waiting writes of roles fenced by a write proxy (see heldProxyMembers),
+// which would mostly fail on the fence anyway. It returns the sessions
+// of roles outside the fence it cancelled.
 func (f *Fencer) ReleaseRefusingAll(ctx context.Context) ([]fencing.Session, error) {
-	held, err := f.HeldBreaches(ctx)
-	if err == nil && len(held) > 0 {
-		pids := make([]int32, len(held))
-		for i, s := range held {
-			pids[i] = s.PID
-		}
-		// Cancelled while still waiting for the lock, each leaves the
-		// queue before the release; waited for (briefly) to be sure.
-		_, err = f.pool.Exec(ctx, `SELECT pg_cancel_backend(p) FROM unnest($1::int[]) p`, pids)
-		deadline := time.Now().Add(time.Second)
-		for err == nil {
-			var waiting bool
-			err = f.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted AND pid = ANY($1::int[]) AND relation = ANY($2::oid[]))`, pids, f.tableOIDs).Scan(&waiting)
-			if !waiting || time.Now().After(deadline) {
-				break
-			}
-			time.Sleep(time.Millisecond)
-		}
+	f.mu.Lock()
+	h := f.held
+	f.held = nil
+	f.mu.Unlock()
+	if h == nil {
+		return nil, nil
+	}
+	oids := make([]string, len(f.tableOIDs))
+	for i, oid := range f.tableOIDs {
+		oids[i] = strconv.FormatUint(uint64(oid), 10)
+	}
+	// One round trip: the cancels, the wait for them and the ROLLBACK.
+	raw, err := h.refuseAndRelease(ctx, fmt.Sprintf("SELECT %s('{%s}'::oid[], 1000); ROLLBACK", refuseFuncName, strings.Join(oids, ",")))
+	f.log.Info("released the hold on the tables")
+	if err != nil {
+		return nil, fmt.Errorf("release refusing all: %w", err)
+	}
+	var res struct {
+		Outsiders []struct {
+			PID         int32  `json:"pid"`
+			User        string `json:"user"`
+			Application string `json:"application"`
+			State       string `json:"state"`
+			XactAgeUS   int64  `json:"xact_age_us"`
+		} `json:"outsiders"`
+		ProxyMembers int `json:"proxy_members"`
+	}
+	if err := json.Unmarshal(raw, &res); err != nil {
+		return nil, fmt.Errorf("release refusing all: result: %w", err)
+	}
+	var held []fencing.Session
+	for _, o := range res.Outsiders {
+		held = append(held, fencing.Session{PID: o.PID, User: o.User, Application: o.Application, State: o.State, XactAge: time.Duration(o.XactAgeUS) * time.Microsecond})
+	}
+	if len(held) > 0 {
 		f.log.Warn("cancelled writes of roles outside the fence waiting on the hold", zap.Int("sessions", len(held)), zap.Int32("first_pid", held[0].PID), zap.String("first_user", held[0].User))
 	}
-	f.Release(ctx)
-	return held, err
+	if res.ProxyMembers > 0 {
+		f.log.Info("cancelled the writes of fenced roles waiting on the hold (a session that did SET ROLE to a write proxy would pass the fence)", zap.Int("sessions", res.ProxyMembers))
+	}
+	return held, nil
 }
 
 // HeldBreaches lists the sessions waiting on the hold to write to a table in
@@ -1742,6 +2220,33 @@ func (h *holdSession) release(ctx context.Context) {
 	releaseHold(ctx, h.conn)
 }
 
+// refuseAndRelease stops the keepalive and runs sql, which must end with
+// the ROLLBACK that ends the hold, on the holding session; it returns the
+// first statement's value. On an error the hold is ended all the same.
+func (h *holdSession) refuseAndRelease(ctx context.Context, sql string) ([]byte, error) {
+	h.stopKeepalive()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.err != nil {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		defer cancel()
+		_ = h.conn.Hijack().Close(cctx)
+		return nil, h.err
+	}
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	results, err := h.conn.Conn().PgConn().Exec(rctx, sql).ReadAll()
+	if err == nil && (len(results) != 2 || len(results[0].Rows) != 1) {
+		err = errors.New("unexpected result")
+	}
+	if err != nil {
+		releaseHold(ctx, h.conn)
+		return nil, err
+	}
+	h.conn.Release()
+	return results[0].Rows[0][0], nil
+}
+
 // releaseHold rolls back the holding transaction and gives the session
 // back to the pool, or closes it.
 func releaseHold(ctx context.Context, conn *pgxpool.Conn) {
@@ -1757,6 +2262,8 @@ func releaseHold(ctx context.Context, conn *pgxpool.Conn) {
 // procResult is what the fence procedure and the drain function report.
 type procResult struct {
 	Revoked int `json:"revoked"`
+	// MembershipsRevoked counts the write proxies' memberships taken away.
+	MembershipsRevoked int `json:"memberships_revoked"`
 	// DependentSaved counts grants of roles outside the fence that the
 	// REVOKE's CASCADE took, saved to be given back.
 	DependentSaved int `json:"dependent_saved"`

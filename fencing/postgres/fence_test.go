@@ -604,7 +604,7 @@ func TestAWriterMidTransactionIsNotBlockedByTheDrainAndEndsByItself(t *testing.T
 			deadline := time.Now().Add(10 * time.Second)
 			for {
 				var trying bool
-				if err := e.agent.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND (query LIKE '%drain_v4%' OR query LIKE '%fence_v4%') AND pid <> pg_backend_pid())`).Scan(&trying); err != nil {
+				if err := e.agent.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND (query LIKE '%drain_v4%' OR query LIKE '%fence_v5%') AND pid <> pg_backend_pid())`).Scan(&trying); err != nil {
 					t.Fatal(err)
 				}
 				if trying {

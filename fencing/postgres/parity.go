@@ -27,10 +27,20 @@ WITH RECURSIVE tabs AS (
 ), named AS (
 	SELECT r.oid, r.rolname FROM pg_catalog.pg_roles r
 	WHERE CASE WHEN cardinality($2::text[]) > 0 THEN r.rolname = ANY($2::text[])
-	           ELSE NOT r.rolsuper AND r.oid NOT IN (SELECT oid FROM agent_roles) AND r.rolname NOT LIKE 'pg\_%' END
+	           ELSE NOT r.rolsuper AND r.oid NOT IN (SELECT oid FROM agent_roles) AND r.rolname NOT LIKE 'pg\_%'
+	                AND r.rolname NOT IN (SELECT e->>'proxy' FROM cutover.fence_state_v3 s, jsonb_array_elements(s.proxied) e) END
+), edges AS (
+	-- Memberships, and the write proxies' memberships the fence took
+	-- away (saved): what the roles are members of once unfenced.
+	SELECT a.member, a.roleid FROM pg_catalog.pg_auth_members a
+	UNION
+	SELECT m.oid, p.oid FROM cutover.fence_state_v3 s, jsonb_array_elements(s.saved) g
+	JOIN pg_catalog.pg_roles p ON p.rolname = g->>'role'
+	JOIN pg_catalog.pg_roles m ON pg_catalog.quote_ident(m.rolname) = g->>'grantee'
+	WHERE s.fenced AND g->>'privilege' = 'MEMBER'
 ), member_of AS (
 	SELECT n.oid AS role, n.oid AS via FROM named n
-	UNION SELECT m.role, a.roleid FROM member_of m JOIN pg_catalog.pg_auth_members a ON a.member = m.via
+	UNION SELECT m.role, a.roleid FROM member_of m JOIN edges a ON a.member = m.via
 ), grants AS (
 	SELECT t.name AS obj, NULL::text AS col, x.grantee::oid AS grantee_oid, NULL::text AS grantee_name, x.privilege_type AS priv
 	FROM tabs t, pg_catalog.aclexplode(coalesce(t.relacl, pg_catalog.acldefault('r', t.relowner))) x

@@ -250,7 +250,32 @@ type Fence struct {
 	// (CREATEROLE or superuser) and they may connect to no other database
 	// of green's cluster (postgres aside), else grants.
 	Green string `yaml:"green,omitempty" json:"green,omitempty"`
+	// Blue is how blue's fence takes the application's write privileges
+	// away (PostgreSQL): "proxy" moves the fenced roles' write grants on
+	// the tables in scope to a NOLOGIN write proxy per role when the plan
+	// starts (the role, a member, keeps its privileges), so that the
+	// fence revokes one membership per role whatever the number of
+	// tables, and the plan's end moves them back; "grants" revokes the
+	// grants inside the window (one REVOKE per privilege set, a catalog
+	// update per table). Empty or "auto": proxy when the agent's role may
+	// create roles (CREATEROLE or superuser), else grants.
+	Blue string `yaml:"blue,omitempty" json:"blue,omitempty"`
 }
+
+// BlueMode is Blue with its default (auto) filled in.
+func (f Fence) BlueMode() string {
+	if f.Blue == "" {
+		return BlueFenceAuto
+	}
+	return f.Blue
+}
+
+// The ways blue's fence takes write privileges away (Fence.Blue).
+const (
+	BlueFenceAuto   = "auto"
+	BlueFenceProxy  = "proxy"
+	BlueFenceGrants = "grants"
+)
 
 // The ways green is kept from the application until the flip (Fence.Green).
 const (

@@ -151,6 +151,9 @@ func TestParseReportsEveryProblemWithKeyAndLine(t *testing.T) {
 			`line 13: plans[0].verify.parallel: 100 is out of range (1-64)`,
 			`line 15: plans[0].lag.hold: must not be negative`,
 		}},
+		{"unknown fence mode", strings.Replace(base, "    pairs:\n", "    fence:\n      blue: rows\n    pairs:\n", 1), []string{
+			`line 10: plans[0].fence.blue: "rows" is not one of auto, proxy, grants`,
+		}},
 		{"malformed and duplicate DSNs", strings.Replace(base, "postgres://app:${GREEN_PW}@127.0.0.1:5433/orders", "postgres://app:${BLUE_PW}@127.0.0.1:5432/orders", 1) + `      - name: db2
         engine: mysql
         blue: {dsn: "app:pw@127.0.0.1:3306/shop"}

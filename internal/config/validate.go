@@ -315,6 +315,11 @@ func (p *Plan) validate(ps *problems, key string) {
 	default:
 		ps.add(key+".fence.green", "%q is not one of auto, logins, grants", p.Fence.Green)
 	}
+	switch p.Fence.Blue {
+	case "", BlueFenceAuto, BlueFenceProxy, BlueFenceGrants:
+	default:
+		ps.add(key+".fence.blue", "%q is not one of auto, proxy, grants", p.Fence.Blue)
+	}
 	if p.Verify.ChunkTime <= 0 {
 		ps.add(key+".verify.chunk_time", "must be positive")
 	}
