@@ -45,6 +45,7 @@ import (
 
 	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/fencing"
+	"github.com/cutover/cutover/internal/clock"
 	"github.com/cutover/cutover/internal/config"
 	"github.com/cutover/cutover/internal/pgscope"
 )
@@ -295,7 +296,7 @@ func (d *Driver) Live(plan string) *agent.Live {
 	}
 	out := &agent.Live{}
 	if at := rt.fenceStart.Load(); at != 0 {
-		out.OutageMS = time.Since(time.Unix(0, at)).Milliseconds()
+		out.OutageMS = clock.Since(time.Unix(0, at)).Milliseconds()
 	}
 	for _, pr := range rt.pairs {
 		lp := agent.LivePair{Name: pr.cfg.Name}

@@ -18,6 +18,7 @@ import (
 	cpg "github.com/cutover/cutover/consistency/postgres"
 	"github.com/cutover/cutover/fencing"
 	fpg "github.com/cutover/cutover/fencing/postgres"
+	"github.com/cutover/cutover/internal/clock"
 	"github.com/cutover/cutover/internal/config"
 	"github.com/cutover/cutover/replication"
 	rpg "github.com/cutover/cutover/replication/postgres"
@@ -341,7 +342,7 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 		// (FenceDrain, holding the drain's lock): on a busy server every
 		// round trip inside the outage costs milliseconds.
 		Fence: func(ctx context.Context) error {
-			now := time.Now().UnixNano()
+			now := clock.Now().UnixNano()
 			rt.fenceStart.Store(now)
 			rt.lastFenceStart.Store(now)
 			return rt.forEach(func(pr *pairRT) error {
@@ -678,7 +679,7 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 	for _, pr := range rt.pairs {
 		positions[pr.cfg.Name] = plan.Facts["marker."+pr.cfg.Name]
 	}
-	f := target.Flip{Plan: plan.Name, From: "blue", To: "green", Epoch: epoch, Positions: positions, At: time.Now().UTC()}
+	f := target.Flip{Plan: plan.Name, From: "blue", To: "green", Epoch: epoch, Positions: positions, At: clock.Now().UTC()}
 	// Green takes writes from here; blue stays fenced (invariant 1).
 	if err := rt.forEach(func(pr *pairRT) error { return pr.greenFence.Unfence(ctx, epoch) }); err != nil {
 		if errors.Is(err, fpg.ErrLoginBreach) && ctx.Err() == nil {
@@ -742,10 +743,10 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 // drain recorded (another leader fenced).
 func writeOutage(lastFenceStart int64, fact string) (time.Duration, bool) {
 	if lastFenceStart != 0 {
-		return time.Since(time.Unix(0, lastFenceStart)), true
+		return clock.Since(time.Unix(0, lastFenceStart)), true
 	}
 	if at, err := time.Parse(time.RFC3339Nano, fact); err == nil {
-		return time.Since(at), true
+		return clock.Since(at), true
 	}
 	return 0, false
 }
@@ -876,7 +877,7 @@ func (rt *planRT) switched(ctx context.Context, plan agent.Plan, p agent.Propose
 	}
 	rb := rt.spec.Rollback
 	rt.goBackground(func() {
-		watch := time.Until(flippedAt.Add(rb.Watch.D()))
+		watch := clock.Until(flippedAt.Add(rb.Watch.D()))
 		if watch <= 0 || len(rb.Checks) == 0 {
 			return
 		}
@@ -888,7 +889,7 @@ func (rt *planRT) switched(ctx context.Context, plan agent.Plan, p agent.Propose
 	}, func() {
 		select {
 		case <-ctx.Done():
-		case <-time.After(time.Until(flippedAt.Add(rb.Window.D()))):
+		case <-time.After(clock.Until(flippedAt.Add(rb.Window.D()))):
 			p.Transition(ctx, plan.Name, agent.PhaseDone, plan.Epoch, "rollback window closed")
 		}
 	})
@@ -989,7 +990,7 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 	if err != nil {
 		return err
 	}
-	f := target.Flip{Plan: plan.Name, From: "green", To: "blue", Epoch: epoch, At: time.Now().UTC()}
+	f := target.Flip{Plan: plan.Name, From: "green", To: "blue", Epoch: epoch, At: clock.Now().UTC()}
 	// Blue takes writes before the targets flip, as green does on the way
 	// forward (green stays fenced: invariant 1), so that a pool resumed
 	// by its flip sends the held transactions to a writable blue.
@@ -1092,7 +1093,7 @@ func (rt *planRT) verify(ctx context.Context, pr *pairRT, pass consistency.Pass)
 		rep, err = v.Full(ctx, pr.tables)
 	}
 	if rep != nil {
-		name := fmt.Sprintf("%s-%s-%s-%s", rt.spec.Name, pr.cfg.Name, pass, time.Now().UTC().Format("20060102T150405.000"))
+		name := fmt.Sprintf("%s-%s-%s-%s", rt.spec.Name, pr.cfg.Name, pass, clock.Now().UTC().Format("20060102T150405.000"))
 		write := func() {
 			if _, werr := rt.d.writeReport(name, func(j, h string) error { return writeReportFiles(rep, j, h) }); werr != nil {
 				rt.d.log.Warn("write consistency report", zap.Error(werr))
