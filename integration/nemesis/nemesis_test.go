@@ -28,7 +28,9 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	binary = filepath.Join(dir, "cutover")
-	out, err := exec.Command("go", "build", "-o", binary, "../../cmd/cutover").CombinedOutput()
+	// The tag nemesis_clock lets the suite shift the agents' wall clocks
+	// (internal/clock); product builds cannot.
+	out, err := exec.Command("go", "build", "-tags", "nemesis_clock", "-o", binary, "../../cmd/cutover").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "build cutover: %v\n%s", err, out)
 		os.Exit(2)
@@ -77,8 +79,8 @@ func TestTheCutoverKeepsItsInvariantsUnderSeededFaults(t *testing.T) {
 			t.Fatalf("seed %d: the run failed: %v\nschedule: %s", s, err, NewSchedule(s))
 		}
 		stats.add(res)
-		t.Logf("seed %d: %s in %s, %d writes acknowledged, %d gate reads, outage %d ms, %d violations",
-			s, res.Final, res.Took.Round(time.Second), res.Acked, res.GateReads, res.OutageMS, len(res.Violations))
+		t.Logf("seed %d: %s in %s, %d writes acknowledged, %d gate reads, outage %d ms (product's figure %d ms, clock jumped %v), %d violations",
+			s, res.Final, res.Took.Round(time.Second), res.Acked, res.GateReads, res.OutageMS, res.ProductOutageMS, res.Jumped, len(res.Violations))
 		if len(res.Violations) == 0 && dir == "" {
 			os.RemoveAll(res.Dir)
 		}
@@ -328,7 +330,7 @@ func TestTheStoryCheckerCatchesAWriteOnGreenBeforeTheGateOpened(t *testing.T) {
 func buildMutant(t *testing.T, tag string) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "cutover-"+tag)
-	out, err := exec.Command("go", "build", "-tags", tag, "-o", bin, "../../cmd/cutover").CombinedOutput()
+	out, err := exec.Command("go", "build", "-tags", tag+",nemesis_clock", "-o", bin, "../../cmd/cutover").CombinedOutput()
 	if err != nil {
 		t.Fatalf("build the %s mutant: %v\n%s", tag, err, out)
 	}
@@ -469,5 +471,42 @@ func TestTheProxyStallDeliversARequestLateAfterItsClientDied(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatal("the held request was not delivered when the stall ended")
 		}
+	}
+}
+
+// The agents' stamps map back onto the test's clock through the offsets
+// in force: before any jump, after a forward one, after the jump back, and
+// at a backward jump's ambiguous stamps (the earliest reading wins, so a
+// commit's interval only widens).
+func TestAClockJumpIsUndoneOnTheAuditLogsTimes(t *testing.T) {
+	t0 := time.Date(2026, 12, 3, 18, 0, 0, 0, time.UTC)
+	at := func(s float64) time.Time { return t0.Add(time.Duration(s * float64(time.Second))) }
+	shifts := []clockShift{
+		{Before: at(10), After: at(10.001), Off: 2 * time.Minute},
+		{Before: at(20), After: at(20.001), Off: 0},
+		{Before: at(30), After: at(30.001), Off: -5 * time.Second},
+	}
+	for _, c := range []struct {
+		stamp, want float64
+	}{
+		{5, 5},    // before the jump
+		{135, 15}, // +2m in force: 15 s on the test's clock
+		{25, 25},  // back to 0
+		{27, 27},  // after the backward jump 27 s on its clock is 32 s, or 27 s before it: earliest wins
+		{32, 37},  // only the -5 s reading fits
+		{40, 45},  // only the -5 s reading fits
+	} {
+		got, ok := trueTime(at(c.stamp), shifts)
+		if !ok || !got.Equal(at(c.want)) {
+			t.Errorf("stamp %gs: got %s (fits %v), want %gs", c.stamp, got.Sub(t0), ok, c.want)
+		}
+	}
+	if _, ok := trueTime(at(400), shifts[:1]); !ok {
+		t.Error("a stamp after a forward jump that never ended did not fit")
+	}
+	audit := []agent.AuditEntry{{Index: 1, Node: "agent-1", At: at(135)}, {Index: 2, Node: "agent-2", At: at(135)}}
+	got, notes := dejump(audit, map[string][]clockShift{"agent-1": shifts})
+	if !got[0].At.Equal(at(15)) || !got[1].At.Equal(at(135)) || len(notes) != 1 {
+		t.Errorf("dejump: %v %v, notes %v", got[0].At.Sub(t0), got[1].At.Sub(t0), notes)
 	}
 }

@@ -77,7 +77,13 @@ type Result struct {
 	// OutageMS is the write outage by the audit log (fence intent to
 	// authorized), 0 when the plan never opened the gate.
 	OutageMS int64
-	Took     time.Duration
+	// ProductOutageMS is the write outage the product reported (the
+	// plan's write_outage_ms fact, by its leader's wall clock), 0 when
+	// none.
+	ProductOutageMS int64
+	// Jumped: a clock jump was injected.
+	Jumped bool
+	Took   time.Duration
 }
 
 const planName = "nemesis"
@@ -154,6 +160,8 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		return u.String()
 	}
 	raft := [3][3]*Proxy{}
+	// Each agent's wall clock is shifted through a file of its own.
+	clk := &clocks{dir: dir}
 	token := randomToken()
 	var env []string
 	if hold := sched.hold(); hold != "" {
@@ -173,7 +181,8 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			return p.Addr(), nil
 		},
 		Env: func(i int) []string {
-			return []string{"NEMESIS_BLUE_DSN=" + viaProxy(blue, proxies["blue"].Via[i]), "NEMESIS_GREEN_DSN=" + viaProxy(green, proxies["green"].Via[i])}
+			return []string{"NEMESIS_BLUE_DSN=" + viaProxy(blue, proxies["blue"].Via[i]), "NEMESIS_GREEN_DSN=" + viaProxy(green, proxies["green"].Via[i]),
+				clockEnv + "=" + clk.path(fmt.Sprintf("agent-%d", i+1))}
 		},
 	}
 	defer func() {
@@ -299,7 +308,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 
 	// The nemesis: faults at moments, and faults at phases (fired by the
 	// watcher below).
-	nem := &nemesis{c: c, proxies: proxies, raft: raft, disks: disks, dir: dir, dbs: map[string]*integration.Postgres{"blue": blue, "green": green}, h: h, res: res}
+	nem := &nemesis{c: c, proxies: proxies, raft: raft, disks: disks, dir: dir, clocks: clk, dbs: map[string]*integration.Postgres{"blue": blue, "green": green}, h: h, res: res}
 	nemCtx, stopNem := context.WithCancel(ctx)
 	defer stopNem()
 	for i, f := range sched.Faults {
@@ -324,6 +333,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	var switchedAt time.Time
 	requested := false
 	var newestIndex uint64
+	var lastInfo agent.PlanInfo
 	var reqWG sync.WaitGroup
 	// Stuck: no progress (no new phase) for 150 s once the last timed
 	// fault healed. Measured from the last progress, not from the start:
@@ -338,6 +348,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		ok = ok && p.Index >= newestIndex
 		if ok {
 			newestIndex = p.Index
+			lastInfo = p
 			h.observe(Observation{At: at, Index: p.Index, Phase: p.Phase, Epoch: p.Epoch})
 		}
 		if ok && p.Phase != last {
@@ -436,7 +447,17 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	h.note("load", fmt.Sprintf("%d writes acknowledged, refused by SQLSTATE %v", len(receipts), refused))
 
 	audit := c.audit(ctx, planName)
+	// The audit log's times are the proposing agent's clock: put those of
+	// the agents whose clock was shifted back on the test's.
+	audit, moved := dejump(audit, clk.shifts())
+	for _, m := range moved {
+		h.note("clock", m)
+	}
 	res.OutageMS = outage(audit)
+	if v, ok := lastInfo.Facts["write_outage_ms"]; ok {
+		res.ProductOutageMS, _ = strconv.ParseInt(v, 10, 64)
+		h.note("outage", fmt.Sprintf("the product reported %s ms (its leader's clock), the audit log says %d ms (fence intent to authorized, on the test's clock)", v, res.OutageMS))
+	}
 	chk := &checker{ctx: ctx, blue: blue, green: green, rdb: rdb, final: res.Final, h: h, dir: dir}
 	res.Violations = append(res.Violations, chk.writes(receipts)...)
 	res.Violations = append(res.Violations, chk.bothWritable(samples)...)
@@ -611,6 +632,7 @@ type nemesis struct {
 	proxies map[string]*Link
 	raft    [3][3]*Proxy    // raft[i][j]: agent i's link to agent j
 	disks   map[string]bool // agents whose data directory is a tmpfs
+	clocks  *clocks
 	dir     string
 	dbs     map[string]*integration.Postgres
 	h       *history
@@ -750,6 +772,39 @@ func (n *nemesis) inject(ctx context.Context, i int, f Fault, phase agent.Phase)
 		heal = func() {
 			os.Remove(filler)
 			n.h.note("heal", fmt.Sprintf("#%d %s's disk has room again", i, a.ID))
+		}
+	case KindClockJump:
+		var hit []*demo.Agent
+		if f.Target == "all" {
+			hit = n.c.agents
+		} else if a := n.pick(ctx, f.Target); a != nil {
+			hit = []*demo.Agent{a}
+		}
+		if len(hit) == 0 {
+			n.h.note("fault", fmt.Sprintf("#%d %s: no %s to hit (skipped)", i, f.Kind, f.Target))
+			n.count(key, true)
+			return
+		}
+		var ids []string
+		for _, a := range hit {
+			if err := n.clocks.set(a.ID, f.Jump); err != nil {
+				n.h.note("fault", fmt.Sprintf("#%d %s: %v (skipped)", i, f.Kind, err))
+				n.count(key, true)
+				return
+			}
+			ids = append(ids, a.ID)
+		}
+		n.mu.Lock()
+		n.res.Jumped = true
+		n.mu.Unlock()
+		n.h.note("fault", fmt.Sprintf("#%d the wall clock of %s (%s) jumped by %s for %s", i, f.Target, strings.Join(ids, ", "), f.Jump, f.For))
+		heal = func() {
+			for _, a := range hit {
+				if err := n.clocks.set(a.ID, 0); err != nil {
+					n.h.note("heal", fmt.Sprintf("#%d %s's clock: %v", i, a.ID, err))
+				}
+			}
+			n.h.note("heal", fmt.Sprintf("#%d the wall clock of %s jumped back", i, strings.Join(ids, ", ")))
 		}
 	case KindBlackhole:
 		n.proxies[f.Target].Blackhole(true)
