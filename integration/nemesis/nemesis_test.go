@@ -510,3 +510,44 @@ func TestAClockJumpIsUndoneOnTheAuditLogsTimes(t *testing.T) {
 		t.Errorf("dejump: %v %v, notes %v", got[0].At.Sub(t0), got[1].At.Sub(t0), notes)
 	}
 }
+
+// The slow-disk fault really slows the forced writes of the process it
+// hits: 40 synchronous 4 KiB writes on an agent's disk, before and while
+// the device is throttled to 10 operations a second (root only: a loop
+// device and a cgroup).
+func TestASlowDiskSlowsSynchronousWrites(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: loop devices and cgroups")
+	}
+	d, err := mountDisk(filepath.Join(t.TempDir(), "agent"))
+	if d == nil || err != nil {
+		t.Fatalf("no loop device disk: %v", err)
+	}
+	defer d.unmount()
+	writes := func(slow bool) time.Duration {
+		// The process waits a moment so that it is throttled before it
+		// writes.
+		cmd := exec.Command("sh", "-c", "sleep 0.3; exec dd if=/dev/zero of="+filepath.Join(d.dir, "f")+" bs=4k count=40 oflag=dsync")
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		began := time.Now()
+		if slow {
+			th, err := slowDown(d, cmd.Process.Pid, 10, 10*64<<10)
+			if err != nil {
+				cmd.Process.Kill()
+				t.Fatalf("throttle: %v", err)
+			}
+			defer th.restore()
+		}
+		if err := cmd.Wait(); err != nil {
+			t.Fatalf("dd: %v", err)
+		}
+		return time.Since(began)
+	}
+	fast, slow := writes(false), writes(true)
+	t.Logf("40 synchronous writes: %s unthrottled, %s at 10 IOPS", fast, slow)
+	if slow < 3*time.Second || slow < 2*fast {
+		t.Errorf("the throttle did not slow the writes: %s unthrottled, %s at 10 IOPS", fast, slow)
+	}
+}

@@ -194,17 +194,21 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			}
 		}
 	}()
-	// Each agent's data directory is a small tmpfs of its own (when the
-	// test may mount), for the disk-full fault.
-	disks := map[string]bool{}
+	// Each agent's data directory is a small file system of its own
+	// (when the test may mount), for the disk faults (disk.go).
+	disks := map[string]*disk{}
 	for i := range 3 {
 		data := filepath.Join(dir, fmt.Sprintf("agent-%d", i+1))
-		if err := mountDisk(data); err != nil {
-			h.note("disk", fmt.Sprintf("no tmpfs under %s (%v): disk faults are skipped", data, err))
+		d, err := mountDisk(data)
+		if d == nil {
+			h.note("disk", fmt.Sprintf("no file system of its own under %s (%v): disk faults are skipped", data, err))
 			continue
 		}
-		disks[filepath.Base(data)] = true
-		defer syscall.Unmount(data, syscall.MNT_DETACH)
+		if err != nil {
+			h.note("disk", fmt.Sprintf("a tmpfs under %s (no loop device: %v): slow-disk faults are skipped", data, err))
+		}
+		disks[filepath.Base(data)] = d
+		defer d.unmount()
 	}
 	agents, err := demo.StartAgentsWired(ctx, opts.Binary, dir, token, env, plan, wiring)
 	if err != nil {
@@ -630,8 +634,8 @@ func (c *cluster) audit(ctx context.Context, plan string) []agent.AuditEntry {
 type nemesis struct {
 	c       *cluster
 	proxies map[string]*Link
-	raft    [3][3]*Proxy    // raft[i][j]: agent i's link to agent j
-	disks   map[string]bool // agents whose data directory is a tmpfs
+	raft    [3][3]*Proxy     // raft[i][j]: agent i's link to agent j
+	disks   map[string]*disk // agents whose data directory is a file system of its own
 	clocks  *clocks
 	dir     string
 	dbs     map[string]*integration.Postgres
@@ -761,7 +765,7 @@ func (n *nemesis) inject(ctx context.Context, i int, f Fault, phase agent.Phase)
 		return
 	case KindDiskFull:
 		a := n.pick(ctx, f.Target)
-		if a == nil || !n.disks[a.ID] {
+		if a == nil || n.disks[a.ID] == nil {
 			n.h.note("fault", fmt.Sprintf("#%d %s: no %s to hit, or no tmpfs (skipped)", i, f.Kind, f.Target))
 			n.count(key, true)
 			return
@@ -805,6 +809,25 @@ func (n *nemesis) inject(ctx context.Context, i int, f Fault, phase agent.Phase)
 				}
 			}
 			n.h.note("heal", fmt.Sprintf("#%d the wall clock of %s jumped back", i, strings.Join(ids, ", ")))
+		}
+	case KindSlowDisk:
+		a := n.pick(ctx, f.Target)
+		var t *throttle
+		err := errors.New("no " + f.Target + " to hit")
+		if a != nil && n.disks[a.ID] != nil {
+			t, err = slowDown(n.disks[a.ID], a.PID(), f.IOPS, f.IOPS*64<<10)
+		}
+		if err != nil {
+			n.h.note("fault", fmt.Sprintf("#%d %s: %v (skipped)", i, f.Kind, err))
+			n.count(key, true)
+			return
+		}
+		n.h.note("fault", fmt.Sprintf("#%d the disk of the %s %s slowed to %d IOPS, %d KiB/s for %s", i, f.Target, a.ID, f.IOPS, f.IOPS*64, f.For))
+		heal = func() {
+			if err := t.restore(); err != nil {
+				n.h.note("heal", fmt.Sprintf("#%d %s's disk: %v", i, a.ID, err))
+			}
+			n.h.note("heal", fmt.Sprintf("#%d %s's disk is fast again", i, a.ID))
 		}
 	case KindBlackhole:
 		n.proxies[f.Target].Blackhole(true)
@@ -1034,18 +1057,6 @@ func retry(ctx context.Context, fn func() error) error {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
-}
-
-// diskSize is the size of each agent's tmpfs: room for a run's Raft log
-// (raft-wal preallocates nothing on tmpfs), small enough to fill at once.
-const diskSize = "256m"
-
-// mountDisk mounts a tmpfs of diskSize at dir (root only).
-func mountDisk(dir string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	return syscall.Mount("tmpfs", dir, "tmpfs", 0, "size="+diskSize+",mode=0700")
 }
 
 // fill writes path until the file system is full (ENOSPC) and returns how

@@ -64,6 +64,11 @@ const (
 	// backward, for For; then it jumps back, as NTP stepping a wrong
 	// clock back would.
 	KindClockJump Kind = "clockjump"
+	// KindSlowDisk throttles the I/O of the leader or a follower on its
+	// data directory's disk to IOPS operations (and IOPS×64 KiB) a
+	// second for For (a cgroup's block I/O throttle on its loop device;
+	// disk.go).
+	KindSlowDisk Kind = "slow-disk"
 )
 
 // Fault is one fault of a schedule, triggered either at a moment (After the
@@ -90,6 +95,8 @@ type Fault struct {
 	Latency time.Duration `json:"latency,omitempty"`
 	// Jump is a clock jump's shift (negative: backward).
 	Jump time.Duration `json:"jump,omitempty"`
+	// IOPS is a slow disk's operations a second.
+	IOPS int `json:"iops,omitempty"`
 }
 
 func (f Fault) String() string {
@@ -120,6 +127,9 @@ func (f Fault) String() string {
 		fmt.Fprintf(&b, " +%s", f.Jump)
 	} else if f.Jump < 0 {
 		fmt.Fprintf(&b, " %s", f.Jump)
+	}
+	if f.IOPS > 0 {
+		fmt.Fprintf(&b, " %d IOPS", f.IOPS)
 	}
 	if f.For > 0 {
 		fmt.Fprintf(&b, " for %s", f.For.Round(time.Millisecond))
@@ -316,6 +326,23 @@ func NewSchedule(seed uint64) Schedule {
 		}
 		f := Fault{Kind: KindClockJump, Target: []string{"leader", "follower", "all"}[rng.IntN(3)], Jump: jump,
 			For: time.Duration(2000+rng.IntN(13000)) * time.Millisecond}
+		if rng.IntN(2) == 0 {
+			f.Phase = faultPhases[rng.IntN(len(faultPhases))]
+			if _, short := holdPoints[f.Phase]; short && s.Hold != f.Phase {
+				f.Phase = ""
+			}
+		}
+		if f.Phase == "" {
+			f.After = time.Duration(rng.IntN(12000)) * time.Millisecond
+		}
+		s.Faults = append(s.Faults, f)
+	}
+	// A slow disk under the leader or a follower (a quarter of the
+	// seeds), drawn last for the same reason: 2 to 50 operations a
+	// second for 2-10 s.
+	if rng.IntN(4) == 0 {
+		f := Fault{Kind: KindSlowDisk, Target: []string{"leader", "follower"}[rng.IntN(2)], IOPS: 2 + rng.IntN(49),
+			For: time.Duration(2000+rng.IntN(8000)) * time.Millisecond}
 		if rng.IntN(2) == 0 {
 			f.Phase = faultPhases[rng.IntN(len(faultPhases))]
 			if _, short := holdPoints[f.Phase]; short && s.Hold != f.Phase {
