@@ -344,8 +344,24 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	// on a loaded machine a plan may take minutes and still move.
 	const stuckAfter = 150 * time.Second
 	deadline := planStart.Add(sched.end() + stuckAfter)
+	// The watcher's status calls wait 700 ms; when no agent answers in
+	// time (a loaded machine starves them) they wait longer, up to 5 s,
+	// and a blind span of more than 5 s goes into the timeline.
+	wait, lastSeen, blind := 700*time.Millisecond, time.Now(), false
 	for {
-		p, at, ok := c.newest(ctx, planName)
+		p, at, ok := c.newest(ctx, planName, wait)
+		if !ok {
+			wait = min(wait*2, 5*time.Second)
+			if !blind && time.Since(lastSeen) > 5*time.Second {
+				blind = true
+				h.note("watcher", fmt.Sprintf("no agent answered a status call for %s (now waiting %s)", time.Since(lastSeen).Round(time.Millisecond), wait))
+			}
+		} else {
+			if blind {
+				h.note("watcher", fmt.Sprintf("the agents answer again, after %s blind", time.Since(lastSeen).Round(time.Millisecond)))
+			}
+			wait, lastSeen, blind = 700*time.Millisecond, at, false
+		}
 		// An agent behind the others (the leader that committed the
 		// newest entry may be the one paused) shows an older state: keep
 		// the newest seen.
@@ -589,14 +605,14 @@ func (c *cluster) waitLeader(ctx context.Context, d time.Duration) error {
 
 // newest asks every agent for the plan and keeps the newest view (a
 // restarted agent may still be catching up); at is when the answer came.
-func (c *cluster) newest(ctx context.Context, plan string) (agent.PlanInfo, time.Time, bool) {
+func (c *cluster) newest(ctx context.Context, plan string, wait time.Duration) (agent.PlanInfo, time.Time, bool) {
 	views := make([]*agent.PlanInfo, len(c.clients))
 	var wg sync.WaitGroup
 	for i, cl := range c.clients {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			cctx, cancel := context.WithTimeout(ctx, 700*time.Millisecond)
+			cctx, cancel := context.WithTimeout(ctx, wait)
 			defer cancel()
 			if p, err := cl.Plan(cctx, plan); err == nil {
 				views[i] = &p
