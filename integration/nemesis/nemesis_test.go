@@ -2,6 +2,7 @@ package nemesis
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -63,13 +64,23 @@ func TestTheCutoverKeepsItsInvariantsUnderSeededFaults(t *testing.T) {
 		t.Skip("end-to-end: starts PostgreSQL, Redis and three agent processes per run")
 	}
 	runs, seed := envInt(t, "RUNS", 1), envInt(t, "SEED", 1)
+	// NEMESIS_SCHEDULE, a schedule in JSON (Schedule), runs that schedule
+	// instead of the seeds' (make nemesis SCHEDULE='{...}'): a hand-made
+	// experiment, checked like a seed.
+	var custom *Schedule
+	if js := os.Getenv("NEMESIS_SCHEDULE"); js != "" {
+		custom = &Schedule{}
+		if err := json.Unmarshal([]byte(js), custom); err != nil {
+			t.Fatalf("NEMESIS_SCHEDULE: %v", err)
+		}
+	}
 	// A failing run's history and agents' logs stay for the reader: under
 	// NEMESIS_DIR (make nemesis) or the system's temporary directory.
 	dir := os.Getenv("NEMESIS_DIR")
 	var stats summary
 	for s := seed; s < seed+runs; s++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
-		opts := Options{Binary: binary, Seed: s, Dir: dir, Log: testLog{t, s}}
+		opts := Options{Binary: binary, Seed: s, Dir: dir, Log: testLog{t, s}, Schedule: custom}
 		if os.Getenv("NEMESIS_QUIET") != "" {
 			opts.Log = nil // the timeline is in the history's file
 		}
