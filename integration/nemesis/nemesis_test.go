@@ -120,6 +120,12 @@ type summary struct {
 	faults                 map[string]int
 	skipped                int
 	longestOutage          int64
+	// The product's own outage figure (write_outage_ms, its leader's wall
+	// clock) and how far it strayed from the audit log's (on the test's
+	// clock), in runs with and without a clock jump.
+	productOutage     [2]int64
+	productOutageDiff [2]int64
+	jumped            int
 }
 
 func (s *summary) add(r *Result) {
@@ -137,12 +143,27 @@ func (s *summary) add(r *Result) {
 	}
 	s.skipped += r.Skipped
 	s.longestOutage = max(s.longestOutage, r.OutageMS)
+	j := 0
+	if r.Jumped {
+		j = 1
+		s.jumped++
+	}
+	if r.ProductOutageMS != 0 && r.OutageMS != 0 {
+		s.productOutage[j] = max(s.productOutage[j], r.ProductOutageMS)
+		d := r.ProductOutageMS - r.OutageMS
+		if d < 0 {
+			d = -d
+		}
+		s.productOutageDiff[j] = max(s.productOutageDiff[j], d)
+	}
 }
 
 func (s *summary) String() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%d runs, %d with violations; outcomes %v; %d writes acknowledged; longest outage %d ms; faults injected (%d skipped, no target):",
 		s.runs, s.violating, s.outcomes, s.acked, s.longestOutage, s.skipped)
+	fmt.Fprintf(&b, "\n  the product's outage figure: longest %d ms, at most %d ms off the audit's (runs without a clock jump); longest %d ms, at most %d ms off (the %d runs with one)",
+		s.productOutage[0], s.productOutageDiff[0], s.productOutage[1], s.productOutageDiff[1], s.jumped)
 	keys := make([]string, 0, len(s.faults))
 	for k := range s.faults {
 		keys = append(keys, k)
