@@ -548,6 +548,9 @@ func TestAClockJumpIsUndoneOnTheAuditLogsTimes(t *testing.T) {
 // the device is throttled to 10 operations a second (root only: a loop
 // device and a cgroup).
 func TestASlowDiskSlowsSynchronousWrites(t *testing.T) {
+	if testing.Short() {
+		t.Skip("makes a loop device and a cgroup")
+	}
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: loop devices and cgroups")
 	}
