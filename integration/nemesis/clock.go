@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -61,23 +62,31 @@ func (c *clocks) shifts() map[string][]clockShift {
 	return out
 }
 
+// orderSlack is how far back a proposal's time may be from the one
+// before it in the log: two proposals in flight at once may be stamped in
+// one order and committed in the other (by a descheduled goroutine on a
+// loaded machine).
+const orderSlack = 2 * time.Second
+
 // trueTime maps a time stamped by an agent whose clock went through
 // shifts back onto the test's clock. Each offset in force for a span of
 // the test's clock gives a candidate (the stamp minus the offset) when
-// that falls in the span; a backward jump can make two spans give one, and
-// the earliest is taken, so that a commit's interval (which starts at its
-// proposal's stamp) can only get wider. ok is false when the stamp fits
-// no span (the agent's clock was not what the log says).
-func trueTime(at time.Time, shifts []clockShift) (time.Time, bool) {
+// that falls in the span. A backward jump makes the same stamps twice, so
+// two spans may fit: then the earliest candidate not before notBefore
+// (the previous entry's time, less orderSlack: the log is in the order
+// of its proposals) is taken, else the earliest of all, so that a
+// commit's interval (which starts at its proposal's stamp) can only get
+// wider. ok is false when the stamp fits no span (the agent's clock was
+// not what the log says).
+func trueTime(at time.Time, shifts []clockShift, notBefore time.Time) (time.Time, bool) {
 	if len(shifts) == 0 {
 		return at, true
 	}
-	var best time.Time
-	found := false
+	var fits []time.Time
 	try := func(off time.Duration, from, to time.Time) {
 		t := at.Add(-off)
-		if (from.IsZero() || !t.Before(from)) && (to.IsZero() || !t.After(to)) && (!found || t.Before(best)) {
-			best, found = t, true
+		if (from.IsZero() || !t.Before(from)) && (to.IsZero() || !t.After(to)) {
+			fits = append(fits, t)
 		}
 	}
 	// Before the first shift the clock was right; offset i holds from
@@ -90,7 +99,16 @@ func trueTime(at time.Time, shifts []clockShift) (time.Time, bool) {
 		}
 		try(s.Off, s.Before, to)
 	}
-	return best, found
+	if len(fits) == 0 {
+		return time.Time{}, false
+	}
+	slices.SortFunc(fits, func(a, b time.Time) int { return a.Compare(b) })
+	for _, t := range fits {
+		if !t.Before(notBefore) {
+			return t, true
+		}
+	}
+	return fits[0], true
 }
 
 // dejump returns the audit log with each entry's time on the test's clock
@@ -98,21 +116,24 @@ func trueTime(at time.Time, shifts []clockShift) (time.Time, bool) {
 func dejump(audit []agent.AuditEntry, shifts map[string][]clockShift) ([]agent.AuditEntry, []string) {
 	out := make([]agent.AuditEntry, len(audit))
 	var notes []string
+	var prev time.Time
 	for i, e := range audit {
 		out[i] = e
-		s := shifts[e.Node]
-		if len(s) == 0 {
-			continue
+		if s := shifts[e.Node]; len(s) > 0 {
+			var notBefore time.Time
+			if !prev.IsZero() {
+				notBefore = prev.Add(-orderSlack)
+			}
+			t, ok := trueTime(e.At, s, notBefore)
+			switch {
+			case !ok:
+				notes = append(notes, fmt.Sprintf("audit #%d by %s stamped %s fits none of its clock's offsets: left as stamped", e.Index, e.Node, e.At.Format("15:04:05.000")))
+			case !t.Equal(e.At):
+				out[i].At = t
+				notes = append(notes, fmt.Sprintf("audit #%d by %s stamped %s by its shifted clock: %s on the test's clock", e.Index, e.Node, e.At.Format("15:04:05.000"), t.Format("15:04:05.000")))
+			}
 		}
-		t, ok := trueTime(e.At, s)
-		if !ok {
-			notes = append(notes, fmt.Sprintf("audit #%d by %s stamped %s fits none of its clock's offsets: left as stamped", e.Index, e.Node, e.At.Format("15:04:05.000")))
-			continue
-		}
-		if !t.Equal(e.At) {
-			out[i].At = t
-			notes = append(notes, fmt.Sprintf("audit #%d by %s stamped %s by its shifted clock: %s on the test's clock", e.Index, e.Node, e.At.Format("15:04:05.000"), t.Format("15:04:05.000")))
-		}
+		prev = out[i].At
 	}
 	return out, notes
 }

@@ -508,8 +508,8 @@ func TestTheProxyStallDeliversARequestLateAfterItsClientDied(t *testing.T) {
 
 // The agents' stamps map back onto the test's clock through the offsets
 // in force: before any jump, after a forward one, after the jump back, and
-// at a backward jump's ambiguous stamps (the earliest reading wins, so a
-// commit's interval only widens).
+// at a backward jump's ambiguous stamps (the log's order decides; failing
+// that the earliest reading wins, so a commit's interval only widens).
 func TestAClockJumpIsUndoneOnTheAuditLogsTimes(t *testing.T) {
 	t0 := time.Date(2026, 12, 3, 18, 0, 0, 0, time.UTC)
 	at := func(s float64) time.Time { return t0.Add(time.Duration(s * float64(time.Second))) }
@@ -519,27 +519,30 @@ func TestAClockJumpIsUndoneOnTheAuditLogsTimes(t *testing.T) {
 		{Before: at(30), After: at(30.001), Off: -5 * time.Second},
 	}
 	for _, c := range []struct {
-		stamp, want float64
+		stamp, notBefore, want float64
 	}{
-		{5, 5},    // before the jump
-		{135, 15}, // +2m in force: 15 s on the test's clock
-		{25, 25},  // back to 0
-		{27, 27},  // after the backward jump 27 s on its clock is 32 s, or 27 s before it: earliest wins
-		{32, 37},  // only the -5 s reading fits
-		{40, 45},  // only the -5 s reading fits
+		{5, 0, 5},    // before the jump
+		{135, 0, 15}, // +2m in force: 15 s on the test's clock
+		{25, 0, 25},  // back to 0
+		{27, 0, 27},  // after the backward jump 27 s on its clock is 32 s, or 27 s before it: earliest wins
+		{27, 31, 32}, // ... unless the entry before it was at 31 s
+		{32, 0, 37},  // only the -5 s reading fits
 	} {
-		got, ok := trueTime(at(c.stamp), shifts)
+		got, ok := trueTime(at(c.stamp), shifts, at(c.notBefore))
 		if !ok || !got.Equal(at(c.want)) {
-			t.Errorf("stamp %gs: got %s (fits %v), want %gs", c.stamp, got.Sub(t0), ok, c.want)
+			t.Errorf("stamp %gs after %gs: got %s (fits %v), want %gs", c.stamp, c.notBefore, got.Sub(t0), ok, c.want)
 		}
 	}
-	if _, ok := trueTime(at(400), shifts[:1]); !ok {
+	if _, ok := trueTime(at(400), shifts[:1], time.Time{}); !ok {
 		t.Error("a stamp after a forward jump that never ended did not fit")
 	}
-	audit := []agent.AuditEntry{{Index: 1, Node: "agent-1", At: at(135)}, {Index: 2, Node: "agent-2", At: at(135)}}
-	got, notes := dejump(audit, map[string][]clockShift{"agent-1": shifts})
-	if !got[0].At.Equal(at(15)) || !got[1].At.Equal(at(135)) || len(notes) != 1 {
-		t.Errorf("dejump: %v %v, notes %v", got[0].At.Sub(t0), got[1].At.Sub(t0), notes)
+	// A backward jump of the leader inside the fence window: the fence's
+	// intent stamped before it, authorized after it, by the jumped clock.
+	back := []clockShift{{Before: at(10), After: at(10.001), Off: -3 * time.Minute}}
+	audit := []agent.AuditEntry{{Index: 1, Node: "agent-1", At: at(9)}, {Index: 2, Node: "agent-1", At: at(12).Add(-3 * time.Minute)}, {Index: 3, Node: "agent-2", At: at(13)}}
+	got, notes := dejump(audit, map[string][]clockShift{"agent-1": back})
+	if !got[0].At.Equal(at(9)) || !got[1].At.Equal(at(12)) || !got[2].At.Equal(at(13)) || len(notes) != 1 {
+		t.Errorf("dejump: %v %v %v, notes %v", got[0].At.Sub(t0), got[1].At.Sub(t0), got[2].At.Sub(t0), notes)
 	}
 }
 
