@@ -90,8 +90,8 @@ func TestTheCutoverKeepsItsInvariantsUnderSeededFaults(t *testing.T) {
 			t.Fatalf("seed %d: the run failed: %v\nschedule: %s", s, err, NewSchedule(s))
 		}
 		stats.add(res)
-		t.Logf("seed %d: %s in %s, %d writes acknowledged, %d gate reads, outage %d ms (product's figure %d ms, clock jumped %v), %d violations",
-			s, res.Final, res.Took.Round(time.Second), res.Acked, res.GateReads, res.OutageMS, res.ProductOutageMS, res.Jumped, len(res.Violations))
+		t.Logf("seed %d: %s in %s, %d writes acknowledged, %d gate reads, outage %d ms (product's figure %d ms, clock jumped %v), longest write gap %d ms, %d violations",
+			s, res.Final, res.Took.Round(time.Second), res.Acked, res.GateReads, res.OutageMS, res.ProductOutageMS, res.Jumped, res.GapMS, len(res.Violations))
 		if len(res.Violations) == 0 && dir == "" {
 			os.RemoveAll(res.Dir)
 		}
@@ -120,6 +120,7 @@ type summary struct {
 	faults                 map[string]int
 	skipped                int
 	longestOutage          int64
+	longestGap             int64
 	// The product's own outage figure (write_outage_ms, its leader's wall
 	// clock) and how far it strayed from the audit log's (on the test's
 	// clock), in runs with and without a clock jump.
@@ -143,6 +144,7 @@ func (s *summary) add(r *Result) {
 	}
 	s.skipped += r.Skipped
 	s.longestOutage = max(s.longestOutage, r.OutageMS)
+	s.longestGap = max(s.longestGap, r.GapMS)
 	j := 0
 	if r.Jumped {
 		j = 1
@@ -160,8 +162,8 @@ func (s *summary) add(r *Result) {
 
 func (s *summary) String() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%d runs, %d with violations; outcomes %v; %d writes acknowledged; longest outage %d ms; faults injected (%d skipped, no target):",
-		s.runs, s.violating, s.outcomes, s.acked, s.longestOutage, s.skipped)
+	fmt.Fprintf(&b, "%d runs, %d with violations; outcomes %v; %d writes acknowledged; longest outage %d ms (audit: fence intent to authorized), longest write gap %d ms (the application's); faults injected (%d skipped, no target):",
+		s.runs, s.violating, s.outcomes, s.acked, s.longestOutage, s.longestGap, s.skipped)
 	fmt.Fprintf(&b, "\n  the product's outage figure: longest %d ms, at most %d ms off the audit's (runs without a clock jump); longest %d ms, at most %d ms off (the %d runs with one)",
 		s.productOutage[0], s.productOutageDiff[0], s.productOutage[1], s.productOutageDiff[1], s.jumped)
 	keys := make([]string, 0, len(s.faults))

@@ -77,6 +77,10 @@ type Result struct {
 	// OutageMS is the write outage by the audit log (fence intent to
 	// authorized), 0 when the plan never opened the gate.
 	OutageMS int64
+	// GapMS is the longest the application went without an acknowledged
+	// write (any writer), by the test's clock: the outage it saw, the
+	// flip and any database restart included.
+	GapMS int64
 	// ProductOutageMS is the write outage the product reported (the
 	// plan's write_outage_ms fact, by its leader's wall clock), 0 when
 	// none.
@@ -464,6 +468,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	stopApp()
 	appWG.Wait()
 	res.Acked = len(receipts)
+	res.GapMS = longestGap(receipts).Milliseconds()
 	h.note("load", fmt.Sprintf("%d writes acknowledged, refused by SQLSTATE %v", len(receipts), refused))
 
 	audit := c.audit(ctx, planName)
@@ -1102,4 +1107,18 @@ func maxTime(a, b time.Time) time.Time {
 		return a
 	}
 	return b
+}
+
+// longestGap is the longest time between two acknowledged writes in a row.
+func longestGap(receipts []load.Receipt) time.Duration {
+	at := make([]time.Time, len(receipts))
+	for i, r := range receipts {
+		at[i] = r.At
+	}
+	slices.SortFunc(at, func(a, b time.Time) int { return a.Compare(b) })
+	var gap time.Duration
+	for i := 1; i < len(at); i++ {
+		gap = max(gap, at[i].Sub(at[i-1]))
+	}
+	return gap
 }
