@@ -151,21 +151,21 @@ func (s *summary) add(r *Result) {
 		s.jumped++
 	}
 	if r.ProductOutageMS != 0 && r.OutageMS != 0 {
-		s.productOutage[j] = max(s.productOutage[j], r.ProductOutageMS)
-		d := r.ProductOutageMS - r.OutageMS
-		if d < 0 {
-			d = -d
+		abs := func(v int64) int64 { return max(v, -v) }
+		if abs(r.ProductOutageMS) > abs(s.productOutage[j]) {
+			s.productOutage[j] = r.ProductOutageMS
 		}
-		s.productOutageDiff[j] = max(s.productOutageDiff[j], d)
+		s.productOutageDiff[j] = max(s.productOutageDiff[j], abs(r.ProductOutageMS-r.OutageMS))
 	}
 }
 
 func (s *summary) String() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%d runs, %d with violations; outcomes %v; %d writes acknowledged; longest outage %d ms (audit: fence intent to authorized), longest write gap %d ms (the application's); faults injected (%d skipped, no target):",
-		s.runs, s.violating, s.outcomes, s.acked, s.longestOutage, s.longestGap, s.skipped)
-	fmt.Fprintf(&b, "\n  the product's outage figure: longest %d ms, at most %d ms off the audit's (runs without a clock jump); longest %d ms, at most %d ms off (the %d runs with one)",
+	fmt.Fprintf(&b, "%d runs, %d with violations; outcomes %v; %d writes acknowledged; longest outage %d ms (audit: fence intent to authorized), longest write gap %d ms (the application's)",
+		s.runs, s.violating, s.outcomes, s.acked, s.longestOutage, s.longestGap)
+	fmt.Fprintf(&b, "\nthe product's outage figure: farthest from zero %d ms, at most %d ms off the audit's (runs without a clock jump); farthest %d ms, at most %d ms off (the %d runs with one)",
 		s.productOutage[0], s.productOutageDiff[0], s.productOutage[1], s.productOutageDiff[1], s.jumped)
+	fmt.Fprintf(&b, "\nfaults injected (%d skipped, no target):", s.skipped)
 	keys := make([]string, 0, len(s.faults))
 	for k := range s.faults {
 		keys = append(keys, k)
