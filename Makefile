@@ -48,11 +48,12 @@ demo: build
 # The fault suite: RUNS whole cutovers under the fault schedules of seeds
 # SEED, SEED+1... (three agents, blue, green, Redis, an application, a
 # nemesis), each history checked. A failure prints the seed, the schedule
-# and the history's file (under nemesis-out/).
+# and the history's file (under nemesis-out/). SCHEDULE='{...}' runs a
+# hand-made schedule instead (nemesis.Schedule in JSON, durations in ns).
 RUNS ?= 20
 SEED ?= 1
 nemesis:
-	RUNS=$(RUNS) SEED=$(SEED) NEMESIS_DIR=$(CURDIR)/nemesis-out NEMESIS_QUIET=1 \
+	RUNS=$(RUNS) SEED=$(SEED) NEMESIS_SCHEDULE='$(SCHEDULE)' NEMESIS_DIR=$(CURDIR)/nemesis-out NEMESIS_QUIET=1 \
 		$(GO) test -count=1 -v -timeout 0 -run TestTheCutoverKeepsItsInvariantsUnderSeededFaults ./integration/nemesis/
 
 # The mutation check: builds of the product with a defect planted (build

@@ -19,6 +19,7 @@ import (
 	"github.com/hashicorp/raft-wal/metadb"
 	"go.uber.org/zap"
 
+	"github.com/cutover/cutover/internal/clock"
 	"github.com/cutover/cutover/internal/config"
 	"github.com/cutover/cutover/internal/redact"
 )
@@ -446,7 +447,7 @@ func (n *Node) Propose(ctx context.Context, c Command) (*Result, error) {
 	if c.Version == 0 {
 		c.Version = versionOf(c.Op)
 	}
-	c.At = time.Now().UTC()
+	c.At = clock.Now().UTC()
 	c.Node = n.cfg.NodeID
 	c.AuditMax, c.StepsMax = n.cfg.AuditMax, n.cfg.StepsMax
 	data, err := json.Marshal(c)

@@ -312,8 +312,8 @@ func (d *Driver) Live(plan string) *agent.Live {
 		return nil
 	}
 	out := &agent.Live{}
-	if at := rt.fenceStart.Load(); at != 0 {
-		out.OutageMS = time.Since(time.Unix(0, at)).Milliseconds()
+	if m := rt.fenceStart.Load(); m != nil {
+		out.OutageMS = time.Since(m.mono).Milliseconds()
 	}
 	for _, pr := range rt.pairs {
 		lp := agent.LivePair{Name: pr.cfg.Name}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/engine"
+	"github.com/cutover/cutover/internal/clock"
 	"github.com/cutover/cutover/internal/config"
 	"github.com/cutover/cutover/switch/target"
 )
@@ -50,7 +51,7 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 	for _, pr := range rt.pairs {
 		positions[pr.cfg.Name] = plan.Facts["marker."+pr.cfg.Name]
 	}
-	f := target.Flip{Plan: plan.Name, From: "blue", To: "green", Epoch: epoch, Positions: positions, At: time.Now().UTC()}
+	f := target.Flip{Plan: plan.Name, From: "blue", To: "green", Epoch: epoch, Positions: positions, At: clock.Now().UTC()}
 	// Green takes writes from here; blue stays fenced (invariant 1).
 	if err := rt.forEach(func(pr *pairRT) error { return pr.greenFence.Unfence(ctx, epoch) }); err != nil {
 		if errors.Is(err, engine.ErrLoginBreach) && ctx.Err() == nil {
@@ -109,15 +110,16 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 	return p.Outcome(ctx, plan.Name, epoch, agent.Outcome{OK: true, To: agent.PhaseSwitched, Detail: fmt.Sprintf("flipped %d targets to green", len(targets)), Reason: "traffic flipped to green", Facts: facts})
 }
 
-// writeOutage is the time since the fence on blue began: this leader's
-// clock when it fenced (lastFenceStart, nanoseconds), else the fact the
-// drain recorded (another leader fenced).
-func writeOutage(lastFenceStart int64, fact string) (time.Duration, bool) {
-	if lastFenceStart != 0 {
-		return time.Since(time.Unix(0, lastFenceStart)), true
+// writeOutage is the time since the fence on blue began: by this leader's
+// monotonic clock when it fenced (lastFenceStart), else from the fact the
+// drain recorded by the wall clock of the leader that fenced (another
+// leader: the figure then assumes their clocks agree).
+func writeOutage(lastFenceStart *fenceMark, fact string) (time.Duration, bool) {
+	if lastFenceStart != nil {
+		return time.Since(lastFenceStart.mono), true
 	}
 	if at, err := time.Parse(time.RFC3339Nano, fact); err == nil {
-		return time.Since(at), true
+		return clock.Since(at), true
 	}
 	return 0, false
 }

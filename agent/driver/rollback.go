@@ -11,6 +11,7 @@ import (
 	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/engine"
 	"github.com/cutover/cutover/fencing"
+	"github.com/cutover/cutover/internal/clock"
 	"github.com/cutover/cutover/switch/target"
 )
 
@@ -88,7 +89,7 @@ func (rt *planRT) rollback(ctx context.Context, plan agent.Plan, p agent.Propose
 	if err != nil {
 		return err
 	}
-	f := target.Flip{Plan: plan.Name, From: "green", To: "blue", Epoch: epoch, At: time.Now().UTC()}
+	f := target.Flip{Plan: plan.Name, From: "green", To: "blue", Epoch: epoch, At: clock.Now().UTC()}
 	// Blue takes writes before the targets flip, as green does on the way
 	// forward (green stays fenced: invariant 1), so that a pool resumed
 	// by its flip sends the held transactions to a writable blue.

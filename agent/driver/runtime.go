@@ -16,6 +16,15 @@ import (
 	"github.com/cutover/cutover/switch/target"
 )
 
+// fenceMark is when a fence began: mono (with Go's monotonic reading) for
+// the durations this leader measures, so that a jump of the wall clock
+// does not enter the outage figures; wall for the fact another leader
+// may need (fence_started_at).
+type fenceMark struct {
+	mono time.Time
+	wall time.Time
+}
+
 // planRT is what the leader holds for one plan during one term.
 type planRT struct {
 	ctx   context.Context // the term's context for this plan
@@ -24,13 +33,13 @@ type planRT struct {
 	pairs []*pairRT
 
 	onlineClean bool // this term's online verification passed
-	// fenceStart is when the current cutover window's fence began (unix
-	// nanoseconds), 0 when no window runs.
-	fenceStart atomic.Int64
-	// lastFenceStart is when this term's last window began (0: none), so
-	// that the flip can tell the whole write outage: fence to traffic on
-	// green.
-	lastFenceStart atomic.Int64
+	// fenceStart is when the current cutover window's fence began, nil
+	// when no window runs.
+	fenceStart atomic.Pointer[fenceMark]
+	// lastFenceStart is when this term's last window began (nil: none),
+	// so that the flip can tell the whole write outage: fence to traffic
+	// on green.
+	lastFenceStart atomic.Pointer[fenceMark]
 
 	// targets are the flip targets, built once (switchTargets).
 	targetsMu sync.Mutex

@@ -40,9 +40,9 @@ func (w *window) drain(ctx context.Context) error {
 		terminated += len(pr.terminated)
 	}
 	facts := map[string]string{"terminated_sessions": itoa(terminated)}
-	if at := rt.fenceStart.Load(); at != 0 {
+	if m := rt.fenceStart.Load(); m != nil {
 		// For the write outage, whichever leader flips.
-		facts["fence_started_at"] = time.Unix(0, at).UTC().Format(time.RFC3339Nano)
+		facts["fence_started_at"] = m.wall.UTC().Format(time.RFC3339Nano)
 	}
 	for _, pr := range rt.pairs {
 		facts["marker."+pr.cfg.Name] = pr.marker.Nonce + "@" + pr.marker.Position

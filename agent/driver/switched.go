@@ -8,6 +8,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/cutover/cutover/agent"
+	"github.com/cutover/cutover/internal/clock"
 	"github.com/cutover/cutover/internal/config"
 	"github.com/cutover/cutover/switch/health"
 )
@@ -26,7 +27,7 @@ func (rt *planRT) switched(ctx context.Context, plan agent.Plan, p agent.Propose
 	}
 	rb := rt.spec.Rollback
 	rt.goBackground(func() {
-		watch := time.Until(flippedAt.Add(rb.Watch.D()))
+		watch := clock.Until(flippedAt.Add(rb.Watch.D()))
 		if watch <= 0 || len(rb.Checks) == 0 {
 			return
 		}
@@ -38,7 +39,7 @@ func (rt *planRT) switched(ctx context.Context, plan agent.Plan, p agent.Propose
 	}, func() {
 		select {
 		case <-ctx.Done():
-		case <-time.After(time.Until(flippedAt.Add(rb.Window.D()))):
+		case <-time.After(clock.Until(flippedAt.Add(rb.Window.D()))):
 			p.Transition(ctx, plan.Name, agent.PhaseDone, plan.Epoch, "rollback window closed")
 		}
 	})

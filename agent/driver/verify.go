@@ -4,13 +4,13 @@ import (
 	"context"
 	"fmt"
 	"strings"
-	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/consistency"
 	"github.com/cutover/cutover/engine"
+	"github.com/cutover/cutover/internal/clock"
 	"github.com/cutover/cutover/internal/config"
 )
 
@@ -101,7 +101,7 @@ func (rt *planRT) verify(ctx context.Context, pr *pairRT, pass consistency.Pass)
 		rep, err = v.Full(ctx)
 	}
 	if rep != nil {
-		name := fmt.Sprintf("%s-%s-%s-%s", rt.spec.Name, pr.cfg.Name, pass, time.Now().UTC().Format("20060102T150405.000"))
+		name := fmt.Sprintf("%s-%s-%s-%s", rt.spec.Name, pr.cfg.Name, pass, clock.Now().UTC().Format("20060102T150405.000"))
 		write := func() {
 			if _, werr := rt.d.writeReport(name, func(j, h string) error { return writeReportFiles(rep, j, h) }); werr != nil {
 				rt.d.log.Warn("write consistency report", zap.Error(werr))

@@ -12,6 +12,7 @@ import (
 	"github.com/cutover/cutover/agent"
 	"github.com/cutover/cutover/engine"
 	"github.com/cutover/cutover/fencing"
+	"github.com/cutover/cutover/internal/clock"
 	"github.com/cutover/cutover/internal/config"
 )
 
@@ -96,9 +97,9 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 		// (FenceDrain, holding the drain's lock): on a busy server every
 		// round trip inside the outage costs milliseconds.
 		Fence: func(ctx context.Context) error {
-			now := time.Now().UnixNano()
-			rt.fenceStart.Store(now)
-			rt.lastFenceStart.Store(now)
+			m := &fenceMark{mono: time.Now(), wall: clock.Now()}
+			rt.fenceStart.Store(m)
+			rt.lastFenceStart.Store(m)
 			return rt.forEach(func(pr *pairRT) error {
 				d, err := pr.blueFence.FenceDrain(ctx, epoch, grace)
 				pr.marker = d.Marker
@@ -124,7 +125,7 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	// (the CPU they would spend retrying is what the window's steps and
 	// the flip need); the flip releases them, when the traffic is on green
 	// (releaseBlue). A failed window's lift has let them go already.
-	rt.fenceStart.Store(0)
+	rt.fenceStart.Store(nil)
 	outageSeconds.WithLabelValues(plan.Name).Set(out.Outage.Seconds())
 	if err == nil {
 		log.Info("gate open", zap.Duration("outage", out.Outage))

@@ -6,7 +6,11 @@
 // (internal/demo.StartAgentsWired) that reach blue and green only through
 // a TCP Proxy per agent and database (each agent's DSNs come from its
 // environment) and each other through a Proxy per Raft link, each with a
-// 256 MiB tmpfs as its data directory when the test may mount; and an
+// small file system of its own as its data directory when the test may
+// mount (ext4 on a loop device whose image is in /dev/shm, else a tmpfs),
+// and a wall clock the suite can shift (the agent is built with the tag
+// nemesis_clock: internal/clock reads an offset from the file named by
+// CUTOVER_TEST_CLOCK_FILE on every call); and an
 // application: writers that follow the routing key and keep a receipt of
 // every acknowledged write (integration/load), a prober that tries a write
 // on both sides every 10ms, and a gate reader that asks the agents' gate in
@@ -45,7 +49,16 @@
 //     (immediate shutdown) and started again on its data directory after
 //     0.5–4 s (integration.Postgres.Restart);
 //   - disk-full (a fifth of the seeds): the leader's or a follower's data
-//     directory filled for 1–6 s.
+//     directory filled for 1–6 s;
+//   - clockjump (a third of the seeds): the wall clock of the leader, a
+//     follower or every agent jumps 5 s to 5 min forward or backward, and
+//     back after 2–15 s (as NTP stepping it back would);
+//   - slow-disk (a quarter of the seeds): the leader's or a follower's
+//     reads and writes on its data directory's disk throttled to 2–50
+//     operations (and 64 KiB each) a second for 2–10 s, by the block I/O
+//     controller of a cgroup the agent is moved into (cgroup v1
+//     blkio.throttle.*, or v2 io.max) on its loop device: a forced write
+//     (the Raft log's fsync) waits for the throttle.
 //
 // The kinds added later are drawn after the earlier ones, so that a seed
 // keeps the faults it drew before. Two more serve the mutation check's
@@ -54,8 +67,11 @@
 // delivered late, even after the client died) and stream-delay (the
 // replication streams run behind without losing throughput).
 //
-// Not injected: clock jumps (the agents have no injected time source; see
-// docs/nemesis.md), a slow disk.
+// Clock jumps touch only what the agents stamp with their wall clock: the
+// checkers that compare the audit log's times with the test's own clock
+// (gate, story, the outage figure) first map each entry's time back onto
+// the test's clock through the offsets the proposing agent had (dejump;
+// the suite knows them, it set them).
 //
 // # Checkers
 //
@@ -67,8 +83,8 @@
 //     commits of the audit log, modelled as a register "gate open" that
 //     each committed transition writes (open for authorized and switched,
 //     closed for every other phase); a commit's interval runs from its
-//     audit timestamp (its proposal) to the first moment an agent was seen
-//     to have applied it; reads that failed or answered closed without
+//     audit timestamp (its proposal, on the test's clock) to the first
+//     moment an agent was seen to have applied it; reads that failed or answered closed without
 //     reading the plan (no leader) are left out;
 //   - end state: the plan ended completed, aborted or rolled back (never
 //     stuck: no new phase for 150 s once the timed faults healed); the serving side

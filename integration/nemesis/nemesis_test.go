@@ -2,6 +2,7 @@ package nemesis
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -28,7 +29,9 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	binary = filepath.Join(dir, "cutover")
-	out, err := exec.Command("go", "build", "-o", binary, "../../cmd/cutover").CombinedOutput()
+	// The tag nemesis_clock lets the suite shift the agents' wall clocks
+	// (internal/clock); product builds cannot.
+	out, err := exec.Command("go", "build", "-tags", "nemesis_clock", "-o", binary, "../../cmd/cutover").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "build cutover: %v\n%s", err, out)
 		os.Exit(2)
@@ -61,13 +64,23 @@ func TestTheCutoverKeepsItsInvariantsUnderSeededFaults(t *testing.T) {
 		t.Skip("end-to-end: starts PostgreSQL, Redis and three agent processes per run")
 	}
 	runs, seed := envInt(t, "RUNS", 1), envInt(t, "SEED", 1)
+	// NEMESIS_SCHEDULE, a schedule in JSON (Schedule), runs that schedule
+	// instead of the seeds' (make nemesis SCHEDULE='{...}'): a hand-made
+	// experiment, checked like a seed.
+	var custom *Schedule
+	if js := os.Getenv("NEMESIS_SCHEDULE"); js != "" {
+		custom = &Schedule{}
+		if err := json.Unmarshal([]byte(js), custom); err != nil {
+			t.Fatalf("NEMESIS_SCHEDULE: %v", err)
+		}
+	}
 	// A failing run's history and agents' logs stay for the reader: under
 	// NEMESIS_DIR (make nemesis) or the system's temporary directory.
 	dir := os.Getenv("NEMESIS_DIR")
 	var stats summary
 	for s := seed; s < seed+runs; s++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
-		opts := Options{Binary: binary, Seed: s, Dir: dir, Log: testLog{t, s}}
+		opts := Options{Binary: binary, Seed: s, Dir: dir, Log: testLog{t, s}, Schedule: custom}
 		if os.Getenv("NEMESIS_QUIET") != "" {
 			opts.Log = nil // the timeline is in the history's file
 		}
@@ -77,8 +90,8 @@ func TestTheCutoverKeepsItsInvariantsUnderSeededFaults(t *testing.T) {
 			t.Fatalf("seed %d: the run failed: %v\nschedule: %s", s, err, NewSchedule(s))
 		}
 		stats.add(res)
-		t.Logf("seed %d: %s in %s, %d writes acknowledged, %d gate reads, outage %d ms, %d violations",
-			s, res.Final, res.Took.Round(time.Second), res.Acked, res.GateReads, res.OutageMS, len(res.Violations))
+		t.Logf("seed %d: %s in %s, %d writes acknowledged, %d gate reads, outage %d ms (product's figure %d ms, clock jumped %v), longest write gap %d ms, %d violations",
+			s, res.Final, res.Took.Round(time.Second), res.Acked, res.GateReads, res.OutageMS, res.ProductOutageMS, res.Jumped, res.GapMS, len(res.Violations))
 		if len(res.Violations) == 0 && dir == "" {
 			os.RemoveAll(res.Dir)
 		}
@@ -107,6 +120,13 @@ type summary struct {
 	faults                 map[string]int
 	skipped                int
 	longestOutage          int64
+	longestGap             int64
+	// The product's own outage figure (write_outage_ms, its leader's wall
+	// clock) and how far it strayed from the audit log's (on the test's
+	// clock), in runs with and without a clock jump.
+	productOutage     [2]int64
+	productOutageDiff [2]int64
+	jumped            int
 }
 
 func (s *summary) add(r *Result) {
@@ -124,12 +144,28 @@ func (s *summary) add(r *Result) {
 	}
 	s.skipped += r.Skipped
 	s.longestOutage = max(s.longestOutage, r.OutageMS)
+	s.longestGap = max(s.longestGap, r.GapMS)
+	j := 0
+	if r.Jumped {
+		j = 1
+		s.jumped++
+	}
+	if r.ProductOutageMS != 0 && r.OutageMS != 0 {
+		abs := func(v int64) int64 { return max(v, -v) }
+		if abs(r.ProductOutageMS) > abs(s.productOutage[j]) {
+			s.productOutage[j] = r.ProductOutageMS
+		}
+		s.productOutageDiff[j] = max(s.productOutageDiff[j], abs(r.ProductOutageMS-r.OutageMS))
+	}
 }
 
 func (s *summary) String() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%d runs, %d with violations; outcomes %v; %d writes acknowledged; longest outage %d ms; faults injected (%d skipped, no target):",
-		s.runs, s.violating, s.outcomes, s.acked, s.longestOutage, s.skipped)
+	fmt.Fprintf(&b, "%d runs, %d with violations; outcomes %v; %d writes acknowledged; longest outage %d ms (audit: fence intent to authorized), longest write gap %d ms (the application's)",
+		s.runs, s.violating, s.outcomes, s.acked, s.longestOutage, s.longestGap)
+	fmt.Fprintf(&b, "\nthe product's outage figure: farthest from zero %d ms, at most %d ms off the audit's (runs without a clock jump); farthest %d ms, at most %d ms off (the %d runs with one)",
+		s.productOutage[0], s.productOutageDiff[0], s.productOutage[1], s.productOutageDiff[1], s.jumped)
+	fmt.Fprintf(&b, "\nfaults injected (%d skipped, no target):", s.skipped)
 	keys := make([]string, 0, len(s.faults))
 	for k := range s.faults {
 		keys = append(keys, k)
@@ -328,7 +364,7 @@ func TestTheStoryCheckerCatchesAWriteOnGreenBeforeTheGateOpened(t *testing.T) {
 func buildMutant(t *testing.T, tag string) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "cutover-"+tag)
-	out, err := exec.Command("go", "build", "-tags", tag, "-o", bin, "../../cmd/cutover").CombinedOutput()
+	out, err := exec.Command("go", "build", "-tags", tag+",nemesis_clock", "-o", bin, "../../cmd/cutover").CombinedOutput()
 	if err != nil {
 		t.Fatalf("build the %s mutant: %v\n%s", tag, err, out)
 	}
@@ -469,5 +505,89 @@ func TestTheProxyStallDeliversARequestLateAfterItsClientDied(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatal("the held request was not delivered when the stall ended")
 		}
+	}
+}
+
+// The agents' stamps map back onto the test's clock through the offsets
+// in force: before any jump, after a forward one, after the jump back, and
+// at a backward jump's ambiguous stamps (the log's order decides; failing
+// that the earliest reading wins, so a commit's interval only widens).
+func TestAClockJumpIsUndoneOnTheAuditLogsTimes(t *testing.T) {
+	t0 := time.Date(2026, 12, 3, 18, 0, 0, 0, time.UTC)
+	at := func(s float64) time.Time { return t0.Add(time.Duration(s * float64(time.Second))) }
+	shifts := []clockShift{
+		{Before: at(10), After: at(10.001), Off: 2 * time.Minute},
+		{Before: at(20), After: at(20.001), Off: 0},
+		{Before: at(30), After: at(30.001), Off: -5 * time.Second},
+	}
+	for _, c := range []struct {
+		stamp, notBefore, want float64
+	}{
+		{5, 0, 5},    // before the jump
+		{135, 0, 15}, // +2m in force: 15 s on the test's clock
+		{25, 0, 25},  // back to 0
+		{27, 0, 27},  // after the backward jump 27 s on its clock is 32 s, or 27 s before it: earliest wins
+		{27, 31, 32}, // ... unless the entry before it was at 31 s
+		{32, 0, 37},  // only the -5 s reading fits
+	} {
+		got, ok := trueTime(at(c.stamp), shifts, at(c.notBefore))
+		if !ok || !got.Equal(at(c.want)) {
+			t.Errorf("stamp %gs after %gs: got %s (fits %v), want %gs", c.stamp, c.notBefore, got.Sub(t0), ok, c.want)
+		}
+	}
+	if _, ok := trueTime(at(400), shifts[:1], time.Time{}); !ok {
+		t.Error("a stamp after a forward jump that never ended did not fit")
+	}
+	// A backward jump of the leader inside the fence window: the fence's
+	// intent stamped before it, authorized after it, by the jumped clock.
+	back := []clockShift{{Before: at(10), After: at(10.001), Off: -3 * time.Minute}}
+	audit := []agent.AuditEntry{{Index: 1, Node: "agent-1", At: at(9)}, {Index: 2, Node: "agent-1", At: at(12).Add(-3 * time.Minute)}, {Index: 3, Node: "agent-2", At: at(13)}}
+	got, notes := dejump(audit, map[string][]clockShift{"agent-1": back})
+	if !got[0].At.Equal(at(9)) || !got[1].At.Equal(at(12)) || !got[2].At.Equal(at(13)) || len(notes) != 1 {
+		t.Errorf("dejump: %v %v %v, notes %v", got[0].At.Sub(t0), got[1].At.Sub(t0), got[2].At.Sub(t0), notes)
+	}
+}
+
+// The slow-disk fault really slows the forced writes of the process it
+// hits: 40 synchronous 4 KiB writes on an agent's disk, before and while
+// the device is throttled to 10 operations a second (root only: a loop
+// device and a cgroup).
+func TestASlowDiskSlowsSynchronousWrites(t *testing.T) {
+	if testing.Short() {
+		t.Skip("makes a loop device and a cgroup")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: loop devices and cgroups")
+	}
+	d, err := mountDisk(filepath.Join(t.TempDir(), "agent"))
+	if d == nil || err != nil {
+		t.Fatalf("no loop device disk: %v", err)
+	}
+	defer d.unmount()
+	writes := func(slow bool) time.Duration {
+		// The process waits a moment so that it is throttled before it
+		// writes.
+		cmd := exec.Command("sh", "-c", "sleep 0.3; exec dd if=/dev/zero of="+filepath.Join(d.dir, "f")+" bs=4k count=40 oflag=dsync")
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		began := time.Now()
+		if slow {
+			th, err := slowDown(d, cmd.Process.Pid, 10, 10*64<<10)
+			if err != nil {
+				cmd.Process.Kill()
+				t.Fatalf("throttle: %v", err)
+			}
+			defer th.restore()
+		}
+		if err := cmd.Wait(); err != nil {
+			t.Fatalf("dd: %v", err)
+		}
+		return time.Since(began)
+	}
+	fast, slow := writes(false), writes(true)
+	t.Logf("40 synchronous writes: %s unthrottled, %s at 10 IOPS", fast, slow)
+	if slow < 3*time.Second || slow < 2*fast {
+		t.Errorf("the throttle did not slow the writes: %s unthrottled, %s at 10 IOPS", fast, slow)
 	}
 }

@@ -77,7 +77,17 @@ type Result struct {
 	// OutageMS is the write outage by the audit log (fence intent to
 	// authorized), 0 when the plan never opened the gate.
 	OutageMS int64
-	Took     time.Duration
+	// GapMS is the longest the application went without an acknowledged
+	// write (any writer), by the test's clock: the outage it saw, the
+	// flip and any database restart included.
+	GapMS int64
+	// ProductOutageMS is the write outage the product reported (the
+	// plan's write_outage_ms fact, by its leader's wall clock), 0 when
+	// none.
+	ProductOutageMS int64
+	// Jumped: a clock jump was injected.
+	Jumped bool
+	Took   time.Duration
 }
 
 const planName = "nemesis"
@@ -154,6 +164,8 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		return u.String()
 	}
 	raft := [3][3]*Proxy{}
+	// Each agent's wall clock is shifted through a file of its own.
+	clk := &clocks{dir: dir}
 	token := randomToken()
 	var env []string
 	if hold := sched.hold(); hold != "" {
@@ -173,7 +185,8 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			return p.Addr(), nil
 		},
 		Env: func(i int) []string {
-			return []string{"NEMESIS_BLUE_DSN=" + viaProxy(blue, proxies["blue"].Via[i]), "NEMESIS_GREEN_DSN=" + viaProxy(green, proxies["green"].Via[i])}
+			return []string{"NEMESIS_BLUE_DSN=" + viaProxy(blue, proxies["blue"].Via[i]), "NEMESIS_GREEN_DSN=" + viaProxy(green, proxies["green"].Via[i]),
+				clockEnv + "=" + clk.path(fmt.Sprintf("agent-%d", i+1))}
 		},
 	}
 	defer func() {
@@ -185,17 +198,21 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			}
 		}
 	}()
-	// Each agent's data directory is a small tmpfs of its own (when the
-	// test may mount), for the disk-full fault.
-	disks := map[string]bool{}
+	// Each agent's data directory is a small file system of its own
+	// (when the test may mount), for the disk faults (disk.go).
+	disks := map[string]*disk{}
 	for i := range 3 {
 		data := filepath.Join(dir, fmt.Sprintf("agent-%d", i+1))
-		if err := mountDisk(data); err != nil {
-			h.note("disk", fmt.Sprintf("no tmpfs under %s (%v): disk faults are skipped", data, err))
+		d, err := mountDisk(data)
+		if d == nil {
+			h.note("disk", fmt.Sprintf("no file system of its own under %s (%v): disk faults are skipped", data, err))
 			continue
 		}
-		disks[filepath.Base(data)] = true
-		defer syscall.Unmount(data, syscall.MNT_DETACH)
+		if err != nil {
+			h.note("disk", fmt.Sprintf("a tmpfs under %s (no loop device: %v): slow-disk faults are skipped", data, err))
+		}
+		disks[filepath.Base(data)] = d
+		defer d.unmount()
 	}
 	agents, err := demo.StartAgentsWired(ctx, opts.Binary, dir, token, env, plan, wiring)
 	if err != nil {
@@ -299,7 +316,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 
 	// The nemesis: faults at moments, and faults at phases (fired by the
 	// watcher below).
-	nem := &nemesis{c: c, proxies: proxies, raft: raft, disks: disks, dir: dir, dbs: map[string]*integration.Postgres{"blue": blue, "green": green}, h: h, res: res}
+	nem := &nemesis{c: c, proxies: proxies, raft: raft, disks: disks, dir: dir, clocks: clk, dbs: map[string]*integration.Postgres{"blue": blue, "green": green}, h: h, res: res}
 	nemCtx, stopNem := context.WithCancel(ctx)
 	defer stopNem()
 	for i, f := range sched.Faults {
@@ -324,20 +341,38 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	var switchedAt time.Time
 	requested := false
 	var newestIndex uint64
+	var lastInfo agent.PlanInfo
 	var reqWG sync.WaitGroup
 	// Stuck: no progress (no new phase) for 150 s once the last timed
 	// fault healed. Measured from the last progress, not from the start:
 	// on a loaded machine a plan may take minutes and still move.
 	const stuckAfter = 150 * time.Second
 	deadline := planStart.Add(sched.end() + stuckAfter)
+	// The watcher's status calls wait 700 ms; when no agent answers in
+	// time (a loaded machine starves them) they wait longer, up to 5 s,
+	// and a blind span of more than 5 s goes into the timeline.
+	wait, lastSeen, blind := 700*time.Millisecond, time.Now(), false
 	for {
-		p, at, ok := c.newest(ctx, planName)
+		p, at, ok := c.newest(ctx, planName, wait)
+		if !ok {
+			wait = min(wait*2, 5*time.Second)
+			if !blind && time.Since(lastSeen) > 5*time.Second {
+				blind = true
+				h.note("watcher", fmt.Sprintf("no agent answered a status call for %s (now waiting %s)", time.Since(lastSeen).Round(time.Millisecond), wait))
+			}
+		} else {
+			if blind {
+				h.note("watcher", fmt.Sprintf("the agents answer again, after %s blind", time.Since(lastSeen).Round(time.Millisecond)))
+			}
+			wait, lastSeen, blind = 700*time.Millisecond, at, false
+		}
 		// An agent behind the others (the leader that committed the
 		// newest entry may be the one paused) shows an older state: keep
 		// the newest seen.
 		ok = ok && p.Index >= newestIndex
 		if ok {
 			newestIndex = p.Index
+			lastInfo = p
 			h.observe(Observation{At: at, Index: p.Index, Phase: p.Phase, Epoch: p.Epoch})
 		}
 		if ok && p.Phase != last {
@@ -433,10 +468,21 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	stopApp()
 	appWG.Wait()
 	res.Acked = len(receipts)
+	res.GapMS = longestGap(receipts).Milliseconds()
 	h.note("load", fmt.Sprintf("%d writes acknowledged, refused by SQLSTATE %v", len(receipts), refused))
 
 	audit := c.audit(ctx, planName)
+	// The audit log's times are the proposing agent's clock: put those of
+	// the agents whose clock was shifted back on the test's.
+	audit, moved := dejump(audit, clk.shifts())
+	for _, m := range moved {
+		h.note("clock", m)
+	}
 	res.OutageMS = outage(audit)
+	if v, ok := lastInfo.Facts["write_outage_ms"]; ok {
+		res.ProductOutageMS, _ = strconv.ParseInt(v, 10, 64)
+		h.note("outage", fmt.Sprintf("the product reported %s ms (its leader's clock), the audit log says %d ms (fence intent to authorized, on the test's clock)", v, res.OutageMS))
+	}
 	chk := &checker{ctx: ctx, blue: blue, green: green, rdb: rdb, final: res.Final, h: h, dir: dir}
 	res.Violations = append(res.Violations, chk.writes(receipts)...)
 	res.Violations = append(res.Violations, chk.bothWritable(samples)...)
@@ -564,14 +610,14 @@ func (c *cluster) waitLeader(ctx context.Context, d time.Duration) error {
 
 // newest asks every agent for the plan and keeps the newest view (a
 // restarted agent may still be catching up); at is when the answer came.
-func (c *cluster) newest(ctx context.Context, plan string) (agent.PlanInfo, time.Time, bool) {
+func (c *cluster) newest(ctx context.Context, plan string, wait time.Duration) (agent.PlanInfo, time.Time, bool) {
 	views := make([]*agent.PlanInfo, len(c.clients))
 	var wg sync.WaitGroup
 	for i, cl := range c.clients {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			cctx, cancel := context.WithTimeout(ctx, 700*time.Millisecond)
+			cctx, cancel := context.WithTimeout(ctx, wait)
 			defer cancel()
 			if p, err := cl.Plan(cctx, plan); err == nil {
 				views[i] = &p
@@ -609,8 +655,9 @@ func (c *cluster) audit(ctx context.Context, plan string) []agent.AuditEntry {
 type nemesis struct {
 	c       *cluster
 	proxies map[string]*Link
-	raft    [3][3]*Proxy    // raft[i][j]: agent i's link to agent j
-	disks   map[string]bool // agents whose data directory is a tmpfs
+	raft    [3][3]*Proxy     // raft[i][j]: agent i's link to agent j
+	disks   map[string]*disk // agents whose data directory is a file system of its own
+	clocks  *clocks
 	dir     string
 	dbs     map[string]*integration.Postgres
 	h       *history
@@ -739,7 +786,7 @@ func (n *nemesis) inject(ctx context.Context, i int, f Fault, phase agent.Phase)
 		return
 	case KindDiskFull:
 		a := n.pick(ctx, f.Target)
-		if a == nil || !n.disks[a.ID] {
+		if a == nil || n.disks[a.ID] == nil {
 			n.h.note("fault", fmt.Sprintf("#%d %s: no %s to hit, or no tmpfs (skipped)", i, f.Kind, f.Target))
 			n.count(key, true)
 			return
@@ -750,6 +797,58 @@ func (n *nemesis) inject(ctx context.Context, i int, f Fault, phase agent.Phase)
 		heal = func() {
 			os.Remove(filler)
 			n.h.note("heal", fmt.Sprintf("#%d %s's disk has room again", i, a.ID))
+		}
+	case KindClockJump:
+		var hit []*demo.Agent
+		if f.Target == "all" {
+			hit = n.c.agents
+		} else if a := n.pick(ctx, f.Target); a != nil {
+			hit = []*demo.Agent{a}
+		}
+		if len(hit) == 0 {
+			n.h.note("fault", fmt.Sprintf("#%d %s: no %s to hit (skipped)", i, f.Kind, f.Target))
+			n.count(key, true)
+			return
+		}
+		var ids []string
+		for _, a := range hit {
+			if err := n.clocks.set(a.ID, f.Jump); err != nil {
+				n.h.note("fault", fmt.Sprintf("#%d %s: %v (skipped)", i, f.Kind, err))
+				n.count(key, true)
+				return
+			}
+			ids = append(ids, a.ID)
+		}
+		n.mu.Lock()
+		n.res.Jumped = true
+		n.mu.Unlock()
+		n.h.note("fault", fmt.Sprintf("#%d the wall clock of %s (%s) jumped by %s for %s", i, f.Target, strings.Join(ids, ", "), f.Jump, f.For))
+		heal = func() {
+			for _, a := range hit {
+				if err := n.clocks.set(a.ID, 0); err != nil {
+					n.h.note("heal", fmt.Sprintf("#%d %s's clock: %v", i, a.ID, err))
+				}
+			}
+			n.h.note("heal", fmt.Sprintf("#%d the wall clock of %s jumped back", i, strings.Join(ids, ", ")))
+		}
+	case KindSlowDisk:
+		a := n.pick(ctx, f.Target)
+		var t *throttle
+		err := errors.New("no " + f.Target + " to hit")
+		if a != nil && n.disks[a.ID] != nil {
+			t, err = slowDown(n.disks[a.ID], a.PID(), f.IOPS, f.IOPS*64<<10)
+		}
+		if err != nil {
+			n.h.note("fault", fmt.Sprintf("#%d %s: %v (skipped)", i, f.Kind, err))
+			n.count(key, true)
+			return
+		}
+		n.h.note("fault", fmt.Sprintf("#%d the disk of the %s %s slowed to %d IOPS, %d KiB/s for %s", i, f.Target, a.ID, f.IOPS, f.IOPS*64, f.For))
+		heal = func() {
+			if err := t.restore(); err != nil {
+				n.h.note("heal", fmt.Sprintf("#%d %s's disk: %v", i, a.ID, err))
+			}
+			n.h.note("heal", fmt.Sprintf("#%d %s's disk is fast again", i, a.ID))
 		}
 	case KindBlackhole:
 		n.proxies[f.Target].Blackhole(true)
@@ -981,18 +1080,6 @@ func retry(ctx context.Context, fn func() error) error {
 	}
 }
 
-// diskSize is the size of each agent's tmpfs: room for a run's Raft log
-// (raft-wal preallocates nothing on tmpfs), small enough to fill at once.
-const diskSize = "256m"
-
-// mountDisk mounts a tmpfs of diskSize at dir (root only).
-func mountDisk(dir string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	return syscall.Mount("tmpfs", dir, "tmpfs", 0, "size="+diskSize+",mode=0700")
-}
-
 // fill writes path until the file system is full (ENOSPC) and returns how
 // much it wrote.
 func fill(path string) (int64, error) {
@@ -1020,4 +1107,18 @@ func maxTime(a, b time.Time) time.Time {
 		return a
 	}
 	return b
+}
+
+// longestGap is the longest time between two acknowledged writes in a row.
+func longestGap(receipts []load.Receipt) time.Duration {
+	at := make([]time.Time, len(receipts))
+	for i, r := range receipts {
+		at[i] = r.At
+	}
+	slices.SortFunc(at, func(a, b time.Time) int { return a.Compare(b) })
+	var gap time.Duration
+	for i := 1; i < len(at); i++ {
+		gap = max(gap, at[i].Sub(at[i-1]))
+	}
+	return gap
 }

@@ -58,6 +58,17 @@ const (
 	// KindDiskFull fills the leader's or a follower's data directory (a
 	// tmpfs of its own) for For, then frees it.
 	KindDiskFull Kind = "disk-full"
+	// KindClockJump shifts the wall clock of the leader, a follower or
+	// every agent (internal/clock, which the suite's build of the agent,
+	// tag nemesis_clock, lets it shift at run time) by Jump, forward or
+	// backward, for For; then it jumps back, as NTP stepping a wrong
+	// clock back would.
+	KindClockJump Kind = "clockjump"
+	// KindSlowDisk throttles the I/O of the leader or a follower on its
+	// data directory's disk to IOPS operations (and IOPS×64 KiB) a
+	// second for For (a cgroup's block I/O throttle on its loop device;
+	// disk.go).
+	KindSlowDisk Kind = "slow-disk"
 )
 
 // Fault is one fault of a schedule, triggered either at a moment (After the
@@ -82,6 +93,10 @@ type Fault struct {
 	Delay   time.Duration `json:"delay,omitempty"`
 	For     time.Duration `json:"for,omitempty"`
 	Latency time.Duration `json:"latency,omitempty"`
+	// Jump is a clock jump's shift (negative: backward).
+	Jump time.Duration `json:"jump,omitempty"`
+	// IOPS is a slow disk's operations a second.
+	IOPS int `json:"iops,omitempty"`
 }
 
 func (f Fault) String() string {
@@ -107,6 +122,14 @@ func (f Fault) String() string {
 	}
 	if f.Latency > 0 {
 		fmt.Fprintf(&b, " +%s", f.Latency)
+	}
+	if f.Jump > 0 {
+		fmt.Fprintf(&b, " +%s", f.Jump)
+	} else if f.Jump < 0 {
+		fmt.Fprintf(&b, " %s", f.Jump)
+	}
+	if f.IOPS > 0 {
+		fmt.Fprintf(&b, " %d IOPS", f.IOPS)
 	}
 	if f.For > 0 {
 		fmt.Fprintf(&b, " for %s", f.For.Round(time.Millisecond))
@@ -282,6 +305,44 @@ func NewSchedule(seed uint64) Schedule {
 	// A full disk under an agent, drawn last for the same reason.
 	if rng.IntN(5) == 0 {
 		f := Fault{Kind: KindDiskFull, Target: []string{"leader", "follower"}[rng.IntN(2)], For: time.Duration(1000+rng.IntN(5000)) * time.Millisecond}
+		if rng.IntN(2) == 0 {
+			f.Phase = faultPhases[rng.IntN(len(faultPhases))]
+			if _, short := holdPoints[f.Phase]; short && s.Hold != f.Phase {
+				f.Phase = ""
+			}
+		}
+		if f.Phase == "" {
+			f.After = time.Duration(rng.IntN(12000)) * time.Millisecond
+		}
+		s.Faults = append(s.Faults, f)
+	}
+	// A clock jump (a third of the seeds), drawn last for the same
+	// reason: 5 s to 5 min, forward or backward, on the leader, a
+	// follower or every agent (one host's clock), for 2-15 s.
+	if rng.IntN(3) == 0 {
+		jump := time.Duration(5+rng.IntN(296)) * time.Second
+		if rng.IntN(2) == 0 {
+			jump = -jump
+		}
+		f := Fault{Kind: KindClockJump, Target: []string{"leader", "follower", "all"}[rng.IntN(3)], Jump: jump,
+			For: time.Duration(2000+rng.IntN(13000)) * time.Millisecond}
+		if rng.IntN(2) == 0 {
+			f.Phase = faultPhases[rng.IntN(len(faultPhases))]
+			if _, short := holdPoints[f.Phase]; short && s.Hold != f.Phase {
+				f.Phase = ""
+			}
+		}
+		if f.Phase == "" {
+			f.After = time.Duration(rng.IntN(12000)) * time.Millisecond
+		}
+		s.Faults = append(s.Faults, f)
+	}
+	// A slow disk under the leader or a follower (a quarter of the
+	// seeds), drawn last for the same reason: 2 to 50 operations a
+	// second for 2-10 s.
+	if rng.IntN(4) == 0 {
+		f := Fault{Kind: KindSlowDisk, Target: []string{"leader", "follower"}[rng.IntN(2)], IOPS: 2 + rng.IntN(49),
+			For: time.Duration(2000+rng.IntN(8000)) * time.Millisecond}
 		if rng.IntN(2) == 0 {
 			f.Phase = faultPhases[rng.IntN(len(faultPhases))]
 			if _, short := holdPoints[f.Phase]; short && s.Hold != f.Phase {

@@ -128,6 +128,14 @@ func (a *Agent) Signal(sig os.Signal) error {
 	return a.cmd.Process.Signal(sig)
 }
 
+// PID is the agent process's id (0 when not started).
+func (a *Agent) PID() int {
+	if a.cmd == nil || a.cmd.Process == nil {
+		return 0
+	}
+	return a.cmd.Process.Pid
+}
+
 // Kill ends the agent at once (SIGKILL).
 func (a *Agent) Kill() {
 	if a.cmd != nil && a.cmd.Process != nil {
