@@ -133,10 +133,14 @@ type Table struct {
 	// progress and ETA only.
 	EstimatedRows int64
 	// Bytes is the table's size on disk (rows and out-of-line values),
-	// read from the files when it was described; 0 when the engine does
-	// not say. A table under Options.BatchBytes is hashed whole together
-	// with other small tables (see BatchHasher).
-	Bytes int64
+	// and MaxRows the most rows that size can hold, both read from the
+	// files when it was described (not from statistics, which a table
+	// never analyzed lacks); MaxRows is -1 when the engine does not say.
+	// A table that surely fits in one chunk (MaxRows at most
+	// Options.InitialChunkRows) and holds at most Options.BatchBytes is
+	// hashed whole together with other small tables (see BatchHasher).
+	Bytes   int64
+	MaxRows int64
 	// Warnings are things an operator should know (a key ordering that
 	// cannot use the primary key index, say).
 	Warnings []string

@@ -78,12 +78,13 @@ type Options struct {
 	// off.
 	MaxExceptKeys  int
 	MaxExceptShare float64
-	// BatchBytes: tables with a key and at most this size on disk (see
-	// Table.Bytes) are hashed whole, up to a hundred in one statement per
-	// side, when both engines implement BatchHasher; a table whose digest
-	// differs is then compared chunk by chunk. It removes the per-table
-	// round trips that dominate a pass over thousands of small tables.
-	// Negative turns batching off.
+	// BatchBytes: tables with a key, at most this size on disk and
+	// surely no more rows than InitialChunkRows (see Table.MaxRows: a
+	// table its walk would read as one chunk) are hashed whole, up to a
+	// hundred in one statement per side, when both engines implement
+	// BatchHasher; a table whose digest differs is then compared as a
+	// differing chunk. It removes the per-table round trips that dominate
+	// a pass over thousands of small tables. Negative turns batching off.
 	BatchBytes int64
 	// Logger gets phase and progress lines; nil logs nothing. Tables
 	// hashed in a batch, and tables a dirty pass has nothing to re-check
@@ -387,7 +388,10 @@ func (v *Verifier) batches(tables []*Table) []walkItem {
 		}
 	}
 	for _, t := range tables {
-		small := okb && okg && v.opts.BatchBytes > 0 && len(t.Key) > 0 && t.Bytes >= 0 && t.Bytes <= v.opts.BatchBytes
+		// Only a table its walk would read as one chunk anyway: batching
+		// saves round trips and changes nothing else.
+		small := okb && okg && v.opts.BatchBytes > 0 && len(t.Key) > 0 && t.Bytes >= 0 && t.Bytes <= v.opts.BatchBytes &&
+			t.MaxRows >= 0 && t.MaxRows <= v.opts.InitialChunkRows
 		if !small {
 			flush()
 			items = append(items, walkItem{table: t})

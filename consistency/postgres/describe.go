@@ -139,23 +139,28 @@ func (db *DB) Describe(ctx context.Context, names []string) ([]*consistency.Tabl
 		kind        string
 		reltuples   int64
 		bytes       int64
+		maxRows     int64
 		partitioned bool
 	}
-	// The size (pg_table_size: heap and TOAST) is read from the files, not
-	// from statistics that a table never analyzed lacks: it decides
-	// whether a table is hashed whole in a batch with others.
+	// The size (pg_table_size: heap and TOAST) and the most rows the heap
+	// can hold (its pages times MaxHeapTuplesPerPage: a page header of 24
+	// bytes, and at least 28 bytes per row with its line pointer) are read
+	// from the files, not from statistics that a table never analyzed
+	// lacks: they decide whether a table is hashed whole in a batch.
 	const cols = `SELECT c.oid, n.nspname, c.relname, c.relkind::text,
 		CASE WHEN c.relkind = 'p' THEN coalesce((SELECT sum(greatest(p.reltuples, 0)) FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhrelid WHERE i.inhparent = c.oid), 0)
 		ELSE greatest(c.reltuples, 0) END::int8,
 		CASE WHEN c.relkind = 'p' THEN coalesce((SELECT sum(pg_table_size(pt.relid)) FROM pg_partition_tree(c.oid) pt), 0)
-		ELSE pg_table_size(c.oid) END::int8
+		ELSE pg_table_size(c.oid) END::int8,
+		CASE WHEN c.relkind = 'p' THEN -1
+		ELSE pg_relation_size(c.oid) / current_setting('block_size')::int8 * ((current_setting('block_size')::int8 - 24) / 28) END
 		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace `
 	var rels []rel
 	scan := func(rows pgx.Rows) error {
 		defer rows.Close()
 		for rows.Next() {
 			var r rel
-			if err := rows.Scan(&r.oid, &r.schema, &r.name, &r.kind, &r.reltuples, &r.bytes); err != nil {
+			if err := rows.Scan(&r.oid, &r.schema, &r.name, &r.kind, &r.reltuples, &r.bytes, &r.maxRows); err != nil {
 				return err
 			}
 			r.partitioned = r.kind == "p"
@@ -194,7 +199,9 @@ func (db *DB) Describe(ctx context.Context, names []string) ([]*consistency.Tabl
 			}
 			schemas[i], tables[i] = schema, table
 		}
-		rows, err := db.pool.Query(ctx, cols+`JOIN unnest($1::text[], $2::text[]) WITH ORDINALITY AS q(schema, name, ord)
+		// name[]: relname = name joins by hash or by the catalog's
+		// index, where name = text would compare every pair.
+		rows, err := db.pool.Query(ctx, cols+`JOIN unnest($1::name[], $2::name[]) WITH ORDINALITY AS q(schema, name, ord)
 			ON c.relname = q.name AND CASE WHEN q.schema = '' THEN pg_table_is_visible(c.oid) ELSE n.nspname = q.schema END
 			WHERE c.relkind IN ('r', 'p') ORDER BY q.ord`, schemas, tables)
 		if err != nil {
@@ -230,7 +237,7 @@ func (db *DB) Describe(ctx context.Context, names []string) ([]*consistency.Tabl
 		}
 		seen[t.Name] = true
 		t.EstimatedRows = r.reltuples
-		t.Bytes = r.bytes
+		t.Bytes, t.MaxRows = r.bytes, r.maxRows
 		out = append(out, t)
 		db.mu.Lock()
 		db.partitioned[t.Name] = r.partitioned
@@ -251,12 +258,18 @@ func (db *DB) describeAll(ctx context.Context, oids []uint32, datcollate string)
 			UNION ALL
 			SELECT b.attrelid, b.attnum, t.typbasetype, b.depth + 1 FROM base b JOIN pg_type t ON t.oid = b.oid
 			WHERE t.typtype = 'd'
+		),
+		-- The type under every domain, per column: a join, not a lookup
+		-- per column into the CTE (which has no index: quadratic over
+		-- thousands of tables).
+		deepest AS (
+			SELECT DISTINCT ON (attrelid, attnum) attrelid, attnum, oid FROM base ORDER BY attrelid, attnum, depth DESC
 		)
 		SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), bt.oid, format_type(bt.oid, NULL),
 			ty.typtype = 'd', a.attcollation <> 0, coalesce(co.collname, ''), coalesce(co.collisdeterministic, true)
 		FROM pg_attribute a
 		JOIN pg_type ty ON ty.oid = a.atttypid
-		JOIN LATERAL (SELECT b.oid FROM base b WHERE b.attrelid = a.attrelid AND b.attnum = a.attnum ORDER BY b.depth DESC LIMIT 1) bt ON true
+		JOIN deepest bt ON bt.attrelid = a.attrelid AND bt.attnum = a.attnum
 		LEFT JOIN pg_collation co ON co.oid = a.attcollation
 		WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
 		ORDER BY a.attrelid, a.attnum`, oids)
