@@ -166,6 +166,11 @@ type Verifier struct {
 type described struct {
 	fb, fg string
 	tb, tg []*Table
+	// problems (by index into tb) and extra (tables on green only) are
+	// the schema comparison, done once per description: the dirty pass
+	// inside the fence reuses it.
+	problems [][]string
+	extra    []string
 }
 
 // NewVerifier returns a Verifier comparing blue with green.
@@ -577,15 +582,19 @@ func (v *Verifier) start(ctx context.Context, pass Pass, names []string, d *Dirt
 		// read by the online pass and the schema cannot have changed
 		// under a running replication.
 		fb, fg, tb, tg = cached.fb, cached.fg, cached.tb, cached.tg
-	} else if err := v.describe(ctx, pass, names, &fb, &fg, &tb, &tg); err != nil {
-		return nil, nil, err
+	} else {
+		if err := v.describe(ctx, pass, names, &fb, &fg, &tb, &tg); err != nil {
+			return nil, nil, err
+		}
+		cached = described{fb: fb, fg: fg, tb: tb, tg: tg}
+		cached.problems, cached.extra = compareSchemas(tb, tg)
+		v.mu.Lock()
+		if v.described == nil {
+			v.described = make(map[string]described)
+		}
+		v.described[cacheKey] = cached
+		v.mu.Unlock()
 	}
-	v.mu.Lock()
-	if v.described == nil {
-		v.described = make(map[string]described)
-	}
-	v.described[cacheKey] = described{fb: fb, fg: fg, tb: tb, tg: tg}
-	v.mu.Unlock()
 
 	if fb != fg {
 		return nil, nil, fmt.Errorf("%w: blue %s, green %s", ErrIncompatible, fb, fg)
@@ -625,30 +634,20 @@ func (v *Verifier) start(ctx context.Context, pass Pass, names []string, d *Dirt
 	if len(unknown) > 0 {
 		return nil, nil, fmt.Errorf("%w: no table named %s on blue", ErrUnverifiable, strings.Join(unknown, ", "))
 	}
-	greenByName := make(map[string]*Table, len(tg))
-	for _, t := range tg {
-		greenByName[t.Name] = t
-	}
-	var tables []*Table
-	for _, t := range tb {
-		if problems := compareSchema(t, greenByName[t.Name]); len(problems) > 0 {
+	tables := make([]*Table, 0, len(tb))
+	for i, t := range tb {
+		if problems := cached.problems[i]; len(problems) > 0 {
 			rep.Tables = append(rep.Tables, &TableInfo{Name: t.Name, Key: keyNames(t), Schema: problems})
 			v.log.Warn("verify: schema differs, table not compared", zap.String("table", t.Name), zap.Strings("problems", problems))
 			continue
 		}
-		delete(greenByName, t.Name)
 		tables = append(tables, t)
 		if d != nil {
 			d.setKinds(t.Name, t.KeyKinds())
 		}
 	}
 	if len(names) == 0 {
-		var extra []string
-		for name := range greenByName {
-			extra = append(extra, name)
-		}
-		sort.Strings(extra)
-		for _, name := range extra {
+		for _, name := range cached.extra {
 			rep.Tables = append(rep.Tables, &TableInfo{Name: name, Schema: []string{"table exists on green only"}})
 		}
 	}
@@ -770,6 +769,26 @@ func keyNames(t *Table) []string {
 		out[i] = t.Columns[k].Name
 	}
 	return out
+}
+
+// compareSchemas compares every table of blue with green's: the problems
+// of each (by index into blue), and the tables on green only, sorted.
+func compareSchemas(blue, green []*Table) (problems [][]string, extra []string) {
+	greenByName := make(map[string]*Table, len(green))
+	for _, t := range green {
+		greenByName[t.Name] = t
+	}
+	problems = make([][]string, len(blue))
+	for i, t := range blue {
+		if problems[i] = compareSchema(t, greenByName[t.Name]); len(problems[i]) == 0 {
+			delete(greenByName, t.Name)
+		}
+	}
+	for name := range greenByName {
+		extra = append(extra, name)
+	}
+	sort.Strings(extra)
+	return problems, extra
 }
 
 // compareSchema lists what keeps green's table from being compared with
