@@ -35,7 +35,21 @@
 //     chunks the online pass could not settle). Its cost is proportional to
 //     what changed, not to the size of the database; except for a key-less
 //     table changed since, which is re-hashed whole (its rows have no key
-//     to mark).
+//     to mark). A table with nothing to re-check costs no query and no log
+//     line, only its entry in the report: the pass does not grow with the
+//     number of tables in scope.
+//
+// # Many small tables
+//
+// Walking a table costs round trips whatever its size (a chunk boundary
+// and a digest per side), which dominate a schema of thousands of small
+// tables. Tables with a key and at most Options.BatchBytes on disk are
+// therefore hashed whole, up to a hundred in one statement per side
+// (engines implementing BatchHasher), a few batches ahead of the table
+// being compared. A table whose whole digest differs is then handled as a
+// chunk that differs (re-checked online, bisected to rows); the report
+// has the same entry per table either way. Engines describe all tables in
+// a fixed number of catalog queries.
 //
 // The plan driver wires them: create a DirtySet, hand its MarkChanged to
 // the replication engine as the OnRowChange hook before the stream starts,
@@ -118,6 +132,15 @@ type Table struct {
 	// EstimatedRows is the engine's estimate (planner statistics), for
 	// progress and ETA only.
 	EstimatedRows int64
+	// Bytes is the table's size on disk (rows and out-of-line values),
+	// and MaxRows the most rows that size can hold, both read from the
+	// files when it was described (not from statistics, which a table
+	// never analyzed lacks); MaxRows is -1 when the engine does not say.
+	// A table that surely fits in one chunk (MaxRows at most
+	// Options.InitialChunkRows) and holds at most Options.BatchBytes is
+	// hashed whole together with other small tables (see BatchHasher).
+	Bytes   int64
+	MaxRows int64
 	// Warnings are things an operator should know (a key ordering that
 	// cannot use the primary key index, say).
 	Warnings []string
@@ -271,6 +294,19 @@ type MultisetHasher interface {
 	// rows are returned, the same on both sides) and Count set, in Hash
 	// order, at most limit of them.
 	BucketRows(ctx context.Context, t *Table, in []uint64, bits int, limit int) ([]Row, error)
+}
+
+// BatchHasher is optional for a Database: an engine that implements it
+// lets the verifier hash many small tables whole in one round trip
+// instead of walking each one (a boundary query and a digest query per
+// table, per side), so that a schema of thousands of small tables costs
+// a few round trips per hundred tables. A table whose digest differs is
+// then compared as usual (re-checked online, bisected to rows).
+type BatchHasher interface {
+	// ChecksumTables returns the digest of all the rows of each table,
+	// in the order given: Checksum of each with an unbounded Span, in
+	// one statement.
+	ChecksumTables(ctx context.Context, ts []*Table) ([]Digest, error)
 }
 
 // Snapshotter is optional for a Database: an engine that implements it

@@ -483,6 +483,9 @@ type dirtySnapshot struct {
 	ranges []Span
 }
 
+// empty reports whether the snapshot asks to re-check nothing.
+func (s dirtySnapshot) empty() bool { return !s.whole && len(s.keys) == 0 && len(s.ranges) == 0 }
+
 func (d *DirtySet) snapshot(table string) dirtySnapshot {
 	d.mu.Lock()
 	defer d.mu.Unlock()

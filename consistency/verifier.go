@@ -31,6 +31,11 @@ const (
 	DefaultMaxExceptKeys    = 5_000
 	DefaultMaxExceptShare   = 0.5
 	DefaultProgressEvery    = 10 * time.Second
+	DefaultBatchBytes       = 1 << 20
+	// batchTables and batchBytes bound one batch of small tables hashed
+	// in one statement: its SQL text, and the time of its round trip.
+	batchTables = 100
+	batchBytes  = 8 << 20
 )
 
 // Options tune a Verifier. The zero value is ready to use.
@@ -73,7 +78,18 @@ type Options struct {
 	// off.
 	MaxExceptKeys  int
 	MaxExceptShare float64
-	// Logger gets phase and progress lines; nil logs nothing.
+	// BatchBytes: tables with a key, at most this size on disk and
+	// surely no more rows than InitialChunkRows (see Table.MaxRows: a
+	// table its walk would read as one chunk) are hashed whole, up to a
+	// hundred in one statement per side, when both engines implement
+	// BatchHasher; a table whose digest differs is then compared as a
+	// differing chunk. It removes the per-table round trips that dominate
+	// a pass over thousands of small tables. Negative turns batching off.
+	BatchBytes int64
+	// Logger gets phase and progress lines; nil logs nothing. Tables
+	// hashed in a batch, and tables a dirty pass has nothing to re-check
+	// in, are logged at debug level only (one line per table of a schema
+	// of thousands would cost more than comparing them).
 	Logger *zap.Logger
 	// OnProgress, when set, is called after every chunk (from several
 	// goroutines; it must be quick and safe for concurrent use).
@@ -126,6 +142,9 @@ func (o *Options) defaults() {
 	if o.MaxExceptShare <= 0 || o.MaxExceptShare > 1 {
 		o.MaxExceptShare = DefaultMaxExceptShare
 	}
+	if o.BatchBytes == 0 {
+		o.BatchBytes = DefaultBatchBytes
+	}
 	if o.Logger == nil {
 		o.Logger = zap.NewNop()
 	}
@@ -147,6 +166,11 @@ type Verifier struct {
 type described struct {
 	fb, fg string
 	tb, tg []*Table
+	// problems (by index into tb) and extra (tables on green only) are
+	// the schema comparison, done once per description: the dirty pass
+	// inside the fence reuses it.
+	problems [][]string
+	extra    []string
 }
 
 // NewVerifier returns a Verifier comparing blue with green.
@@ -207,7 +231,14 @@ func (v *Verifier) Dirty(ctx context.Context, names []string, d *DirtySet) (*Rep
 			return r.finish(ctx), err
 		}
 		snap := d.snapshot(t.Name)
-		tr := r.newTable(t, nil)
+		if snap.empty() {
+			// Nothing changed since it was found equal: no query, and
+			// no line at info level, so that the pass costs what changed,
+			// not the number of tables in scope.
+			r.newTable(t, nil, true).done()
+			continue
+		}
+		tr := r.newTable(t, nil, false)
 		if snap.whole || len(t.Key) == 0 && len(snap.keys)+len(snap.ranges) > 0 {
 			why := "not walked online, or truncated since"
 			if len(t.Key) == 0 {
@@ -257,7 +288,11 @@ func (v *Verifier) Refresh(ctx context.Context, names []string, w PositionWaiter
 			return r.finish(ctx), err
 		}
 		snap := d.snapshot(t.Name)
-		tr := r.newTable(t, d)
+		if snap.empty() {
+			r.newTable(t, d, true).done()
+			continue
+		}
+		tr := r.newTable(t, d, false)
 		if snap.whole || len(t.Key) == 0 && len(snap.keys)+len(snap.ranges) > 0 {
 			start := d.beginWalk(t.Name)
 			tr.walkAll(ctx)
@@ -295,6 +330,10 @@ func (v *Verifier) Progress() Progress {
 }
 
 // walk runs a full or online pass.
+//
+// Small tables (see Options.BatchBytes) are hashed whole in batches, a
+// few batches ahead of the table being compared; the report lists every
+// table in the order described either way.
 func (v *Verifier) walk(ctx context.Context, pass Pass, names []string, w PositionWaiter, d *DirtySet) (*Report, error) {
 	r, tables, err := v.start(ctx, pass, names, d)
 	if err != nil {
@@ -303,22 +342,204 @@ func (v *Verifier) walk(ctx context.Context, pass Pass, names []string, w Positi
 	defer r.stop()
 	r.w = w
 	r.rep.handedOff = d != nil
-	for _, t := range tables {
+	items := v.batches(tables)
+	bt := r.hashBatches(ctx, items, d)
+	defer bt.stop()
+	for i, it := range items {
 		if err := ctx.Err(); err != nil {
 			return r.finish(ctx), err
 		}
-		var startGen uint64
-		if d != nil {
-			startGen = d.beginWalk(t.Name)
+		if it.batch != nil {
+			r.compareBatch(ctx, it.batch, bt.take(i), d)
+			continue
 		}
-		tr := r.newTable(t, d)
-		tr.walkAll(ctx)
-		tr.done()
-		if d != nil && tr.info.Error == "" {
-			d.endWalk(t.Name, startGen)
-		}
+		r.walkTable(ctx, it.table, d)
 	}
 	return r.finish(ctx), ctx.Err()
+}
+
+// walkTable compares one table chunk by chunk, recording the walk in d.
+func (r *run) walkTable(ctx context.Context, t *Table, d *DirtySet) {
+	var startGen uint64
+	if d != nil {
+		startGen = d.beginWalk(t.Name)
+	}
+	tr := r.newTable(t, d, false)
+	tr.walkAll(ctx)
+	tr.done()
+	if d != nil && tr.info.Error == "" {
+		d.endWalk(t.Name, startGen)
+	}
+}
+
+// walkItem is a table to walk, or a batch of small tables to hash whole.
+type walkItem struct {
+	table *Table
+	batch []*Table
+}
+
+// batches groups consecutive small tables into batches, when both sides
+// can hash them so.
+func (v *Verifier) batches(tables []*Table) []walkItem {
+	_, okb := v.blue.(BatchHasher)
+	_, okg := v.green.(BatchHasher)
+	var items []walkItem
+	var cur []*Table
+	var curBytes int64
+	flush := func() {
+		if len(cur) > 0 {
+			items = append(items, walkItem{batch: cur})
+			cur, curBytes = nil, 0
+		}
+	}
+	for _, t := range tables {
+		// Only a table its walk would read as one chunk anyway: batching
+		// saves round trips and changes nothing else.
+		small := okb && okg && v.opts.BatchBytes > 0 && len(t.Key) > 0 && t.Bytes >= 0 && t.Bytes <= v.opts.BatchBytes &&
+			t.MaxRows >= 0 && t.MaxRows <= v.opts.InitialChunkRows
+		if !small {
+			flush()
+			items = append(items, walkItem{table: t})
+			continue
+		}
+		if len(cur) >= batchTables || curBytes+t.Bytes > batchBytes {
+			flush()
+		}
+		cur = append(cur, t)
+		curBytes += t.Bytes
+	}
+	flush()
+	return items
+}
+
+// batchResult is the digests of a batch of tables on both sides.
+type batchResult struct {
+	gen  uint64 // DirtySet generation before the tables were read
+	b, g []Digest
+	err  error
+}
+
+// batcher hashes the batches of a walk in order, on both sides at once,
+// at most Parallel batches ahead of the table being compared.
+type batcher struct {
+	results []chan batchResult // by item; nil for a table walked alone
+	ahead   chan struct{}      // a place per batch hashed and not yet taken
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+}
+
+func (r *run) hashBatches(ctx context.Context, items []walkItem, d *DirtySet) *batcher {
+	bt := &batcher{results: make([]chan batchResult, len(items)), ahead: make(chan struct{}, r.v.opts.Parallel)}
+	bt.ctx, bt.cancel = context.WithCancel(ctx)
+	for i, it := range items {
+		if it.batch != nil {
+			bt.results[i] = make(chan batchResult, 1)
+		}
+	}
+	bt.wg.Add(1)
+	go func() {
+		defer bt.wg.Done()
+		for i, it := range items {
+			if it.batch == nil {
+				continue
+			}
+			select {
+			case bt.ahead <- struct{}{}:
+			case <-bt.ctx.Done():
+				return
+			}
+			bt.wg.Add(1)
+			go func() {
+				defer bt.wg.Done()
+				bt.results[i] <- r.hashBatch(bt.ctx, it.batch, d)
+			}()
+		}
+	}()
+	return bt
+}
+
+// take waits for the digests of batch item i.
+func (bt *batcher) take(i int) batchResult {
+	select {
+	case res := <-bt.results[i]:
+		<-bt.ahead
+		return res
+	case <-bt.ctx.Done():
+		return batchResult{err: bt.ctx.Err()}
+	}
+}
+
+// stop ends the work left and waits for it.
+func (bt *batcher) stop() {
+	bt.cancel()
+	bt.wg.Wait()
+}
+
+// hashBatch hashes a batch of tables whole on both sides at once.
+func (r *run) hashBatch(ctx context.Context, ts []*Table, d *DirtySet) (res batchResult) {
+	var rows int64
+	for _, t := range ts {
+		if d != nil {
+			d.beginWalk(t.Name)
+		}
+		rows += max(t.EstimatedRows, 1)
+	}
+	if d != nil {
+		// Taken before the reads: a change marked later is not covered.
+		res.gen = d.Generation()
+	}
+	if res.err = r.limiter.wait(ctx, rows); res.err != nil {
+		return res
+	}
+	eg, ectx := errgroup.WithContext(ctx)
+	eg.Go(func() (err error) {
+		if res.b, err = r.v.blue.(BatchHasher).ChecksumTables(ectx, ts); err != nil {
+			return fmt.Errorf("blue: %w", err)
+		}
+		return nil
+	})
+	eg.Go(func() (err error) {
+		if res.g, err = r.v.green.(BatchHasher).ChecksumTables(ectx, ts); err != nil {
+			return fmt.Errorf("green: %w", err)
+		}
+		return nil
+	})
+	res.err = eg.Wait()
+	return res
+}
+
+// compareBatch records the tables of a batch: equal ones as one chunk
+// each; one that differs is resolved as a chunk spanning the whole table
+// (re-checked online, bisected to rows). If the batch could not be
+// hashed, each table is walked on its own, so that an error names its
+// table.
+func (r *run) compareBatch(ctx context.Context, ts []*Table, res batchResult, d *DirtySet) {
+	if res.err != nil {
+		if ctx.Err() != nil {
+			return
+		}
+		r.v.log.Info("verify: batch of small tables could not be hashed; walking them one by one",
+			zap.Int("tables", len(ts)), zap.String("error", redact.Text(res.err.Error())))
+		for _, t := range ts {
+			if ctx.Err() != nil {
+				return
+			}
+			r.walkTable(ctx, t, d)
+		}
+		return
+	}
+	for i, t := range ts {
+		tr := r.newTable(t, d, true)
+		c := chunk{span: Span{}, rows: res.b[i].Rows}
+		if err := tr.compared(ctx, c, res.gen, res.b[i], res.g[i]); err != nil {
+			tr.fail(err)
+		}
+		tr.done()
+		if d != nil && tr.info.Error == "" {
+			d.endWalk(t.Name, res.gen)
+		}
+	}
 }
 
 // run is one pass.
@@ -361,15 +582,19 @@ func (v *Verifier) start(ctx context.Context, pass Pass, names []string, d *Dirt
 		// read by the online pass and the schema cannot have changed
 		// under a running replication.
 		fb, fg, tb, tg = cached.fb, cached.fg, cached.tb, cached.tg
-	} else if err := v.describe(ctx, pass, names, &fb, &fg, &tb, &tg); err != nil {
-		return nil, nil, err
+	} else {
+		if err := v.describe(ctx, pass, names, &fb, &fg, &tb, &tg); err != nil {
+			return nil, nil, err
+		}
+		cached = described{fb: fb, fg: fg, tb: tb, tg: tg}
+		cached.problems, cached.extra = compareSchemas(tb, tg)
+		v.mu.Lock()
+		if v.described == nil {
+			v.described = make(map[string]described)
+		}
+		v.described[cacheKey] = cached
+		v.mu.Unlock()
 	}
-	v.mu.Lock()
-	if v.described == nil {
-		v.described = make(map[string]described)
-	}
-	v.described[cacheKey] = described{fb: fb, fg: fg, tb: tb, tg: tg}
-	v.mu.Unlock()
 
 	if fb != fg {
 		return nil, nil, fmt.Errorf("%w: blue %s, green %s", ErrIncompatible, fb, fg)
@@ -387,45 +612,42 @@ func (v *Verifier) start(ctx context.Context, pass Pass, names []string, d *Dirt
 			ErrNoPrimaryKey, strings.Join(noKey, ", "))
 	}
 	var unknown []string
-	for _, name := range names {
-		found := false
+	if len(names) > 0 {
+		// A name matches a table by its full name or by what follows a
+		// dot in it (the table without its schema). A set, not a scan per
+		// name: the driver names thousands of tables.
+		known := make(map[string]bool, 2*len(tb))
 		for _, t := range tb {
-			if t.Name == name || strings.HasSuffix(t.Name, "."+name) {
-				found = true
-				break
+			known[t.Name] = true
+			for i := range len(t.Name) {
+				if t.Name[i] == '.' {
+					known[t.Name[i+1:]] = true
+				}
 			}
 		}
-		if !found {
-			unknown = append(unknown, name)
+		for _, name := range names {
+			if !known[name] {
+				unknown = append(unknown, name)
+			}
 		}
 	}
 	if len(unknown) > 0 {
 		return nil, nil, fmt.Errorf("%w: no table named %s on blue", ErrUnverifiable, strings.Join(unknown, ", "))
 	}
-	greenByName := make(map[string]*Table, len(tg))
-	for _, t := range tg {
-		greenByName[t.Name] = t
-	}
-	var tables []*Table
-	for _, t := range tb {
-		if problems := compareSchema(t, greenByName[t.Name]); len(problems) > 0 {
+	tables := make([]*Table, 0, len(tb))
+	for i, t := range tb {
+		if problems := cached.problems[i]; len(problems) > 0 {
 			rep.Tables = append(rep.Tables, &TableInfo{Name: t.Name, Key: keyNames(t), Schema: problems})
 			v.log.Warn("verify: schema differs, table not compared", zap.String("table", t.Name), zap.Strings("problems", problems))
 			continue
 		}
-		delete(greenByName, t.Name)
 		tables = append(tables, t)
 		if d != nil {
 			d.setKinds(t.Name, t.KeyKinds())
 		}
 	}
 	if len(names) == 0 {
-		var extra []string
-		for name := range greenByName {
-			extra = append(extra, name)
-		}
-		sort.Strings(extra)
-		for _, name := range extra {
+		for _, name := range cached.extra {
 			rep.Tables = append(rep.Tables, &TableInfo{Name: name, Schema: []string{"table exists on green only"}})
 		}
 	}
@@ -549,6 +771,26 @@ func keyNames(t *Table) []string {
 	return out
 }
 
+// compareSchemas compares every table of blue with green's: the problems
+// of each (by index into blue), and the tables on green only, sorted.
+func compareSchemas(blue, green []*Table) (problems [][]string, extra []string) {
+	greenByName := make(map[string]*Table, len(green))
+	for _, t := range green {
+		greenByName[t.Name] = t
+	}
+	problems = make([][]string, len(blue))
+	for i, t := range blue {
+		if problems[i] = compareSchema(t, greenByName[t.Name]); len(problems[i]) == 0 {
+			delete(greenByName, t.Name)
+		}
+	}
+	for name := range greenByName {
+		extra = append(extra, name)
+	}
+	sort.Strings(extra)
+	return problems, extra
+}
+
 // compareSchema lists what keeps green's table from being compared with
 // blue's: missing table, missing or extra columns, different types or
 // keys. Column order may differ: columns are matched by name.
@@ -593,6 +835,7 @@ type tableRun struct {
 	t     *Table
 	d     *DirtySet // nil: no dirty tracking (full and dirty passes)
 	start time.Time
+	quiet bool // log at debug level unless it differs
 
 	mu     sync.Mutex // guards info and rate
 	info   *TableInfo
@@ -603,12 +846,17 @@ type tableRun struct {
 	loose []looseRow
 }
 
-func (r *run) newTable(t *Table, d *DirtySet) *tableRun {
+// newTable opens a table's report entry. quiet logs it at debug level
+// only (unless it differs): tables hashed in a batch, and tables a dirty
+// pass has nothing to re-check in.
+func (r *run) newTable(t *Table, d *DirtySet, quiet bool) *tableRun {
 	info := &TableInfo{Name: t.Name, Key: keyNames(t), KeyLess: len(t.Key) == 0, Warnings: t.Warnings}
 	r.rep.Tables = append(r.rep.Tables, info)
 	r.prog.beginTable(t.Name)
-	r.v.log.Info("verify: table", zap.String("table", t.Name), zap.Int64("estimated_rows", t.EstimatedRows))
-	return &tableRun{run: r, t: t, d: d, info: info, start: time.Now()}
+	if !quiet {
+		r.v.log.Info("verify: table", zap.String("table", t.Name), zap.Int64("estimated_rows", t.EstimatedRows))
+	}
+	return &tableRun{run: r, t: t, d: d, info: info, start: time.Now(), quiet: quiet}
 }
 
 func (tr *tableRun) done() {
@@ -617,6 +865,9 @@ func (tr *tableRun) done() {
 	tr.mu.Unlock()
 	tr.prog.endTable(tr.t.EstimatedRows)
 	lvl := tr.v.log.Info
+	if tr.quiet {
+		lvl = tr.v.log.Debug
+	}
 	if tr.info.DifferenceCount > 0 || tr.info.Error != "" {
 		lvl = tr.v.log.Warn
 	}
@@ -765,6 +1016,12 @@ func (tr *tableRun) checkChunk(ctx context.Context, c chunk) error {
 		return err
 	}
 	tr.observe(max(b.Rows, g.Rows), time.Since(started))
+	return tr.compared(ctx, c, gen, b, g)
+}
+
+// compared records chunk c, read on both sides from generation gen on,
+// and resolves a difference.
+func (tr *tableRun) compared(ctx context.Context, c chunk, gen uint64, b, g Digest) error {
 	tr.mu.Lock()
 	tr.info.Chunks++
 	tr.info.RowsBlue += b.Rows

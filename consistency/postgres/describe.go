@@ -126,6 +126,11 @@ func keyKind(base uint32) consistency.KeyKind {
 // covered through their partitioned table), or the tables named
 // (schema.table, or a table visible in the search path). Names not found
 // are left out: the verifier reports a table missing on one side.
+//
+// It costs a fixed number of catalog queries whatever the number of
+// tables (one for the tables, one for all their columns, one for all
+// their keys): a schema of thousands of tables is described in about the
+// time of one.
 func (db *DB) Describe(ctx context.Context, names []string) ([]*consistency.Table, error) {
 	type rel struct {
 		oid         uint32
@@ -133,18 +138,29 @@ func (db *DB) Describe(ctx context.Context, names []string) ([]*consistency.Tabl
 		name        string
 		kind        string
 		reltuples   int64
+		bytes       int64
+		maxRows     int64
 		partitioned bool
 	}
+	// The size (pg_table_size: heap and TOAST) and the most rows the heap
+	// can hold (its pages times MaxHeapTuplesPerPage: a page header of 24
+	// bytes, and at least 28 bytes per row with its line pointer) are read
+	// from the files, not from statistics that a table never analyzed
+	// lacks: they decide whether a table is hashed whole in a batch.
 	const cols = `SELECT c.oid, n.nspname, c.relname, c.relkind::text,
 		CASE WHEN c.relkind = 'p' THEN coalesce((SELECT sum(greatest(p.reltuples, 0)) FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhrelid WHERE i.inhparent = c.oid), 0)
-		ELSE greatest(c.reltuples, 0) END::int8
+		ELSE greatest(c.reltuples, 0) END::int8,
+		CASE WHEN c.relkind = 'p' THEN coalesce((SELECT sum(pg_table_size(pt.relid)) FROM pg_partition_tree(c.oid) pt), 0)
+		ELSE pg_table_size(c.oid) END::int8,
+		CASE WHEN c.relkind = 'p' THEN -1
+		ELSE pg_relation_size(c.oid) / current_setting('block_size')::int8 * ((current_setting('block_size')::int8 - 24) / 28) END
 		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace `
 	var rels []rel
 	scan := func(rows pgx.Rows) error {
 		defer rows.Close()
 		for rows.Next() {
 			var r rel
-			if err := rows.Scan(&r.oid, &r.schema, &r.name, &r.kind, &r.reltuples); err != nil {
+			if err := rows.Scan(&r.oid, &r.schema, &r.name, &r.kind, &r.reltuples, &r.bytes, &r.maxRows); err != nil {
 				return err
 			}
 			r.partitioned = r.kind == "p"
@@ -173,37 +189,55 @@ func (db *DB) Describe(ctx context.Context, names []string) ([]*consistency.Tabl
 			return nil, fmt.Errorf("list tables: %w", err)
 		}
 	} else {
-		for _, name := range names {
+		// All names in one query, in the order given.
+		schemas := make([]string, len(names))
+		tables := make([]string, len(names))
+		for i, name := range names {
 			schema, table, qualified := strings.Cut(name, ".")
 			if !qualified {
 				schema, table = "", name
 			}
-			rows, err := db.pool.Query(ctx, cols+`WHERE c.relkind IN ('r', 'p') AND c.relname = $2
-				AND CASE WHEN $1 = '' THEN pg_table_is_visible(c.oid) ELSE n.nspname = $1 END`, schema, table)
-			if err != nil {
-				return nil, fmt.Errorf("find table %s: %w", name, err)
-			}
-			if err := scan(rows); err != nil {
-				return nil, fmt.Errorf("find table %s: %w", name, err)
-			}
+			schemas[i], tables[i] = schema, table
+		}
+		// name[]: relname = name joins by hash or by the catalog's
+		// index, where name = text would compare every pair.
+		rows, err := db.pool.Query(ctx, cols+`JOIN unnest($1::name[], $2::name[]) WITH ORDINALITY AS q(schema, name, ord)
+			ON c.relname = q.name AND CASE WHEN q.schema = '' THEN pg_table_is_visible(c.oid) ELSE n.nspname = q.schema END
+			WHERE c.relkind IN ('r', 'p') ORDER BY q.ord`, schemas, tables)
+		if err != nil {
+			return nil, fmt.Errorf("find tables %s: %w", strings.Join(names, ", "), err)
+		}
+		if err := scan(rows); err != nil {
+			return nil, fmt.Errorf("find tables %s: %w", strings.Join(names, ", "), err)
 		}
 	}
 	var datcollate string
 	if err := db.pool.QueryRow(ctx, `SELECT datcollate FROM pg_database WHERE datname = current_database()`).Scan(&datcollate); err != nil {
 		return nil, fmt.Errorf("database collation: %w", err)
 	}
+	oids := make([]uint32, len(rels))
+	for i, r := range rels {
+		oids[i] = r.oid
+	}
+	described, err := db.describeAll(ctx, oids, datcollate)
+	if err != nil {
+		return nil, err
+	}
 	var out []*consistency.Table
 	seen := make(map[string]bool)
 	for _, r := range rels {
-		t, err := db.describe(ctx, r.oid, r.schema+"."+r.name, datcollate)
-		if err != nil {
-			return nil, fmt.Errorf("describe %s.%s: %w", r.schema, r.name, err)
+		t := described[r.oid]
+		if t == nil {
+			// Dropped between the two queries.
+			return nil, fmt.Errorf("describe %s.%s: table dropped while being described", r.schema, r.name)
 		}
+		t.Name = r.schema + "." + r.name
 		if seen[t.Name] {
 			continue
 		}
 		seen[t.Name] = true
 		t.EstimatedRows = r.reltuples
+		t.Bytes, t.MaxRows = r.bytes, r.maxRows
 		out = append(out, t)
 		db.mu.Lock()
 		db.partitioned[t.Name] = r.partitioned
@@ -212,61 +246,108 @@ func (db *DB) Describe(ctx context.Context, names []string) ([]*consistency.Tabl
 	return out, nil
 }
 
-func (db *DB) describe(ctx context.Context, oid uint32, name, datcollate string) (*consistency.Table, error) {
-	t := &consistency.Table{Name: name}
+// describeAll reads the columns and primary keys of the tables oids, in
+// two queries for all of them.
+func (db *DB) describeAll(ctx context.Context, oids []uint32, datcollate string) (map[uint32]*consistency.Table, error) {
+	tables := make(map[uint32]*consistency.Table, len(oids))
+	infos := make(map[uint32][]colInfo, len(oids))
 	rows, err := db.pool.Query(ctx, `
-		WITH RECURSIVE base(attnum, oid, depth) AS (
-			SELECT a.attnum, a.atttypid, 0 FROM pg_attribute a
-			WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+		WITH RECURSIVE base(attrelid, attnum, oid, depth) AS (
+			SELECT a.attrelid, a.attnum, a.atttypid, 0 FROM pg_attribute a
+			WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
 			UNION ALL
-			SELECT b.attnum, t.typbasetype, b.depth + 1 FROM base b JOIN pg_type t ON t.oid = b.oid
+			SELECT b.attrelid, b.attnum, t.typbasetype, b.depth + 1 FROM base b JOIN pg_type t ON t.oid = b.oid
 			WHERE t.typtype = 'd'
+		),
+		-- The type under every domain, per column: a join, not a lookup
+		-- per column into the CTE (which has no index: quadratic over
+		-- thousands of tables).
+		deepest AS (
+			SELECT DISTINCT ON (attrelid, attnum) attrelid, attnum, oid FROM base ORDER BY attrelid, attnum, depth DESC
 		)
-		SELECT a.attname, format_type(a.atttypid, a.atttypmod), bt.oid, format_type(bt.oid, NULL),
+		SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), bt.oid, format_type(bt.oid, NULL),
 			ty.typtype = 'd', a.attcollation <> 0, coalesce(co.collname, ''), coalesce(co.collisdeterministic, true)
 		FROM pg_attribute a
 		JOIN pg_type ty ON ty.oid = a.atttypid
-		JOIN LATERAL (SELECT b.oid FROM base b WHERE b.attnum = a.attnum ORDER BY b.depth DESC LIMIT 1) bt ON true
+		JOIN deepest bt ON bt.attrelid = a.attrelid AND bt.attnum = a.attnum
 		LEFT JOIN pg_collation co ON co.oid = a.attcollation
-		WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
-		ORDER BY a.attnum`, oid)
+		WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
+		ORDER BY a.attrelid, a.attnum`, oids)
 	if err != nil {
 		return nil, fmt.Errorf("columns: %w", err)
 	}
-	type colInfo struct {
-		collation     string
-		deterministic bool
-	}
-	var infos []colInfo
 	for rows.Next() {
+		var rel uint32
 		var c consistency.Column
 		var base uint32
 		var baseName string
 		var domain, collatable bool
 		var ci colInfo
-		if err := rows.Scan(&c.Name, &c.Type, &base, &baseName, &domain, &collatable, &ci.collation, &ci.deterministic); err != nil {
+		if err := rows.Scan(&rel, &c.Name, &c.Type, &base, &baseName, &domain, &collatable, &ci.collation, &ci.deterministic); err != nil {
 			rows.Close()
 			return nil, fmt.Errorf("columns: %w", err)
 		}
 		c.Hash = hashTemplate(base, baseName, domain, collatable)
 		c.Kind = keyKind(base)
+		t := tables[rel]
+		if t == nil {
+			t = &consistency.Table{}
+			tables[rel] = t
+		}
 		t.Columns = append(t.Columns, c)
-		infos = append(infos, ci)
+		infos[rel] = append(infos[rel], ci)
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("columns: %w", err)
 	}
-	var key []string
-	err = db.pool.QueryRow(ctx, `
-		SELECT coalesce(array_agg(a.attname ORDER BY k.ord), '{}')
+	for _, oid := range oids {
+		if tables[oid] == nil {
+			// A table without columns (CREATE TABLE t ()) has no rows to
+			// tell apart but still is one.
+			tables[oid] = &consistency.Table{}
+		}
+	}
+	keys := make(map[uint32][]string, len(oids))
+	rows, err = db.pool.Query(ctx, `
+		SELECT i.indrelid, array_agg(a.attname ORDER BY k.ord)
 		FROM pg_index i
 		CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
 		JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-		WHERE i.indrelid = $1 AND i.indisprimary`, oid).Scan(&key)
+		WHERE i.indrelid = ANY($1::oid[]) AND i.indisprimary
+		GROUP BY i.indrelid`, oids)
 	if err != nil {
-		return nil, fmt.Errorf("primary key: %w", err)
+		return nil, fmt.Errorf("primary keys: %w", err)
 	}
+	for rows.Next() {
+		var rel uint32
+		var key []string
+		if err := rows.Scan(&rel, &key); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("primary keys: %w", err)
+		}
+		keys[rel] = key
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("primary keys: %w", err)
+	}
+	for oid, t := range tables {
+		setKey(t, keys[oid], infos[oid], datcollate)
+	}
+	return tables, nil
+}
+
+// colInfo is what a column's collation says about its key use.
+type colInfo struct {
+	collation     string
+	deterministic bool
+}
+
+// setKey sets t's key to the columns named key (the primary key, in key
+// order), or leaves t without one (with a warning) when a key column's
+// collation is not deterministic.
+func setKey(t *consistency.Table, key []string, infos []colInfo, datcollate string) {
 	for _, k := range key {
 		for i, c := range t.Columns {
 			if c.Name != k {
@@ -284,7 +365,7 @@ func (db *DB) describe(ctx context.Context, oid uint32, name, datcollate string)
 				t.Warnings = append(t.Warnings, fmt.Sprintf(
 					"key column %s uses the non-deterministic collation %s (equal keys need not be the same bytes): compared as a table without a key, a multiset of row hashes",
 					c.Name, infos[i].collation))
-				return t, nil
+				return
 			}
 			coll := infos[i].collation
 			if coll == "default" {
@@ -298,5 +379,4 @@ func (db *DB) describe(ctx context.Context, oid uint32, name, datcollate string)
 			break
 		}
 	}
-	return t, nil
 }
