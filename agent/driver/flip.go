@@ -51,7 +51,8 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 	for _, pr := range rt.pairs {
 		positions[pr.cfg.Name] = plan.Facts["marker."+pr.cfg.Name]
 	}
-	f := target.Flip{Plan: plan.Name, From: "blue", To: "green", Epoch: epoch, Positions: positions, At: clock.Now().UTC()}
+	flipped := &fenceMark{mono: time.Now(), wall: clock.Now()}
+	f := target.Flip{Plan: plan.Name, From: "blue", To: "green", Epoch: epoch, Positions: positions, At: flipped.wall.UTC()}
 	// Green takes writes from here; blue stays fenced (invariant 1).
 	if err := rt.forEach(func(pr *pairRT) error { return pr.greenFence.Unfence(ctx, epoch) }); err != nil {
 		if errors.Is(err, engine.ErrLoginBreach) && ctx.Err() == nil {
@@ -82,6 +83,7 @@ func (rt *planRT) flip(ctx context.Context, plan agent.Plan, p agent.Proposer, l
 	}
 	fields := []zap.Field{zap.Duration("reverse_ready_after", reverseReady), zap.Duration("green_unfenced_after", greenUnfenced), zap.Duration("targets_flipped_after", time.Since(began))}
 	facts := map[string]string{"flipped_at": f.At.Format(time.RFC3339Nano), "route": "green"}
+	rt.flippedAt.Store(flipped)
 	if at := rt.pausedAt.Swap(0); at != 0 {
 		// Pools held new transactions from the pause to here: what the
 		// application saw as a stall instead of errors.

@@ -40,6 +40,10 @@ type planRT struct {
 	// so that the flip can tell the whole write outage: fence to traffic
 	// on green.
 	lastFenceStart atomic.Pointer[fenceMark]
+	// flippedAt is when this term flipped the traffic to green (nil: it
+	// did not), so that its rollback window and watch run on the
+	// monotonic clock.
+	flippedAt atomic.Pointer[fenceMark]
 
 	// targets are the flip targets, built once (switchTargets).
 	targetsMu sync.Mutex

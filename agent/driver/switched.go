@@ -25,9 +25,17 @@ func (rt *planRT) switched(ctx context.Context, plan agent.Plan, p agent.Propose
 	if err != nil {
 		flippedAt = plan.Updated
 	}
+	// Time left from the flip: by this leader's monotonic clock when it
+	// flipped, else by the wall clock against flipped_at, which assumes
+	// the agents' clocks agree (a leader whose clock is ahead by J closes
+	// the window J early; docs/agent.md).
+	until := func(d time.Duration) time.Duration { return clock.Until(flippedAt.Add(d)) }
+	if m := rt.flippedAt.Load(); m != nil {
+		until = func(d time.Duration) time.Duration { return time.Until(m.mono.Add(d)) }
+	}
 	rb := rt.spec.Rollback
 	rt.goBackground(func() {
-		watch := clock.Until(flippedAt.Add(rb.Watch.D()))
+		watch := until(rb.Watch.D())
 		if watch <= 0 || len(rb.Checks) == 0 {
 			return
 		}
@@ -39,7 +47,7 @@ func (rt *planRT) switched(ctx context.Context, plan agent.Plan, p agent.Propose
 	}, func() {
 		select {
 		case <-ctx.Done():
-		case <-time.After(clock.Until(flippedAt.Add(rb.Window.D()))):
+		case <-time.After(until(rb.Window.D())):
 			p.Transition(ctx, plan.Name, agent.PhaseDone, plan.Epoch, "rollback window closed")
 		}
 	})
