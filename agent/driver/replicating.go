@@ -79,6 +79,19 @@ func (rt *planRT) replicating(ctx context.Context, plan agent.Plan, p agent.Prop
 	if err := rt.lagGate(ctx, rt.spec.Lag.Hold.D(), log); err != nil {
 		return err
 	}
+	if err := rt.sidesStillMatch(ctx, plan, p); err != nil {
+		return err
+	}
+	_, err := p.Transition(ctx, plan.Name, agent.PhaseReady, plan.Epoch, "lag under threshold for the hold time; online verification clean; schemas match")
+	return err
+}
+
+// sidesStillMatch checks, before ready and again before a window, that
+// the schemas have not drifted (drift aborts the plan), that the scope is
+// what the streams and fences cover, and that green once unfenced gives
+// the application what blue gives it (a difference keeps the plan where
+// it is, with the reason: grants can be fixed).
+func (rt *planRT) sidesStillMatch(ctx context.Context, plan agent.Plan, p agent.Proposer) error {
 	if err := rt.checkDrift(ctx); err != nil {
 		if errors.Is(err, errDrift) {
 			return rt.abort(ctx, plan.Name, p, plan.Epoch, err.Error())
@@ -88,11 +101,7 @@ func (rt *planRT) replicating(ctx context.Context, plan agent.Plan, p agent.Prop
 	if err := rt.checkScope(ctx); err != nil {
 		return err
 	}
-	if err := rt.privilegeParity(ctx, plan.Epoch); err != nil {
-		return err // stays in replicating with the reason: grants can be fixed
-	}
-	_, err := p.Transition(ctx, plan.Name, agent.PhaseReady, plan.Epoch, "lag under threshold for the hold time; online verification clean; schemas match")
-	return err
+	return rt.privilegeParity(ctx, plan.Epoch)
 }
 
 func (rt *planRT) checkDrift(ctx context.Context) error {

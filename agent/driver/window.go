@@ -28,16 +28,7 @@ func (rt *planRT) cutover(ctx context.Context, plan agent.Plan, p agent.Proposer
 	if err := rt.streamingAndVerified(ctx, plan, p); err != nil {
 		return err
 	}
-	if err := rt.checkDrift(ctx); err != nil {
-		if errors.Is(err, errDrift) {
-			return rt.abort(ctx, plan.Name, p, plan.Epoch, err.Error())
-		}
-		return err // the schemas could not be read (a lost connection): retried
-	}
-	if err := rt.checkScope(ctx); err != nil {
-		return err
-	}
-	if err := rt.privilegeParity(ctx, plan.Epoch); err != nil {
+	if err := rt.sidesStillMatch(ctx, plan, p); err != nil {
 		return err
 	}
 	// Made ready before the refresh: the rows written while this runs
