@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -343,11 +344,16 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	var newestIndex uint64
 	var lastInfo agent.PlanInfo
 	var reqWG sync.WaitGroup
-	// Stuck: no progress (no new phase) for 150 s once the last timed
-	// fault healed. Measured from the last progress, not from the start:
-	// on a loaded machine a plan may take minutes and still move.
+	// Stuck: no progress for 150 s once the last timed fault healed.
+	// Progress is the driver's, not only a new phase: a committed entry of
+	// the plan (a step's intent or outcome, a retry counted) or a change in
+	// the leader's live figures (verification rows, lag, replication
+	// state). Measured from the last progress, not from the start: on a
+	// loaded machine a long verification pass takes minutes and still moves.
 	const stuckAfter = 150 * time.Second
 	deadline := planStart.Add(sched.end() + stuckAfter)
+	var lastLive string
+	nextLive := time.Now()
 	// The watcher's status calls wait 700 ms; when no agent answers in
 	// time (a loaded machine starves them) they wait longer, up to 5 s,
 	// and a blind span of more than 5 s goes into the timeline.
@@ -370,10 +376,20 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		// newest entry may be the one paused) shows an older state: keep
 		// the newest seen.
 		ok = ok && p.Index >= newestIndex
+		if ok && p.Index > newestIndex {
+			deadline = maxTime(deadline, time.Now().Add(stuckAfter))
+		}
 		if ok {
 			newestIndex = p.Index
 			lastInfo = p
 			h.observe(Observation{At: at, Index: p.Index, Phase: p.Phase, Epoch: p.Epoch})
+		}
+		if time.Now().After(nextLive) {
+			nextLive = time.Now().Add(2 * time.Second)
+			if live, ok := c.live(ctx, planName); ok && live != lastLive {
+				lastLive = live
+				deadline = maxTime(deadline, time.Now().Add(stuckAfter))
+			}
 		}
 		if ok && p.Phase != last {
 			last = p.Phase
@@ -636,6 +652,30 @@ func (c *cluster) newest(ctx context.Context, plan string, wait time.Duration) (
 		return agent.PlanInfo{}, at, false
 	}
 	return *best, at, true
+}
+
+// live returns the leader's live figures and driver status for plan as a
+// string to compare: any change is the driver's progress.
+func (c *cluster) live(ctx context.Context, plan string) (string, bool) {
+	for _, cl := range c.clients {
+		cctx, cancel := context.WithTimeout(ctx, 700*time.Millisecond)
+		st, err := cl.Status(cctx)
+		cancel()
+		if err != nil || st.State != "Leader" {
+			continue
+		}
+		for _, ps := range st.Plans {
+			if ps.Name == plan {
+				b, _ := json.Marshal(struct {
+					Step   string
+					Driver *agent.DriverStatus
+					Live   *agent.Live
+				}{ps.Step, ps.Driver, ps.Live})
+				return string(b), true
+			}
+		}
+	}
+	return "", false
 }
 
 // audit reads the plan's audit log from the leader, whose state holds every
