@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/cutover/cutover/agent"
@@ -35,6 +36,9 @@ type Client struct {
 	hc    *http.Client
 	// index is the highest Raft index seen in an answer.
 	index atomic.Uint64
+	// leaderWait is how long a call keeps retrying while the cluster has
+	// no leader or the agent does not accept connections yet.
+	leaderWait time.Duration
 }
 
 // Option configures a Client.
@@ -50,6 +54,13 @@ func WithTLS(conf *tls.Config) Option {
 		c.hc = &http.Client{Timeout: c.hc.Timeout, Transport: &http.Transport{TLSClientConfig: conf}}
 	}
 }
+
+// WithLeaderWait makes every call wait up to d for a leader: while the
+// agent answers no_leader (an election is under way, the agents have just
+// come up) or refuses the connection (it is still starting), the call is
+// sent again. Both answers mean nothing was applied, so a write is never
+// applied twice.
+func WithLeaderWait(d time.Duration) Option { return func(c *Client) { c.leaderWait = d } }
 
 // WithIndex starts the client at Raft index i, as if it had seen it: its
 // reads wait until the agent has applied i. The CLI passes the index its
@@ -140,19 +151,43 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	if method == http.MethodGet {
 		path = c.atIndex(path)
 	}
-	var body io.Reader
+	var data []byte
 	if in != nil {
-		data, err := json.Marshal(in)
-		if err != nil {
+		var err error
+		if data, err = json.Marshal(in); err != nil {
 			return err
 		}
+	}
+	until := time.Now().Add(c.leaderWait)
+	for {
+		err := c.once(ctx, method, path, data, out)
+		if err == nil || !waitable(err) || time.Now().After(until) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+// waitable reports an answer that says the call was not applied and may
+// succeed shortly: no leader yet, or the agent not listening yet.
+func waitable(err error) bool {
+	return errors.Is(err, agent.ErrNoLeader) || errors.Is(err, syscall.ECONNREFUSED)
+}
+
+func (c *Client) once(ctx context.Context, method, path string, data []byte, out any) error {
+	var body io.Reader
+	if data != nil {
 		body = bytes.NewReader(data)
 	}
 	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
 	if err != nil {
 		return err
 	}
-	if in != nil {
+	if data != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
 	if c.token != "" {
@@ -167,7 +202,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	}
 	defer resp.Body.Close()
 	c.sawIndex(resp.Header)
-	data, err := io.ReadAll(io.LimitReader(resp.Body, 32<<20))
+	answer, err := io.ReadAll(io.LimitReader(resp.Body, 32<<20))
 	if err != nil {
 		return fmt.Errorf("read answer: %w", err)
 	}
@@ -177,7 +212,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 			Error string `json:"error"`
 			Code  string `json:"code"`
 		}
-		if json.Unmarshal(data, &eb) == nil {
+		if json.Unmarshal(answer, &eb) == nil {
 			e.Message, e.Code = eb.Error, eb.Code
 		}
 		return e
@@ -185,7 +220,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	if out == nil {
 		return nil
 	}
-	if err := json.Unmarshal(data, out); err != nil {
+	if err := json.Unmarshal(answer, out); err != nil {
 		return fmt.Errorf("decode answer: %w", err)
 	}
 	return nil

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"syscall"
 	"time"
@@ -70,7 +71,8 @@ to stop cleanly.`,
 			if f := cmd.Flags().Lookup("log-level"); f != nil && f.Changed {
 				level = g.logLevel
 			}
-			log, err := logging.New(format, level, g.redactor, cmd.ErrOrStderr())
+			levelFlag := cmd.Flags().Lookup("log-level")
+			log, atomicLevel, err := logging.NewLeveled(format, level, g.redactor, cmd.ErrOrStderr())
 			if err != nil {
 				return withCode(exitFailed, err)
 			}
@@ -89,7 +91,19 @@ to stop cleanly.`,
 			if err != nil {
 				return withCode(exitError, err)
 			}
-			<-ctx.Done()
+			// SIGHUP, which daemons take as "reload", must not kill the
+			// agent (Go's default): the log level is reloaded, the rest
+			// only takes effect at a restart, which the log says.
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			defer signal.Stop(hup)
+			for ctx.Err() == nil {
+				select {
+				case <-ctx.Done():
+				case <-hup:
+					reloadOnHangup(g, cfgPath, loaded.Config, levelFlag != nil && levelFlag.Changed, atomicLevel, log)
+				}
+			}
 			log.Info("signal received: stopping")
 			if err := node.Stop(); err != nil {
 				return withCode(exitError, fmt.Errorf("stop agent: %w", err))
@@ -101,6 +115,42 @@ to stop cleanly.`,
 	cmd.Flags().BoolVar(&manual, "manual", false, "do not run the plan driver: drive every step through the API")
 	_ = cmd.MarkFlagRequired("config")
 	return cmd
+}
+
+// reloadOnHangup reads the configuration file again on SIGHUP. A file that
+// does not load changes nothing. The log level is applied at once (unless
+// --log-level set it); any other change is named, to be applied by a
+// restart: the Raft identity, listeners and plans of a running agent are
+// not swapped under it.
+func reloadOnHangup(g *globals, path string, running *config.Config, levelFromFlag bool, level zap.AtomicLevel, log *zap.Logger) {
+	loaded, err := loadConfig(g, path)
+	if err != nil {
+		log.Error("SIGHUP: the configuration file does not load; the agent keeps the settings it runs with", zap.String("config", path), zap.Error(err))
+		return
+	}
+	c := loaded.Config
+	if !levelFromFlag {
+		if lvl, err := logging.ParseLevel(c.Log.Level); err == nil && lvl != level.Level() {
+			level.SetLevel(lvl)
+			log.Info("SIGHUP: log level changed", zap.Stringer("level", lvl))
+		}
+	}
+	var restart []string
+	if !reflect.DeepEqual(c.Agent, running.Agent) {
+		restart = append(restart, "agent")
+	}
+	if c.Log.Format != running.Log.Format {
+		restart = append(restart, "log.format")
+	}
+	if !reflect.DeepEqual(c.Plans, running.Plans) {
+		restart = append(restart, "plans")
+	}
+	if len(restart) == 0 {
+		log.Info("SIGHUP: configuration reloaded", zap.String("config", path))
+		return
+	}
+	log.Warn("SIGHUP: these settings changed in the file and take effect only when the agent restarts (plans can also be posted with cutover plan create)",
+		zap.String("config", path), zap.Strings("changed", restart))
 }
 
 // agentConfig maps the configuration file to the agent's settings. The

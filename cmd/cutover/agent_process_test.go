@@ -198,13 +198,17 @@ plans:
 		return leader
 	}
 
+	// Right after the agents come up there is no leader yet (and an agent
+	// may not listen yet): the CLI waits for one instead of failing.
+	if code, out := cutover("plan", "create", "orders", "--reason", "release 42", "--addr", procs[2].api); code != 0 {
+		t.Fatalf("plan create right after the start: exit %d: %s", code, out)
+	}
 	leader := leaderOf(procs, 20*time.Second)
 	follower := procs[(leader+1)%3]
 	t.Logf("leader %s", procs[leader].id)
 
 	// Replicate a plan through the CLI, writing to a follower.
 	for _, args := range [][]string{
-		{"plan", "create", "orders", "--reason", "release 42"},
 		{"plan", "start", "orders"},
 		{"plan", "transition", "orders", "--to", "replicating"},
 		{"plan", "transition", "orders", "--to", "ready"},
@@ -280,6 +284,47 @@ plans:
 	final := sameStatus(procs)
 	if final.Plans[0].Phase != agent.PhaseAuthorized || final.Plans[0].Epoch <= fencedEpoch {
 		t.Fatalf("after restart: %+v", final.Plans[0])
+	}
+
+	// SIGHUP reloads, as daemons do: it never stops the agent. The log
+	// level applies at once, the rest is named for a restart, and a file
+	// that does not load changes nothing.
+	hupped := procs[0]
+	cfg, err := os.ReadFile(hupped.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logSays := func(want string) {
+		t.Helper()
+		agenttest.Eventually(t, 10*time.Second, func() error {
+			logs, err := os.ReadFile(hupped.logPath)
+			if err != nil {
+				return err
+			}
+			if !strings.Contains(string(logs), want) {
+				return fmt.Errorf("%s's log does not say %q yet", hupped.id, want)
+			}
+			return nil
+		})
+	}
+	hup := func(content string) {
+		t.Helper()
+		if err := os.WriteFile(hupped.config, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := hupped.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hup(string(cfg))
+	logSays("SIGHUP: configuration reloaded")
+	hup(strings.Replace(strings.Replace(string(cfg), "level: debug", "level: info", 1), "name: orders", "name: orders-2", 1))
+	logSays(`"SIGHUP: log level changed","level":"info"`)
+	logSays(`"changed":["plans"]`)
+	hup("agent: {node_id: [broken\n")
+	logSays("SIGHUP: the configuration file does not load")
+	if _, err := hupped.client().Status(agenttest.Ctx(t, 5*time.Second)); err != nil {
+		t.Fatalf("%s after three SIGHUPs: %v", hupped.id, err)
 	}
 
 	// A clean stop on SIGTERM exits 0.

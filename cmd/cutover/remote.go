@@ -25,6 +25,7 @@ type remote struct {
 	addr, token               string
 	caFile, certFile, keyFile string
 	timeout                   time.Duration
+	leaderWait                time.Duration
 }
 
 func (r *remote) register(cmd *cobra.Command) {
@@ -35,6 +36,7 @@ func (r *remote) register(cmd *cobra.Command) {
 	f.StringVar(&r.certFile, "cert-file", "", "client certificate for mutual TLS (default $CUTOVER_CERT_FILE)")
 	f.StringVar(&r.keyFile, "key-file", "", "client key for mutual TLS (default $CUTOVER_KEY_FILE)")
 	f.DurationVar(&r.timeout, "request-timeout", 30*time.Second, "timeout of each API call")
+	f.DurationVar(&r.leaderWait, "wait-leader", 15*time.Second, "how long a call waits for the agents to elect a leader (or to start listening) before it gives up; 0 fails at once")
 }
 
 func firstSet(vals ...string) string {
@@ -69,7 +71,7 @@ func (r *remote) clientFor(g *globals, addr string) (*client.Client, string, err
 		}
 		hc.Transport = &http.Transport{TLSClientConfig: conf}
 	}
-	opts := []client.Option{client.WithHTTPClient(hc), client.WithIndex(lastIndex(addr))}
+	opts := []client.Option{client.WithHTTPClient(hc), client.WithIndex(lastIndex(addr)), client.WithLeaderWait(r.leaderWait)}
 	if u := whoami(); u != "" {
 		opts = append(opts, client.WithUser(u))
 	}

@@ -18,10 +18,27 @@ import (
 // (for people) or "json" (for machines) at level debug, info, warn or error.
 // A nil redactor still masks DSN passwords by shape.
 func New(format, level string, r *redact.Redactor, w io.Writer) (*zap.Logger, error) {
+	log, _, err := NewLeveled(format, level, r, w)
+	return log, err
+}
+
+// ParseLevel reads a level name (debug, info, warn, error).
+func ParseLevel(level string) (zapcore.Level, error) {
 	var lvl zapcore.Level
 	if err := lvl.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("log level %q: use debug, info, warn or error", level)
+		return lvl, fmt.Errorf("log level %q: use debug, info, warn or error", level)
 	}
+	return lvl, nil
+}
+
+// NewLeveled is New with a level that can be changed while the logger
+// runs (a daemon's reload).
+func NewLeveled(format, level string, r *redact.Redactor, w io.Writer) (*zap.Logger, zap.AtomicLevel, error) {
+	parsed, err := ParseLevel(level)
+	if err != nil {
+		return nil, zap.AtomicLevel{}, err
+	}
+	lvl := zap.NewAtomicLevelAt(parsed)
 	if w == nil {
 		w = os.Stderr
 	}
@@ -37,10 +54,10 @@ func New(format, level string, r *redact.Redactor, w io.Writer) (*zap.Logger, er
 		cfg.EncodeCaller = nil
 		enc = zapcore.NewConsoleEncoder(cfg)
 	default:
-		return nil, fmt.Errorf("log format %q: use console or json", format)
+		return nil, zap.AtomicLevel{}, fmt.Errorf("log format %q: use console or json", format)
 	}
 	core := zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(&scrubWriter{w: w, r: r})), lvl)
-	return zap.New(core), nil
+	return zap.New(core), lvl, nil
 }
 
 // scrubWriter masks secrets in each encoded entry. Scrubbing the encoded
