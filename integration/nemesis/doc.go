@@ -88,8 +88,8 @@
 //     reading the plan (no leader) are left out;
 //   - end state: the plan ended completed, aborted or rolled back (never
 //     stuck: no progress for 150 s once the timed faults healed: no new
-//     phase, no committed entry of the plan, no change in the leader's
-//     live figures or driver status); the serving side
+//     phase or step, no change in the leader's replication state or
+//     verification progress); the serving side
 //     is unfenced (cutover.fence_state_v3) and takes the application's
 //     writes, the other does not, never both fenced; the routing key
 //     points at the serving side;

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -345,11 +344,12 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	var lastInfo agent.PlanInfo
 	var reqWG sync.WaitGroup
 	// Stuck: no progress for 150 s once the last timed fault healed.
-	// Progress is the driver's, not only a new phase: a committed entry of
-	// the plan (a step's intent or outcome, a retry counted) or a change in
-	// the leader's live figures (verification rows, lag, replication
-	// state). Measured from the last progress, not from the start: on a
-	// loaded machine a long verification pass takes minutes and still moves.
+	// Progress is the driver's, not only a new phase: a new step, or a
+	// change in the leader's live replication state or verification
+	// progress (pass, rows). Retries, failures and lag moving up and down
+	// are not progress. Measured from the last progress, not from the
+	// start: on a loaded machine a long verification pass takes minutes
+	// and still moves.
 	const stuckAfter = 150 * time.Second
 	deadline := planStart.Add(sched.end() + stuckAfter)
 	var lastLive string
@@ -376,9 +376,6 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		// newest entry may be the one paused) shows an older state: keep
 		// the newest seen.
 		ok = ok && p.Index >= newestIndex
-		if ok && p.Index > newestIndex {
-			deadline = maxTime(deadline, time.Now().Add(stuckAfter))
-		}
 		if ok {
 			newestIndex = p.Index
 			lastInfo = p
@@ -654,8 +651,9 @@ func (c *cluster) newest(ctx context.Context, plan string, wait time.Duration) (
 	return *best, at, true
 }
 
-// live returns the leader's live figures and driver status for plan as a
-// string to compare: any change is the driver's progress.
+// live returns what of the leader's view of plan shows the driver's
+// progress, as a string to compare: the step under way, each pair's
+// replication state and verification pass and rows.
 func (c *cluster) live(ctx context.Context, plan string) (string, bool) {
 	for _, cl := range c.clients {
 		cctx, cancel := context.WithTimeout(ctx, 700*time.Millisecond)
@@ -665,14 +663,17 @@ func (c *cluster) live(ctx context.Context, plan string) (string, bool) {
 			continue
 		}
 		for _, ps := range st.Plans {
-			if ps.Name == plan {
-				b, _ := json.Marshal(struct {
-					Step   string
-					Driver *agent.DriverStatus
-					Live   *agent.Live
-				}{ps.Step, ps.Driver, ps.Live})
-				return string(b), true
+			if ps.Name != plan {
+				continue
 			}
+			var b strings.Builder
+			fmt.Fprintf(&b, "%s %s", ps.Phase, ps.Step)
+			if ps.Live != nil {
+				for _, lp := range ps.Live.Pairs {
+					fmt.Fprintf(&b, " %s:%s:%s:%d", lp.Name, lp.Replication, lp.VerifyPass, lp.VerifyRows)
+				}
+			}
+			return b.String(), true
 		}
 	}
 	return "", false
