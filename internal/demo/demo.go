@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -102,6 +103,10 @@ type Summary struct {
 	EventsMissing int `json:"events_missing"`
 	// Audit is the plan's audit log, one line per entry.
 	Audit []string `json:"-"`
+	// Metrics is every agent's /metrics (Prometheus text, one after the
+	// other) once the plan ended: the leader's replication and driver
+	// series, the followers' Raft contact.
+	Metrics string `json:"-"`
 	// Dir holds the agents' data and logs (removed unless KeepDir).
 	Dir string `json:"-"`
 	// Via and PgBouncer: the run through PgBouncer (Options.Via).
@@ -526,6 +531,7 @@ func Run(ctx context.Context, opts Options, w io.Writer) (*Summary, error) {
 		sum.MissingOnBlue = len(missing)
 	}
 	sum.RowsVerified, sum.Report = collectReports(agents, opts.ReportDir)
+	sum.Metrics = agentsMetrics(ctx, agents, token)
 	stopBg()
 	bg.Wait()
 
@@ -928,4 +934,27 @@ func newestPlan(ctx context.Context, clients []*client.Client, name string) (age
 		}
 	}
 	return p, err
+}
+
+// agentsMetrics returns every answering agent's /metrics text, one after
+// the other: the series a dashboard can chart after a cutover.
+func agentsMetrics(ctx context.Context, agents []*Agent, token string) string {
+	var all strings.Builder
+	for _, a := range agents {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, a.API+"/metrics", nil)
+		if err != nil {
+			continue
+		}
+		req.Header.Set("Authorization", "Bearer "+token)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			continue
+		}
+		body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+		resp.Body.Close()
+		if err == nil && resp.StatusCode == http.StatusOK {
+			all.Write(body)
+		}
+	}
+	return all.String()
 }

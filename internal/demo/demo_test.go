@@ -2,11 +2,13 @@ package demo
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -86,6 +88,7 @@ func TestDemoCutsOverUnderLoadWithThreeAgentProcesses(t *testing.T) {
 	if sum.WriteOutageMS < sum.OutageMS {
 		t.Errorf("write outage %d ms, fence to gate open %d ms: the write outage was not measured", sum.WriteOutageMS, sum.OutageMS)
 	}
+	checkDashboard(t, "../../deploy/grafana/cutover-dashboard.json", sum.Metrics)
 	last := strings.TrimSpace(out[strings.LastIndex(strings.TrimSpace(out), "\n")+1:])
 	for _, key := range []string{`"phase"`, `"write_outage_ms"`, `"outage_ms"`, `"rows_verified"`, `"writes_acknowledged"`, `"writes_missing"`, `"gate_open"`, `"route"`} {
 		if !strings.Contains(last, key) {
@@ -181,5 +184,82 @@ func TestAChangedRowOfAKeylessTableIsNamedAndThePlanAborts(t *testing.T) {
 	}
 	if sum.WritesMissing != 0 || sum.BothWritable != 0 {
 		t.Errorf("%d writes missing, %d double-writable samples", sum.WritesMissing, sum.BothWritable)
+	}
+}
+
+// checkDashboard fails unless every metric the Grafana dashboard queries,
+// and every label it groups or filters by, is in an agent's /metrics after
+// a real cutover (Prometheus' own labels aside).
+func checkDashboard(t *testing.T, path, metrics string) {
+	t.Helper()
+	if metrics == "" {
+		t.Fatal("the demo kept no /metrics of the leader")
+	}
+	labels := map[string]map[string]bool{} // family -> its labels
+	sample := regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? `)
+	for _, line := range strings.Split(metrics, "\n") {
+		m := sample.FindStringSubmatch(line)
+		if m == nil || strings.HasPrefix(line, "#") {
+			continue
+		}
+		name := m[1]
+		for _, suffix := range []string{"_bucket", "_sum", "_count"} {
+			if base, ok := strings.CutSuffix(name, suffix); ok && strings.Contains(metrics, "# TYPE "+base+" histogram") {
+				name = base
+			}
+		}
+		if labels[name] == nil {
+			labels[name] = map[string]bool{}
+		}
+		for _, kv := range regexp.MustCompile(`([a-zA-Z_][a-zA-Z0-9_]*)="`).FindAllStringSubmatch(m[2], -1) {
+			labels[name][kv[1]] = true
+		}
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dash struct {
+		Panels []struct {
+			Title   string
+			Targets []struct{ Expr string }
+		}
+	}
+	if err := json.Unmarshal(data, &dash); err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	family := regexp.MustCompile(`\b(cutover_[a-z_]+)`)
+	grouped := regexp.MustCompile(`\b(?:by|without) \(([^)]*)\)|([a-z_]+)=~?"`)
+	exprs := 0
+	for _, p := range dash.Panels {
+		for _, tg := range p.Targets {
+			exprs++
+			var used []string
+			for _, m := range family.FindAllStringSubmatch(tg.Expr, -1) {
+				name := strings.TrimSuffix(m[1], "_bucket")
+				if labels[name] == nil {
+					t.Errorf("dashboard panel %q queries %s, which the agent does not export", p.Title, name)
+				}
+				used = append(used, name)
+			}
+			for _, m := range grouped.FindAllStringSubmatch(tg.Expr, -1) {
+				for _, l := range strings.Split(m[1]+","+m[2], ",") {
+					l = strings.TrimSpace(l)
+					if l == "" || l == "le" || l == "instance" || l == "job" {
+						continue
+					}
+					found := false
+					for _, name := range used {
+						found = found || labels[name][l]
+					}
+					if !found {
+						t.Errorf("dashboard panel %q uses label %q, which none of %v carries", p.Title, l, used)
+					}
+				}
+			}
+		}
+	}
+	if exprs < 10 {
+		t.Errorf("the dashboard has %d queries", exprs)
 	}
 }
